@@ -1,0 +1,155 @@
+"""The interface every adaptation method shares: configure (at construction), `step` on a batch, `reset`,
+and `freeze` to a static BatchNorm model of the user's own architecture."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gprebn_edge.errors import GprebnError
+from gprebn_edge.methods.layer import gprebn_layers, swap_in, swap_out
+from gprebn_edge.methods.stats import REFERENCE_BATCH, StatsConfig
+
+__all__ = ["Adapter", "entropy", "make_optimizer", "reestimate", "Batches"]
+
+Batches = Callable[[], Iterable[torch.Tensor]]
+"""Re-iterable calibration inputs, for the final statistics refresh of `freeze`."""
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy (nats) of softmax(logits)."""
+    logp = logits.log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise GprebnError(f"--optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+@torch.no_grad()
+def reestimate(model: nn.Module, batches: Iterable[torch.Tensor], theta: float = 1.0) -> nn.Module:
+    """Return a static copy of `model` whose BN statistics are the pooled statistics of its own activations
+    over `batches` (cumulative, law of total variance), mixed by theta with the source statistics (those of
+    a model that is still adapting, else the model's current ones). Each batch is normalized with the
+    estimate that already includes it, so the result does not depend on the batch size."""
+    frozen = copy.deepcopy(model).eval()
+    config = StatsConfig(momentum=None, theta=theta, init="first", order="before")
+    layers = gprebn_layers(frozen)
+    for _, layer in layers:
+        layer.config = config
+        layer.adapting = True
+        layer.restart()
+    if not layers:
+        swap_in(frozen, config)
+    count = 0
+    for x in batches:
+        frozen(x)
+        count += x.shape[0]
+    if count == 0:
+        raise GprebnError("no calibration images to re-estimate the statistics from")
+    return swap_out(frozen).eval()
+
+
+class Adapter:
+    """Base of the methods. Subclasses set `name`, implement `configure` and `_forward`, and may override
+    `freeze`. The adapter works on its own copy of the model; the caller's model is never changed."""
+
+    name: ClassVar[str] = "base"
+    #: freeze modes this method supports, the first is its default
+    freeze_modes: ClassVar[tuple[str, ...]] = ("direct",)
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, optimizer: str = "adam",
+                 lr_scaling: str = "linear", stats: StatsConfig | None = None) -> None:
+        if lr_scaling not in ("linear", "none"):
+            raise GprebnError(f"--lr-scaling must be 'linear' or 'none', got {lr_scaling!r}")
+        if lr <= 0:
+            raise GprebnError(f"--lr must be positive, got {lr}")
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.lr_scaling = lr_scaling
+        self.stats = stats or StatsConfig()
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.configure()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, optimizer, lr) if self.params else None
+        self._model_state = copy.deepcopy(self.model.state_dict())
+        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
+        self.steps = 0
+
+    # -- the interface -------------------------------------------------------------------------------
+    def configure(self) -> None:
+        """Prepare self.model for adaptation (swap layers, choose what trains)."""
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict on a batch (returned logits, detached) and adapt on it."""
+        if self.optimizer is None:
+            with torch.no_grad():
+                return self._forward(x)
+        with torch.enable_grad():
+            logits = self._forward(x)
+            loss = entropy(logits).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            scale = x.shape[0] / REFERENCE_BATCH if self.lr_scaling == "linear" else 1.0
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * scale
+            self.optimizer.step()
+        self.steps += 1
+        return logits.detach()
+
+    def reset(self) -> None:
+        """Back to the state right after construction (the source model), bit-exactly."""
+        self.model.load_state_dict(self._model_state)
+        if self.optimizer is not None and self._optimizer_state is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+            self.optimizer.state.clear()
+        self.steps = 0
+
+    def freeze(self, mode: str | None = None, batches: Batches | None = None) -> nn.Module:
+        """A static eval-mode copy of the user's architecture with plain BatchNorm layers.
+
+        mode "direct" uses the statistics the method holds; "refresh" re-estimates them with a final pass
+        over `batches` (the calibration data) under the adapted affine parameters."""
+        mode = mode or self.freeze_modes[0]
+        if mode not in self.freeze_modes:
+            modes = " or ".join(self.freeze_modes)
+            raise GprebnError(f"method {self.name} freezes with {modes}, not {mode!r}")
+        if mode == "refresh":
+            if batches is None:
+                raise GprebnError("freeze with refresh needs the calibration batches")
+            static = reestimate(self.model, batches(), theta=self._refresh_theta())
+        else:
+            static = swap_out(copy.deepcopy(self.model))
+        for p in static.parameters():
+            p.requires_grad_(True)
+        self._finalize(static)
+        return static.eval()
+
+    def hparams(self) -> dict[str, Any]:
+        """What the method ran with, for the artifact's metadata."""
+        d: dict[str, Any] = {"method": self.name}
+        if self.optimizer is not None:
+            d.update(lr=self.lr, optimizer=self.optimizer_name, lr_scaling=self.lr_scaling,
+                     lr_reference_batch=REFERENCE_BATCH, loss="mean prediction entropy")
+        return d
+
+    # -- for subclasses ------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _finalize(self, static: nn.Module) -> None:
+        """Undo, on the static copy, whatever configure() changed that is not a GpreBN layer."""
+
+    def _refresh_theta(self) -> float:
+        return 1.0

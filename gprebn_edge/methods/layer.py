@@ -1,0 +1,145 @@
+"""The GpreBN layer (DESIGN section 2), in the fused form.
+
+Forward value: plain inference BN with the dataset-level statistics, y = gamma (x - mu) / sigma + beta.
+Backward: training-mode BN's gradient through the batch statistics, scaled per channel by sigma_B / sigma.
+Equivalently, one training-mode batch_norm with the re-parametrized affine
+    w = gamma * sg(sigma_B) / sigma,   b = beta + gamma * (sg(mu_B) - mu) / sigma.
+`_GpreBNFunction` computes exactly that without a second statistics pass: the forward is one statistics
+pass (which also feeds the running estimate) plus one element-wise pass, the backward is one call of
+training BN's backward kernel, so a step costs what a Tent step costs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gprebn_edge.methods.stats import StatsConfig, batch_stats, mix, update_running
+
+__all__ = ["GpreBatchNorm", "gprebn_function", "swap_in", "swap_out", "gprebn_layers"]
+
+
+class _GpreBNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, batch_mean, batch_var, eps):  # type: ignore[override]
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, var, batch_mean, batch_var)
+        return F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, mean, var, batch_mean, batch_var = ctx.saved_tensors
+        inv_sigma = torch.rsqrt(var + ctx.eps)
+        batch_invstd = torch.rsqrt(batch_var + ctx.eps)
+        ratio = inv_sigma / batch_invstd                       # sigma_B / sigma
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), x, weight * ratio, None, None, batch_mean, batch_invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], True, True])
+        # d y / d gamma = x_hat * sigma_B / sigma + (mu_B - mu) / sigma = (x - mu) / sigma
+        grad_weight = grad_w * ratio + grad_b * (batch_mean - mean) * inv_sigma
+        return grad_x, grad_weight, grad_b, None, None, None, None, None
+
+
+def gprebn_function(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                    var: torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """The GpreBN normalization given the dataset-level (mean, var) and the batch's (mean, biased var)."""
+    return _GpreBNFunction.apply(x, weight, bias, mean, var, batch_mean, batch_var, eps)
+
+
+class GpreBatchNorm(nn.Module):
+    """Replaces one BatchNorm1d/2d/3d while adapting. Keeps the BN's parameter names (weight, bias), the
+    frozen source statistics, and the running target estimate; `to_batchnorm()` gives the static BN back."""
+
+    def __init__(self, bn: _BatchNorm, config: StatsConfig) -> None:
+        super().__init__()
+        assert bn.affine and bn.running_mean is not None and bn.running_var is not None
+        self.bn_class = type(bn)
+        self.num_features = bn.num_features
+        self.eps = bn.eps
+        self.bn_momentum = bn.momentum
+        self.config = config
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.register_buffer("source_mean", bn.running_mean.detach().clone())
+        self.register_buffer("source_var", bn.running_var.detach().clone())
+        self.register_buffer("target_mean", bn.running_mean.detach().clone())
+        self.register_buffer("target_var", bn.running_var.detach().clone())
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.adapting = True
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, {self.config}"
+
+    def restart(self) -> None:
+        """Forget the target estimate (the next batch starts it afresh)."""
+        self.target_mean.copy_(self.source_mean)
+        self.target_var.copy_(self.source_var)
+        self.seen.zero_()
+
+    def dataset_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = self.config.theta
+        return mix(self.target_mean, self.source_mean, theta), mix(self.target_var, self.source_var, theta)
+
+    def _update(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, n: int) -> None:
+        seen = int(self.seen)
+        update_running(self.target_mean, self.target_var, batch_mean, batch_var, self.config.rate(n, seen))
+        self.seen += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected (N, {self.num_features}, ...) input, got {tuple(x.shape)}")
+        if not self.adapting:
+            mean, var = self.dataset_stats()
+            return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
+        batch_mean, batch_var = batch_stats(x.detach())
+        n = x.shape[0]
+        # "after" normalizes with the estimate so far, which does not exist before the first batch
+        before = self.config.order == "before" or (int(self.seen) == 0 and self.config.init == "first")
+        if before:
+            self._update(batch_mean, batch_var, n)
+        mean, var = (t.clone() for t in self.dataset_stats())
+        if not before:
+            self._update(batch_mean, batch_var, n)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return gprebn_function(x, self.weight, self.bias, mean, var, batch_mean, batch_var, self.eps)
+        return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
+
+    @torch.no_grad()
+    def to_batchnorm(self) -> _BatchNorm:
+        """A static, eval-mode BN of the original class: running statistics = the dataset-level ones."""
+        bn = self.bn_class(self.num_features, eps=self.eps, momentum=self.bn_momentum)
+        bn = bn.to(device=self.weight.device, dtype=self.weight.dtype)
+        mean, var = self.dataset_stats()
+        bn.weight.copy_(self.weight)
+        bn.bias.copy_(self.bias)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.num_batches_tracked.fill_(int(self.seen))
+        return bn.eval()
+
+
+def swap_in(model: nn.Module, config: StatsConfig) -> nn.Module:
+    """In place: every BatchNorm becomes a GpreBatchNorm under the same name. Returns the model."""
+    for name, child in model.named_children():
+        if isinstance(child, _BatchNorm):
+            setattr(model, name, GpreBatchNorm(child, config))
+        else:
+            swap_in(child, config)
+    return model
+
+
+def swap_out(model: nn.Module) -> nn.Module:
+    """In place: every GpreBatchNorm becomes its static BatchNorm again. Returns the model."""
+    for name, child in model.named_children():
+        if isinstance(child, GpreBatchNorm):
+            setattr(model, name, child.to_batchnorm())
+        else:
+            swap_out(child)
+    return model
+
+
+def gprebn_layers(model: nn.Module) -> list[tuple[str, GpreBatchNorm]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GpreBatchNorm)]
