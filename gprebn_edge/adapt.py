@@ -1,0 +1,216 @@
+"""The adapt stage as a library call: model + calibration data + method -> static adapted model and the
+metadata of its checkpoint. The CLI's `adapt` and the demo are thin callers of `adapt_model`/`adapt_to_file`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gprebn_edge import __version__
+from gprebn_edge.checkpoint import encode_tensors, save_checkpoint
+from gprebn_edge.data.preprocess import Preprocess
+from gprebn_edge.data.sources import ImageSource, open_source
+from gprebn_edge.errors import GprebnError, InputError
+from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
+from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
+
+__all__ = ["AdaptConfig", "AdaptResult", "adapt_model", "adapt_to_file", "evaluate", "probe", "run_online",
+           "statistics_shift"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class AdaptConfig:
+    """Everything that decides an adaptation run (recorded in the artifact)."""
+
+    method: str = "gprebn"
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    lr_scaling: str = "linear"
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    freeze: str | None = None          # None: the method's default
+    refresh_batch: int = 64
+    eval_limit: int = 1024              # calibration images scored before/after (entropy)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise GprebnError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        return {"lr": self.lr, "optimizer": self.optimizer, "lr_scaling": self.lr_scaling, "stats": self.stats}
+
+
+@dataclass
+class AdaptResult:
+    model: nn.Module                   # static, eval mode, the user's architecture
+    metadata: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def _tensors(source: ImageSource, batch_size: int) -> Iterator[torch.Tensor]:
+    for batch in source.batches(batch_size):
+        yield torch.from_numpy(batch.images)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: ImageSource, limit: int | None = None,
+             batch_size: int = 256) -> dict[str, float | int | None]:
+    """Mean entropy, confidence and (with labels) error of an eval-mode model on the first `limit` items."""
+    model.eval()
+    n = correct = 0
+    ent = conf = 0.0
+    for batch in source.batches(batch_size):
+        x = torch.from_numpy(batch.images)
+        if limit is not None:
+            x = x[: limit - n]
+        logits = model(x)
+        ent += float(entropy(logits).sum())
+        conf += float(logits.softmax(1).amax(1).sum())
+        if batch.labels is not None:
+            correct += int((logits.argmax(1).numpy() == batch.labels[: len(x)]).sum())
+        n += len(x)
+        if limit is not None and n >= limit:
+            break
+    if n == 0:
+        raise InputError(f"no readable images in {source.spec}")
+    return {"images": n, "entropy": ent / n, "confidence": conf / n,
+            "error": 1.0 - correct / n if source.has_labels else None}
+
+
+def statistics_shift(before: nn.Module, after: nn.Module) -> list[dict[str, Any]]:
+    """Per BN layer: how far the adapted statistics and affine moved, in units of the source statistics."""
+    rows = []
+    after_layers = dict(batchnorm_layers(after))
+    for name, b in batchnorm_layers(before):
+        a = after_layers[name]
+        s_std = torch.sqrt(b.running_var + b.eps)
+        a_std = torch.sqrt(a.running_var + a.eps)
+        rows.append({
+            "layer": name,
+            "mean_shift": float(((a.running_mean - b.running_mean).abs() / s_std).mean()),
+            "std_ratio": float((a_std / s_std).mean()),
+            "weight_change": float((a.weight - b.weight).abs().mean()),
+            "bias_change": float((a.bias - b.bias).abs().mean()),
+        })
+    return rows
+
+
+def run_online(adapter: Adapter, source: ImageSource, batch_size: int,
+               progress: Progress | None = None) -> dict[str, Any]:
+    """One pass over the calibration stream: adapt on each batch, score the predictions it made."""
+    n = correct = 0
+    ent = 0.0
+    counts = None
+    total = len(source)
+    for batch in source.batches(batch_size):
+        x = torch.from_numpy(batch.images)
+        logits = adapter.step(x)
+        if not torch.isfinite(logits).all():
+            raise GprebnError(f"adaptation diverged at image {n}: non-finite logits; lower --lr")
+        pred = logits.argmax(1).numpy()
+        counts = np.bincount(pred, minlength=logits.shape[1]) + (0 if counts is None else counts)
+        ent += float(entropy(logits).sum())
+        if batch.labels is not None:
+            correct += int((pred == batch.labels).sum())
+        n += len(x)
+        if progress is not None:
+            progress(n, total)
+    if n == 0:
+        raise InputError(f"no readable images in {source.spec}")
+    return {
+        "images": n,
+        "steps": adapter.steps,
+        "online_error": 1.0 - correct / n if source.has_labels else None,
+        "online_entropy": ent / n,
+        "predicted_classes": int((counts > 0).sum()) if counts is not None else 0,
+    }
+
+
+def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
+                progress: Progress | None = None) -> AdaptResult:
+    """Adapt `loaded.model` on `source` with `config.method`, freeze it, and describe what happened."""
+    num_classes = probe(loaded.model, source, loaded.spec.spec)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    adapter = make_adapter(config.method, loaded.model, **config.adapter_kwargs())
+    online = run_online(adapter, source, config.batch_size, progress)
+    freeze = config.freeze or adapter.freeze_modes[0]
+    static = adapter.freeze(freeze, lambda: _tensors(source, config.refresh_batch))
+    elapsed = time.perf_counter() - start
+
+    limit = min(config.eval_limit, len(source)) if config.eval_limit else None
+    before = evaluate(loaded.model, source, limit)
+    after = evaluate(static, source, limit)
+    summary = {
+        **online,
+        "seconds": round(elapsed, 3),
+        "skipped": len(source.skipped),
+        "calibration_before": before,
+        "calibration_after": after,
+    }
+    source_bn = {k: v for k, v in loaded.model.state_dict().items()
+                 if k.rsplit(".", 1)[0] in dict(batchnorm_layers(loaded.model))}
+    metadata = {
+        "gprebn_edge_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": loaded.spec.to_dict(),
+        "preprocess": loaded.preprocess.to_dict(),
+        "method": {**adapter.hparams(), "batch_size": config.batch_size, "freeze": freeze,
+                   "refresh_batch": config.refresh_batch if freeze == "refresh" else None,
+                   "seed": config.seed},
+        "calibration": {**source.describe(), "fingerprint": source.fingerprint(),
+                        "skipped_items": [list(s) for s in source.skipped[:20]]},
+        "summary": summary,
+        "statistics_shift": statistics_shift(loaded.model, static),
+        "source_bn": encode_tensors(source_bn),
+        "num_classes": num_classes,
+    }
+    return AdaptResult(model=static, metadata=metadata, summary=summary)
+
+
+def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig, *,
+                  weights: str | None = None, num_classes: int | None = None,
+                  preprocess: dict[str, Any] | None = None, shuffle: bool = True, limit: int | None = None,
+                  progress: Progress | None = None) -> AdaptResult:
+    """Load the model and data, adapt, write the checkpoint atomically. `preprocess` overrides the model's
+    default preprocessing field by field (resize, crop, mean, std)."""
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise GprebnError(f"-o/--output must end in .safetensors, got {output.name}")
+    if not output.parent.exists():
+        raise GprebnError(f"output folder {output.parent} does not exist: create it first")
+    loaded = load_model(model, weights, num_classes)
+    if preprocess:
+        fields = {**loaded.preprocess.to_dict(), **{k: v for k, v in preprocess.items() if v is not None}}
+        loaded.preprocess = Preprocess.from_dict(fields)
+    source = open_source(data, loaded.preprocess, shuffle=shuffle, seed=config.seed, limit=limit)
+    result = adapt_model(loaded, source, config, progress)
+    save_checkpoint(output, result.model.state_dict(), result.metadata)
+    return result
+
+
+def probe(model: nn.Module, source: ImageSource, name: str) -> int:
+    """Run one image through the model before any work, so a wrong input size fails with a clear message.
+    Returns the number of classes."""
+    for batch in source.batches(1):
+        try:
+            with torch.no_grad():
+                out = model(torch.from_numpy(batch.images))
+        except RuntimeError as e:
+            shape = tuple(batch.images.shape[1:])
+            raise InputError(f"{name} cannot run on images of shape {shape} ({str(e).splitlines()[0][:120]}); "
+                             "set --resize/--crop to the model's input size") from None
+        if out.dim() != 2 or not torch.isfinite(out).all():
+            raise InputError(f"{name} must return finite (N, classes) logits, got shape {tuple(out.shape)}")
+        return int(out.shape[1])
+    raise InputError(f"no readable images in {source.spec}")

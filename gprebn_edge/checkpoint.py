@@ -1,0 +1,108 @@
+"""The adapted checkpoint: a safetensors file whose tensors are a plain state dict of the user's own
+architecture (BN running statistics = the adapted dataset-level statistics) and whose header metadata holds
+one JSON document describing how it was made (DESIGN section 3).
+
+Anyone can `model.load_state_dict(safetensors.torch.load_file(path))` and run it in eval mode without this
+package. The source BN tensors are kept, base64-encoded, in the metadata, so the unadapted model can be
+rebuilt from the artifact alone (the other weights are unchanged by adaptation)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gprebn_edge.errors import ArtifactError
+from gprebn_edge.io import atomic_path
+
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "encode_tensors", "decode_tensors",
+           "source_state_dict", "rebuild_model"]
+
+FORMAT = "gprebn-edge/adapted-checkpoint"
+FORMAT_VERSION = 1
+_META_KEY = "gprebn_edge"
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """JSON-able copies of small tensors (dtype, shape, little-endian base64 bytes)."""
+    out = {}
+    for name, t in tensors.items():
+        a = t.detach().cpu().contiguous().numpy()
+        out[name] = {"dtype": str(a.dtype), "shape": list(a.shape),
+                     "data": base64.b64encode(a.astype(a.dtype.newbyteorder("<")).tobytes()).decode()}
+    return out
+
+
+def decode_tensors(encoded: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, e in encoded.items():
+        a = np.frombuffer(base64.b64decode(e["data"]), dtype=np.dtype(e["dtype"]).newbyteorder("<"))
+        out[name] = torch.from_numpy(a.astype(e["dtype"]).reshape(e["shape"]).copy())
+    return out
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write atomically; `metadata` must be JSON-serializable."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ArtifactError(f"checkpoint name must end in .safetensors, got {path.name}")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of an adapted checkpoint; ArtifactError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no such checkpoint: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a safetensors checkpoint ({str(e).splitlines()[0]})") from None
+    if _META_KEY not in header:
+        raise ArtifactError(f"{path} is a safetensors file but not a gprebn-edge checkpoint (no metadata)")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path}: its gprebn-edge metadata is not valid JSON") from None
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: unknown artifact format {meta.get('format')!r}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ArtifactError(f"{path} was written by a newer gprebn-edge (format {meta['format_version']}):"
+                            " upgrade gprebn-edge")
+    return state, meta
+
+
+def source_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The unadapted model's state dict: the adapted one with the source BN tensors put back."""
+    source = dict(state)
+    source.update(decode_tensors(meta["source_bn"]))
+    return source
+
+
+def rebuild_model(path: str | Path, which: str = "adapted") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the eval-mode model from the artifact: `which` is "adapted" or "source" (unadapted)."""
+    from gprebn_edge.models.spec import apply_state_dict, build_model
+
+    state, meta = load_checkpoint(path)
+    spec = meta["model"]
+    model, _ = build_model(spec["spec"], spec.get("num_classes"))
+    if which == "source":
+        state = source_state_dict(state, meta)
+    elif which != "adapted":
+        raise ArtifactError(f"which must be 'adapted' or 'source', got {which!r}")
+    apply_state_dict(model, state, str(path))
+    return model.eval(), meta

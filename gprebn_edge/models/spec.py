@@ -1,0 +1,405 @@
+"""Model specs: build a model from `builtin:NAME`, `torchvision:NAME`, `path/to/file.py:factory` or
+`package.module:factory`, load a plain state dict into it (never unpickling arbitrary objects), and check
+that it has BatchNorm layers GpreBN can adapt."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import io
+import itertools
+import pickle
+import pickletools
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from gprebn_edge.errors import ArtifactError, MissingDependencyError, ModelError
+from gprebn_edge.models.builtin import BUILTIN_MODELS
+
+__all__ = [
+    "BUILTIN_WEIGHTS_DIR",
+    "ModelSpec",
+    "LoadedModel",
+    "build_model",
+    "load_model",
+    "read_state_dict",
+    "apply_state_dict",
+    "batchnorm_layers",
+    "require_batchnorm",
+    "sha256_file",
+]
+
+BUILTIN_WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# Builtins that may run with random weights when none are committed (speed and export measurements only).
+_RANDOM_OK = {"resnet50_like"}
+_IMAGENET = Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_BUILTIN_PREPROCESS = {
+    "small_resnet": Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+    "resnet50_like": _IMAGENET,
+}
+_FORMS = "builtin:NAME, torchvision:NAME, path/to/file.py:factory or package.module:factory"
+_MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild a model: the spec (file paths made absolute), --num-classes, and the weights used."""
+
+    spec: str
+    num_classes: int | None = None
+    weights: str | None = None
+    weights_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        if not isinstance(d, dict) or not isinstance(d.get("spec"), str):
+            raise ArtifactError(f"model spec metadata must be a dict with a 'spec' string, got {d!r:.200}")
+        return cls(spec=d["spec"], num_classes=d.get("num_classes"), weights=d.get("weights"),
+                   weights_sha256=d.get("weights_sha256"))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to adapt: eval mode, float32, on CPU, with its spec and default preprocessing."""
+
+    model: nn.Module
+    spec: ModelSpec
+    preprocess: Preprocess
+
+
+def _oneline(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, for error messages that must stay on one line."""
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(items: list[str], limit: int = 3) -> str:
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+def _preprocess_attr(factory: Any, where: str) -> Preprocess | None:
+    """A factory may carry its preprocessing as a `preprocess` attribute (a Preprocess or its dict)."""
+    pre = getattr(factory, "preprocess", None)
+    if pre is None or isinstance(pre, Preprocess):
+        return pre
+    if isinstance(pre, dict):
+        try:
+            return Preprocess.from_dict(pre)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{where}.preprocess is not a valid preprocessing dict ({_oneline(e)}): "
+                             "give resize, crop, mean and std") from None
+    return None
+
+
+def _split(spec: str) -> tuple[str, str, str]:
+    """-> (kind, target, factory name) with kind one of builtin, torchvision, file, module."""
+    head, sep, rest = spec.partition(":")
+    if not sep:
+        raise ModelError(f"model spec {spec!r} has no ':': use {_FORMS}")
+    if head in ("builtin", "torchvision"):
+        if not rest:
+            raise ModelError(f"model spec {spec!r} names no model: use {head}:NAME")
+        return head, rest, ""
+    # rsplit so that a Windows drive letter ("C:\\net.py:make") stays in the path.
+    target, _, factory = spec.rpartition(":")
+    if target.endswith(".py"):
+        kind = "file"
+    elif _MODULE_RE.match(target):
+        kind = "module"
+    elif "/" in target or "\\" in target:
+        raise ModelError(f"model file {target!r} must be a Python file ending in .py: use {_FORMS}")
+    else:
+        raise ModelError(f"model spec {spec!r} is not understood: use {_FORMS}")
+    if not factory.isidentifier():
+        raise ModelError(f"model spec {spec!r} needs a factory function name after the last ':'")
+    return kind, target, factory
+
+
+def _canonical(spec: str) -> str:
+    """The spec with a model file's path made absolute, so the model can be rebuilt from anywhere."""
+    kind, target, factory = _split(spec)
+    if kind == "file":
+        return f"{Path(target).expanduser().absolute()}:{factory}"
+    return spec
+
+
+def _build_builtin(name: str, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    factory = BUILTIN_MODELS.get(name)
+    if factory is None:
+        raise ModelError(f"unknown builtin model {name!r}: choose one of {', '.join(sorted(BUILTIN_MODELS))}")
+    # Seeded so a builtin with random weights (resnet50_like) is the same model on every rebuild.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = factory(num_classes=num_classes) if num_classes else factory()
+    pre = _preprocess_attr(factory, f"builtin:{name}") or _BUILTIN_PREPROCESS.get(name, Preprocess())
+    return model, pre
+
+
+def _build_torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    try:
+        import torchvision
+    except Exception as e:  # a broken install can raise RuntimeError or OSError, not just ImportError
+        raise MissingDependencyError(
+            f"torchvision is not importable ({_oneline(e)}): pip install 'gprebn-edge[vision]'") from None
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    try:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception as e:
+        known = list(torchvision.models.list_models())
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=5)
+            hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+            raise ModelError(f"unknown torchvision model {name!r}: {hint}") from None
+        raise ModelError(f"torchvision:{name} could not be built ({_oneline(e)})") from None
+    return model, _IMAGENET
+
+
+def _import_file(target: str) -> Any:
+    path = Path(target).expanduser().absolute()
+    if not path.is_file():
+        raise ModelError(f"model file {target} does not exist" if not path.exists()
+                         else f"model file {target} is not a file")
+    name = f"_gprebn_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{next(_counter)}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelError(f"model file {target} cannot be imported as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered before running, as importlib's recipe says (dataclasses and pickling look it up);
+    # the file's folder is on sys.path meanwhile so that it can import its sibling files.
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise ModelError(f"model file {target} failed to import ({_oneline(e)})") from None
+    finally:
+        if str(path.parent) in sys.path:
+            sys.path.remove(str(path.parent))
+    return module
+
+
+def _import_module(target: str) -> Any:
+    try:
+        return importlib.import_module(target)
+    except Exception as e:
+        raise ModelError(f"cannot import module {target!r} ({_oneline(e)}): use {_FORMS}") from None
+
+
+def _call_factory(factory: Callable[..., Any], where: str, num_classes: int | None) -> nn.Module:
+    if num_classes:
+        try:
+            params = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):  # builtins without a signature: just try the call
+            params = None
+        if params is not None and not any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params):
+            raise ModelError(f"{where} takes no num_classes argument: drop --num-classes or add "
+                             "the parameter")
+    try:
+        model = factory(num_classes=num_classes) if num_classes else factory()
+    except Exception as e:
+        raise ModelError(f"{where} raised {_oneline(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{where} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(spec: str, num_classes: int | None = None) -> tuple[nn.Module, Preprocess]:
+    """Build the model a spec names (no weights loaded, mode untouched) and its default preprocessing.
+
+    `builtin:resnet50_like` and `torchvision:NAME` come with random weights; nothing is ever downloaded."""
+    if num_classes is not None and num_classes <= 0:
+        raise ModelError(f"--num-classes must be positive, got {num_classes}")
+    kind, target, factory_name = _split(spec)
+    if kind == "builtin":
+        return _build_builtin(target, num_classes)
+    if kind == "torchvision":
+        return _build_torchvision(target, num_classes)
+    module = _import_file(target) if kind == "file" else _import_module(target)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        own = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+               and getattr(v, "__module__", None) == module.__name__]
+        listed = ", ".join(sorted(own)[:10]) or "none"
+        raise ModelError(f"{target} has no callable {factory_name!r}; callables defined there: {listed}")
+    where = f"factory {target}:{factory_name}"
+    model = _call_factory(factory, where, num_classes)
+    return model, _preprocess_attr(factory, where) or Preprocess()
+
+
+def _has_pickled_objects(path: Path) -> bool:
+    """Whether the file parses as pickle data (torch zip or legacy format); opcodes are only scanned
+    with pickletools, never executed. Tells a file of pickled objects from a corrupt one."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        except (zipfile.BadZipFile, OSError, KeyError):
+            return False
+    else:
+        data = path.read_bytes()
+    stream, parsed = io.BytesIO(data), False
+    try:
+        while stream.tell() < len(data):
+            for _ in pickletools.genops(stream):
+                pass
+            parsed = True
+    except Exception:
+        pass
+    return parsed
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):  # {"state_dict": {...}}, {"model": {...}}, ... possibly nested
+        if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)]
+        if len(inner) != 1:
+            break
+        obj = obj[inner[0]]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict: save model.state_dict()")
+    if not obj:
+        raise ModelError(f"{path} holds an empty state dict")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"{path} is not a plain state dict: {len(bad)} entries are not tensors "
+                         f"({_names(bad)}); save model.state_dict()")
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a torch.save file, with `torch.load(weights_only=True)`:
+    a file of arbitrary pickled objects is refused, never unpickled."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist" if not path.exists()
+                         else f"weights file {path} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return _unwrap(load_file(str(path), device="cpu"), path)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise ModelError(f"{path} is not a readable safetensors file ({_oneline(e)})") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on files it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if _has_pickled_objects(path):
+            raise ModelError(f"{path} is not a plain state dict (it holds pickled Python objects, which "
+                             "are never loaded): save model.state_dict() with torch.save or "
+                             "safetensors") from None
+        raise ModelError(f"{path} is not a readable weights file: expected a state dict saved with "
+                         "torch.save or safetensors") from None
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable weights file ({_oneline(e)}): expected a state dict "
+                         "saved with torch.save or safetensors") from None
+    return _unwrap(obj, path)
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                     spec: str | None = None) -> None:
+    """Load `state` into `model` after checking names and shapes, failing in one line that lists the
+    differences. Missing `num_batches_tracked` buffers alone are tolerated (older checkpoints lack them)."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing ({_names(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({_names(unexpected)})" if unexpected else "",
+                 f"{len(shapes)} shape mismatch ({_names(shapes, 2)})" if shapes else ""]
+        target = spec or type(model).__name__
+        raise ModelError(f"weights in {source} do not match {target}: "
+                         f"{', '.join(p for p in parts if p)}; check --model/--num-classes")
+    for k in own:
+        if k not in state:  # a tolerated num_batches_tracked
+            state[k] = own[k]
+    model.load_state_dict(state, strict=True)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """(name, layer) for every BatchNorm layer (1d/2d/3d, SyncBatchNorm), in named_modules order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def require_batchnorm(model: nn.Module, spec: str) -> None:
+    """Refuse a model GpreBN cannot adapt: no BatchNorm layers, or one without running statistics or
+    affine parameters."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise ModelError(f"{spec} has no BatchNorm layers: GpreBN adapts BatchNorm statistics and affine "
+                         "parameters, so there is nothing to adapt")
+    for name, bn in layers:
+        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+            raise ModelError(f"BatchNorm layer `{name}` has no running statistics "
+                             "(track_running_stats=False): GpreBN needs the source statistics; "
+                             "build it with track_running_stats=True")
+        if not bn.affine:
+            raise ModelError(f"BatchNorm layer `{name}` has no affine parameters (affine=False): "
+                             "GpreBN adapts them; build it with affine=True")
+
+
+def sha256_file(path: str | Path) -> str:
+    """`sha256:<hex>` of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def load_model(spec: str, weights: str | Path | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Build a model, load its weights and check it can be adapted; eval mode, float32, CPU.
+
+    With no `weights`, a builtin uses its committed weights (BUILTIN_WEIGHTS_DIR/NAME.safetensors);
+    `builtin:resnet50_like` has none and stays random (seeded), for speed and export measurements only.
+    Other specs keep whatever weights their factory gives."""
+    canonical = _canonical(spec)
+    model, preprocess = build_model(canonical, num_classes)
+    require_batchnorm(model, spec)  # before the weights: the clearer error for a model with no BatchNorm
+    kind, target, _ = _split(canonical)
+    if weights is None and kind == "builtin":
+        committed = BUILTIN_WEIGHTS_DIR / f"{target}.safetensors"
+        if committed.is_file():
+            weights = committed
+        elif target not in _RANDOM_OK:
+            raise ModelError(f"no committed weights for builtin:{target}; pass --weights")
+    weights_path = weights_sha = None
+    if weights is not None:
+        path = Path(weights).expanduser().absolute()
+        apply_state_dict(model, read_state_dict(path), source=str(weights), spec=spec)
+        weights_path, weights_sha = str(path), sha256_file(path)
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    return LoadedModel(model=model, spec=ModelSpec(canonical, num_classes, weights_path, weights_sha),
+                       preprocess=preprocess)
