@@ -108,6 +108,18 @@ class Adapter:
         self.steps += 1
         return logits.detach()
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict with the current state without adapting (GpreBN layers use their dataset statistics)."""
+        layers = [layer for _, layer in gprebn_layers(self.model)]
+        for layer in layers:
+            layer.adapting = False
+        try:
+            return self.model(x)
+        finally:
+            for layer in layers:
+                layer.adapting = True
+
     def reset(self) -> None:
         """Back to the state right after construction (the source model), bit-exactly."""
         self.model.load_state_dict(self._model_state)
