@@ -87,6 +87,7 @@ def evaluate(model: nn.Module, source: ImageSource, limit: int | None = None,
             "error": 1.0 - correct / n if source.has_labels else None}
 
 
+@torch.no_grad()
 def statistics_shift(before: nn.Module, after: nn.Module) -> list[dict[str, Any]]:
     """Per BN layer: how far the adapted statistics and affine moved, in units of the source statistics."""
     rows = []

@@ -1,0 +1,176 @@
+"""The built-in shift benchmark: methods x domains x calibration batch sizes.
+
+For each cell: (a) the online error on the calibration stream (predictions made while adapting), and
+(b) the deployed error: the frozen static model on a disjoint held-out test split of the same domain.
+The static model is an eval-mode BN model, so its predictions do not depend on the batch they are
+computed in: evaluating it in batches of 256 gives exactly the batch-1 predictions, only faster.
+
+    python benchmarks/accuracy.py                       # the full grid (~40 min on 2 cores)
+    python benchmarks/accuracy.py --domains gaussian_noise,fog --batch-sizes 64,1 --out /tmp/sweep
+Writes benchmarks/results/accuracy.json and .md (or --out STEM)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, environment, write_results  # noqa: E402
+
+from gprebn_edge.adapt import AdaptConfig, _tensors, evaluate, run_online  # noqa: E402
+from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
+from gprebn_edge.data.sources import open_source  # noqa: E402
+from gprebn_edge.methods import METHODS, StatsConfig, make_adapter  # noqa: E402
+from gprebn_edge.models.spec import load_model  # noqa: E402
+
+
+def domain_list(names: list[str], severities: list[int]) -> list[tuple[str, int | None]]:
+    out: list[tuple[str, int | None]] = []
+    for name in names:
+        if name in ("clean", "style"):
+            out.append((name, None))
+        else:
+            out.extend((name, s) for s in severities)
+    return out
+
+
+def run_cell(model, method: str, domain: str, severity: int | None, batch: int, config: AdaptConfig,
+             n_calib: int, n_test: int, preprocess) -> dict:
+    sev = f":{severity}" if severity else ""
+    calib = open_source(f"synthetic:{domain}{sev}:n={n_calib}:split=calib", preprocess)
+    test = open_source(f"synthetic:{domain}{sev}:n={n_test}:split=test", preprocess)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    adapter = make_adapter(method, model, **config.adapter_kwargs())
+    online = run_online(adapter, calib, batch)
+    freeze = config.freeze if config.freeze in adapter.freeze_modes else adapter.freeze_modes[0]
+    static = adapter.freeze(freeze, lambda: _tensors(calib, config.refresh_batch))
+    seconds = time.perf_counter() - start
+    deployed = evaluate(static, test)
+    return {"method": method, "domain": domain, "severity": severity, "batch": batch, "freeze": freeze,
+            "online_error": online["online_error"], "deployed_error": deployed["error"],
+            "deployed_entropy": deployed["entropy"], "seconds": round(seconds, 2)}
+
+
+def summarize(cells: list[dict], methods: list[str], batches: list[int], severities: list[int]) -> dict:
+    """Mean over corruptions per (method, batch, severity), plus style and clean."""
+    rows = {}
+    for m in methods:
+        for b in batches:
+            sel = [c for c in cells if c["method"] == m and c["batch"] == b]
+            row = {}
+            for s in severities:
+                cs = [c for c in sel if c["severity"] == s]
+                if cs:
+                    row[f"sev{s}"] = {k: mean(c[k] for c in cs) for k in ("online_error", "deployed_error")}
+            for d in ("style", "clean"):
+                cs = [c for c in sel if c["domain"] == d]
+                if cs:
+                    row[d] = {k: cs[0][k] for k in ("online_error", "deployed_error")}
+            rows[f"{m}@{b}"] = row
+    return rows
+
+
+def markdown(payload: dict) -> str:
+    s, a = payload["summary"], payload["args"]
+    cols = [k for k in next(iter(s.values()))]
+    lines = ["# Built-in shift benchmark", "", f"Command: `{payload['command']}`", "",
+             f"Model builtin:small_resnet; {a['n_calib']} calibration images per domain (one online pass), "
+             f"{a['n_test']} held-out test images; errors in %. Online = predictions made while adapting; "
+             "deployed = the frozen static model on the held-out split. Means over the "
+             f"{len(a['corruptions'])} corruptions per severity.", "",
+             "| method | batch | " + " | ".join(f"{c} online | {c} deployed" for c in cols) + " |",
+             "|---|---:|" + "---:|---:|" * len(cols)]
+    for key, row in s.items():
+        m, b = key.split("@")
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells += [f"{100 * v['online_error']:.2f}", f"{100 * v['deployed_error']:.2f}"] if v else ["-", "-"]
+        lines.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per domain (deployed error %, online in parentheses)", ""]
+    batches = payload["args"]["batch_sizes"]
+    methods = payload["args"]["methods"]
+    for b in batches:
+        lines += [f"### calibration batch {b}", "", "| domain | " + " | ".join(methods) + " |",
+                  "|---|" + "---:|" * len(methods)]
+        keys = sorted({(c["domain"], c["severity"] or 0) for c in payload["cells"]}, key=lambda t: (-t[1], t[0]))
+        for d, sev in keys:
+            vals = []
+            for m in methods:
+                c = next((c for c in payload["cells"] if c["method"] == m and c["batch"] == b
+                          and c["domain"] == d and (c["severity"] or 0) == sev), None)
+                vals.append(f"{100 * c['deployed_error']:.1f} ({100 * c['online_error']:.1f})" if c else "-")
+            lines.append(f"| {d}{'-' + str(sev) if sev else ''} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in payload["environment"].items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--domains", default=",".join(["clean", "style", *CORRUPTIONS]))
+    ap.add_argument("--severities", default="5,3")
+    ap.add_argument("--batch-sizes", default="64,16,4,1")
+    ap.add_argument("--n-calib", type=int, default=2000)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    ap.add_argument("--optimizer", default=AdaptConfig.optimizer)
+    ap.add_argument("--lr-scaling", default=AdaptConfig.lr_scaling)
+    ap.add_argument("--momentum", default="cumulative")
+    ap.add_argument("--theta", type=float, default=1.0)
+    ap.add_argument("--stats-init", default="first")
+    ap.add_argument("--stats-order", default="before")
+    ap.add_argument("--freeze", default=None, help="refresh or direct (default: each method's own)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "accuracy")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    methods = args.methods.split(",")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    severities = [int(s) for s in args.severities.split(",")]
+    momentum = None if args.momentum == "cumulative" else float(args.momentum)
+    config = AdaptConfig(lr=args.lr, optimizer=args.optimizer, lr_scaling=args.lr_scaling, freeze=args.freeze,
+                         stats=StatsConfig(momentum, args.theta, args.stats_init, args.stats_order))
+    loaded = load_model("builtin:small_resnet")
+    domains = domain_list(args.domains.split(","), severities)
+    cells: list[dict] = []
+    start = time.perf_counter()
+    for domain, sev in domains:
+        for method in methods:
+            for b in batches:
+                if method == "source" and b != batches[0]:  # no adaptation: the same at every batch size
+                    cells.append({**cells[-1], "batch": b, "seconds": 0.0})
+                    continue
+                cells.append(run_cell(loaded.model, method, domain, sev, b, config, args.n_calib, args.n_test,
+                                      loaded.preprocess))
+                c = cells[-1]
+                print(f"[{time.perf_counter() - start:6.0f}s] {domain}{'-' + str(sev) if sev else ''} {method} "
+                      f"@{b}: online {100 * c['online_error']:.2f} %, deployed {100 * c['deployed_error']:.2f} %",
+                      flush=True)
+    payload = {
+        "command": command_line(),
+        "args": {"methods": methods, "batch_sizes": batches, "severities": severities,
+                 "corruptions": [d for d in args.domains.split(",") if d not in ("clean", "style")],
+                 "n_calib": args.n_calib, "n_test": args.n_test,
+                 "config": {**{k: v for k, v in vars(config).items() if k != "stats"},
+                            "stats": config.stats.to_dict()}},
+        "environment": environment(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "summary": summarize(cells, methods, batches, severities),
+        "cells": cells,
+    }
+    md = markdown(payload)
+    write_results(args.out, payload, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
