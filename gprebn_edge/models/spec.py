@@ -1,6 +1,6 @@
 """Model specs: build a model from `builtin:NAME`, `torchvision:NAME`, `path/to/file.py:factory` or
-`package.module:factory`, load a plain state dict into it (never unpickling arbitrary objects), and check
-that it has BatchNorm layers GpreBN can adapt."""
+`package.module:factory`, load a plain state dict into it (read by weights.py, never unpickling arbitrary
+objects), and check that it has BatchNorm layers GpreBN can adapt."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import io
 import itertools
-import pickle
-import pickletools
 import re
 import sys
-import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from gprebn_edge.errors import ArtifactError, MissingDependencyError, ModelError
 from gprebn_edge.models.builtin import BUILTIN_MODELS
+from gprebn_edge.models.weights import _oneline, apply_state_dict, read_state_dict, sha256_file
 
 __all__ = [
     "BUILTIN_WEIGHTS_DIR",
@@ -54,7 +50,6 @@ _BUILTIN_PREPROCESS = {
 }
 _FORMS = "builtin:NAME, torchvision:NAME, path/to/file.py:factory or package.module:factory"
 _MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _counter = itertools.count()
 
 
@@ -85,17 +80,6 @@ class LoadedModel:
     model: nn.Module
     spec: ModelSpec
     preprocess: Preprocess
-
-
-def _oneline(exc: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message`, for error messages that must stay on one line."""
-    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _names(items: list[str], limit: int = 3) -> str:
-    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 def _preprocess_attr(factory: Any, where: str) -> Preprocess | None:
@@ -248,106 +232,6 @@ def build_model(spec: str, num_classes: int | None = None) -> tuple[nn.Module, P
     return model, _preprocess_attr(factory, where) or Preprocess()
 
 
-def _has_pickled_objects(path: Path) -> bool:
-    """Whether the file parses as pickle data (torch zip or legacy format); opcodes are only scanned
-    with pickletools, never executed. Tells a file of pickled objects from a corrupt one."""
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-                data = z.read(member) if member else b""
-        except (zipfile.BadZipFile, OSError, KeyError):
-            return False
-    else:
-        data = path.read_bytes()
-    stream, parsed = io.BytesIO(data), False
-    try:
-        while stream.tell() < len(data):
-            for _ in pickletools.genops(stream):
-                pass
-            parsed = True
-    except Exception:
-        pass
-    return parsed
-
-
-def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    for _ in range(3):  # {"state_dict": {...}}, {"model": {...}}, ... possibly nested
-        if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        inner = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)]
-        if len(inner) != 1:
-            break
-        obj = obj[inner[0]]
-    if not isinstance(obj, dict):
-        raise ModelError(f"{path} holds a {type(obj).__name__}, not a state dict: save model.state_dict()")
-    if not obj:
-        raise ModelError(f"{path} holds an empty state dict")
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ModelError(f"{path} is not a plain state dict: {len(bad)} entries are not tensors "
-                         f"({_names(bad)}); save model.state_dict()")
-    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch.save file, with `torch.load(weights_only=True)`:
-    a file of arbitrary pickled objects is refused, never unpickled."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist" if not path.exists()
-                         else f"weights file {path} is not a file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return _unwrap(load_file(str(path), device="cpu"), path)
-        except ModelError:
-            raise
-        except Exception as e:
-            raise ModelError(f"{path} is not a readable safetensors file ({_oneline(e)})") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on files it then refuses
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if _has_pickled_objects(path):
-            raise ModelError(f"{path} is not a plain state dict (it holds pickled Python objects, which "
-                             "are never loaded): save model.state_dict() with torch.save or "
-                             "safetensors") from None
-        raise ModelError(f"{path} is not a readable weights file: expected a state dict saved with "
-                         "torch.save or safetensors") from None
-    except Exception as e:
-        raise ModelError(f"{path} is not a readable weights file ({_oneline(e)}): expected a state dict "
-                         "saved with torch.save or safetensors") from None
-    return _unwrap(obj, path)
-
-
-def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
-                     spec: str | None = None) -> None:
-    """Load `state` into `model` after checking names and shapes, failing in one line that lists the
-    differences. Missing `num_batches_tracked` buffers alone are tolerated (older checkpoints lack them)."""
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing ({_names(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({_names(unexpected)})" if unexpected else "",
-                 f"{len(shapes)} shape mismatch ({_names(shapes, 2)})" if shapes else ""]
-        target = spec or type(model).__name__
-        raise ModelError(f"weights in {source} do not match {target}: "
-                         f"{', '.join(p for p in parts if p)}; check --model/--num-classes")
-    for k in own:
-        if k not in state:  # a tolerated num_batches_tracked
-            state[k] = own[k]
-    model.load_state_dict(state, strict=True)
-
-
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """(name, layer) for every BatchNorm layer (1d/2d/3d, SyncBatchNorm), in named_modules order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
@@ -368,15 +252,6 @@ def require_batchnorm(model: nn.Module, spec: str) -> None:
         if not bn.affine:
             raise ModelError(f"BatchNorm layer `{name}` has no affine parameters (affine=False): "
                              "GpreBN adapts them; build it with affine=True")
-
-
-def sha256_file(path: str | Path) -> str:
-    """`sha256:<hex>` of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
 
 
 def load_model(spec: str, weights: str | Path | None = None, num_classes: int | None = None) -> LoadedModel:
