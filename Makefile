@@ -17,6 +17,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gprebn_edge export runtime tests benchmarks scripts
+	$(BIN)/mypy gprebn_edge export runtime
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

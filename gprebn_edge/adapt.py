@@ -94,6 +94,8 @@ def statistics_shift(before: nn.Module, after: nn.Module) -> list[dict[str, Any]
     after_layers = dict(batchnorm_layers(after))
     for name, b in batchnorm_layers(before):
         a = after_layers[name]
+        assert a.running_var is not None and b.running_var is not None
+        assert a.running_mean is not None and b.running_mean is not None
         s_std = torch.sqrt(b.running_var + b.eps)
         a_std = torch.sqrt(a.running_var + a.eps)
         rows.append({

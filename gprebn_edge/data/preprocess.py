@@ -61,7 +61,7 @@ class Preprocess:
             scale = self.resize / min(w, h)
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             if size != (w, h):
-                image = image.resize(size, Image.BILINEAR)
+                image = image.resize(size, Image.Resampling.BILINEAR)
         if self.crop is not None:
             w, h = image.size
             if w < self.crop or h < self.crop:
@@ -81,6 +81,7 @@ class Preprocess:
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC -> float32 NCHW, scaled to [0, 1] and normalized."""
-        x = images.astype(np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        x = (images.astype(np.float32) / np.float32(255.0) - mean) / std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)

@@ -53,6 +53,12 @@ class GpreBatchNorm(nn.Module):
     """Replaces one BatchNorm1d/2d/3d while adapting. Keeps the BN's parameter names (weight, bias), the
     frozen source statistics, and the running target estimate; `to_batchnorm()` gives the static BN back."""
 
+    source_mean: torch.Tensor
+    source_var: torch.Tensor
+    target_mean: torch.Tensor
+    target_var: torch.Tensor
+    seen: torch.Tensor
+
     def __init__(self, bn: _BatchNorm, config: StatsConfig) -> None:
         super().__init__()
         assert bn.affine and bn.running_mean is not None and bn.running_var is not None
@@ -113,6 +119,7 @@ class GpreBatchNorm(nn.Module):
         bn = self.bn_class(self.num_features, eps=self.eps, momentum=self.bn_momentum)
         bn = bn.to(device=self.weight.device, dtype=self.weight.dtype)
         mean, var = self.dataset_stats()
+        assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
         bn.weight.copy_(self.weight)
         bn.bias.copy_(self.bias)
         bn.running_mean.copy_(mean)
