@@ -37,7 +37,7 @@ def command_line() -> str:
 
 
 def write_results(stem: Path, payload: dict[str, Any], markdown: str) -> None:
-    """stem.json and stem.md, both written atomically."""
+    """stem.json and stem.md (appended, so a dotted stem like "lr0.1" keeps its name), written atomically."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stem.with_suffix(".json"), json.dumps(payload, indent=1) + "\n")
-    write_text_atomic(stem.with_suffix(".md"), markdown)
+    write_text_atomic(stem.parent / f"{stem.name}.json", json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(stem.parent / f"{stem.name}.md", markdown)

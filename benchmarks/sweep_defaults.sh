@@ -9,20 +9,18 @@ PY=${PYTHON:-.venv/bin/python}
 D=clean,gaussian_noise,shot_noise,impulse_noise,speckle_noise,fog,contrast,style
 common=(--methods gprebn --domains "$D" --severities 5 --batch-sizes 64,4,1 --n-calib 2000 --n-test 2000)
 declare -A configs=(
-  [adam1e-3]="--optimizer adam --lr 1e-3"
-  [adam5e-3]="--optimizer adam --lr 5e-3"
-  [adam2e-2]="--optimizer adam --lr 2e-2"
-  [sgd0.05]="--optimizer sgd --lr 0.05"
-  [sgd0.1]="--optimizer sgd --lr 0.1"
-  [sgd0.2]="--optimizer sgd --lr 0.2"
-  [sgd0.1-noscale]="--optimizer sgd --lr 0.1 --lr-scaling none"
-  [sgd0.1-direct]="--optimizer sgd --lr 0.1 --freeze direct"
-  [sgd0.1-ema0.1]="--optimizer sgd --lr 0.1 --momentum 0.1 --stats-init source"
-  [sgd0.1-after]="--optimizer sgd --lr 0.1 --stats-order after"
-  [sgd0.1-theta0.8]="--optimizer sgd --lr 0.1 --theta 0.8"
+  [adam1e-3-sqrt]="--optimizer adam --lr 1e-3 --lr-scaling sqrt"
+  [adam1e-3-linear]="--optimizer adam --lr 1e-3 --lr-scaling linear"
+  [adam1e-3-none]="--optimizer adam --lr 1e-3 --lr-scaling none"
+  [adam5e-3-sqrt]="--optimizer adam --lr 5e-3 --lr-scaling sqrt"
+  [sgd0.1-linear]="--optimizer sgd --lr 0.1 --lr-scaling linear"
+  [adam1e-3-sqrt-direct]="--lr-scaling sqrt --freeze direct"
+  [adam1e-3-sqrt-ema0.1]="--lr-scaling sqrt --momentum 0.1 --stats-init source"
+  [adam1e-3-sqrt-after]="--lr-scaling sqrt --stats-order after"
+  [adam1e-3-sqrt-theta0.8]="--lr-scaling sqrt --theta 0.8"
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(adam1e-3 adam5e-3 adam2e-2 sgd0.05 sgd0.1 sgd0.2 sgd0.1-noscale sgd0.1-direct sgd0.1-ema0.1 sgd0.1-after sgd0.1-theta0.8)
+[ ${#names[@]} -eq 0 ] && names=("${!configs[@]}")
 for name in "${names[@]}"; do
   # shellcheck disable=SC2086
   "$PY" benchmarks/accuracy.py "${common[@]}" ${configs[$name]} --out "benchmarks/results/sweeps/$name" >/dev/null

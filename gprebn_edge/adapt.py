@@ -35,7 +35,7 @@ class AdaptConfig:
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"
-    lr_scaling: str = "linear"
+    lr_scaling: str = "sqrt"
     stats: StatsConfig = field(default_factory=StatsConfig)
     freeze: str | None = None          # None: the method's default
     refresh_batch: int = 64

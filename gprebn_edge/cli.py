@@ -76,9 +76,10 @@ def adapt(
     weights: Annotated[str | None, typer.Option(help="Source weights: safetensors or a torch state dict.")] = None,
     method: Annotated[str, typer.Option(help="gprebn, tent, adabn, bn or source.")] = "gprebn",
     batch_size: Annotated[int, typer.Option(help="Calibration batch size (one step per batch).")] = 64,
-    lr: Annotated[float, typer.Option(help="Learning rate per 64 images (scaled with the batch size).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate at batch 64 (scaled for other batch sizes).")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = "adam",
-    lr_scaling: Annotated[str, typer.Option(help="linear (lr x batch/64) or none.")] = "linear",
+    lr_scaling: Annotated[str, typer.Option(help="sqrt (lr x sqrt(batch/64), Adam betas per image), linear "
+                                            "(lr x batch/64) or none.")] = "sqrt",
     momentum: Annotated[str, typer.Option(help="Statistics: 'cumulative' or an EMA rate per 64 images.")]
     = "cumulative",
     theta: Annotated[float, typer.Option(help="Weight of target statistics vs source statistics.")] = 1.0,

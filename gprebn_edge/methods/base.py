@@ -16,6 +16,8 @@ from gprebn_edge.methods.stats import REFERENCE_BATCH, StatsConfig
 
 __all__ = ["Adapter", "entropy", "make_optimizer", "reestimate", "Batches"]
 
+ADAM_BETAS = (0.9, 0.999)
+
 Batches = Callable[[], Iterable[torch.Tensor]]
 """Re-iterable calibration inputs, for the final statistics refresh of `freeze`."""
 
@@ -28,7 +30,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     raise GprebnError(f"--optimizer must be 'adam' or 'sgd', got {name!r}")
@@ -67,9 +69,9 @@ class Adapter:
     freeze_modes: ClassVar[tuple[str, ...]] = ("direct",)
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-3, optimizer: str = "adam",
-                 lr_scaling: str = "linear", stats: StatsConfig | None = None) -> None:
-        if lr_scaling not in ("linear", "none"):
-            raise GprebnError(f"--lr-scaling must be 'linear' or 'none', got {lr_scaling!r}")
+                 lr_scaling: str = "sqrt", stats: StatsConfig | None = None) -> None:
+        if lr_scaling not in ("linear", "sqrt", "none"):
+            raise GprebnError(f"--lr-scaling must be 'linear', 'sqrt' or 'none', got {lr_scaling!r}")
         if lr <= 0:
             raise GprebnError(f"--lr must be positive, got {lr}")
         self.lr = lr
@@ -101,12 +103,26 @@ class Adapter:
             loss = entropy(logits).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            scale = x.shape[0] / REFERENCE_BATCH if self.lr_scaling == "linear" else 1.0
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * scale
+            self._scale_hyperparameters(x.shape[0])
             self.optimizer.step()
         self.steps += 1
         return logits.detach()
+
+    def _scale_hyperparameters(self, batch: int) -> None:
+        """Keep the adaptation per image independent of the batch size.
+
+        linear: lr x batch/64 (SGD: 64 steps of batch 1 add up to one step of batch 64 to first order).
+        sqrt: lr x sqrt(batch/64) and, for Adam, 1 - beta scaled by batch/64, so the moment estimates span
+        the same number of images (the square-root rule for adaptive optimizers, Malladi et al. 2022)."""
+        assert self.optimizer is not None
+        ratio = batch / REFERENCE_BATCH
+        for group in self.optimizer.param_groups:
+            if self.lr_scaling == "linear":
+                group["lr"] = self.lr * ratio
+            elif self.lr_scaling == "sqrt":
+                group["lr"] = self.lr * ratio ** 0.5
+                if "betas" in group:
+                    group["betas"] = tuple(1.0 - min(1.0, (1.0 - b) * ratio) for b in ADAM_BETAS)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

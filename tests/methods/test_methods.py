@@ -131,13 +131,25 @@ def test_refresh_statistics_are_pooled_over_the_data():
     torch.testing.assert_close(a(probe), b(probe), rtol=0.05, atol=0.05)
 
 
-def test_learning_rate_scales_with_the_batch():
-    adapter = make_adapter("gprebn", _model(), lr=1e-3)
+@pytest.mark.parametrize("scaling,lr,betas", [
+    ("sqrt", 1e-3 * 0.25, (1 - 0.1 / 16, 1 - 0.001 / 16)),   # the default
+    ("linear", 1e-3 / 16, (0.9, 0.999)),
+    ("none", 1e-3, (0.9, 0.999)),
+])
+def test_learning_rate_scales_with_the_batch(scaling, lr, betas):
+    kwargs = {} if scaling == "sqrt" else {"lr_scaling": scaling}
+    adapter = make_adapter("gprebn", _model(), lr=1e-3, **kwargs)
     adapter.step(_stream(1, batch=4)[0])
-    assert adapter.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 4 / 64)
-    fixed = make_adapter("gprebn", _model(), lr=1e-3, lr_scaling="none")
-    fixed.step(_stream(1, batch=4)[0])
-    assert fixed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    group = adapter.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(lr)
+    assert group["betas"] == pytest.approx(betas)
+
+
+def test_sgd_keeps_its_momentum_under_sqrt_scaling():
+    adapter = make_adapter("tent", _model(), lr=0.1, optimizer="sgd")
+    adapter.step(_stream(1, batch=16)[0])
+    group = adapter.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.05) and group["momentum"] == 0.9
 
 
 def test_step_adapts_even_under_no_grad():
@@ -149,7 +161,7 @@ def test_step_adapts_even_under_no_grad():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"optimizer": "rmsprop"}, "optimizer"), ({"lr": 0}, "lr"),
-                                          ({"lr_scaling": "sqrt"}, "lr-scaling")])
+                                          ({"lr_scaling": "cube"}, "lr-scaling")])
 def test_bad_settings(kwargs, match):
     with pytest.raises(GprebnError, match=match):
         make_adapter("gprebn", _model(), **kwargs)
