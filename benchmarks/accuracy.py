@@ -12,6 +12,7 @@ Writes benchmarks/results/accuracy.json and .md (or --out STEM)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, write_results  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, _tensors, evaluate, run_online  # noqa: E402
+from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
 from gprebn_edge.data.sources import open_source  # noqa: E402
-from gprebn_edge.methods import METHODS, StatsConfig, make_adapter  # noqa: E402
+from gprebn_edge.methods import METHODS, StatsConfig  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
 
 
@@ -44,15 +45,14 @@ def run_cell(model, method: str, domain: str, severity: int | None, batch: int, 
     sev = f":{severity}" if severity else ""
     calib = open_source(f"synthetic:{domain}{sev}:n={n_calib}:split=calib", preprocess)
     test = open_source(f"synthetic:{domain}{sev}:n={n_test}:split=test", preprocess)
-    torch.manual_seed(config.seed)
     start = time.perf_counter()
-    adapter = make_adapter(method, model, **config.adapter_kwargs())
-    online = run_online(adapter, calib, batch)
-    freeze = config.freeze if config.freeze in adapter.freeze_modes else adapter.freeze_modes[0]
-    static = adapter.freeze(freeze, lambda: _tensors(calib, config.refresh_batch))
+    # a freeze mode the method lacks (e.g. --freeze direct for bn) falls back to the method's own
+    freeze = config.freeze if config.freeze in METHODS[method].freeze_modes else None
+    cell_config = dataclasses.replace(config, method=method, batch_size=batch, freeze=freeze)
+    static, online, _ = adapt_and_freeze(model, calib, cell_config)
     seconds = time.perf_counter() - start
     deployed = evaluate(static, test)
-    return {"method": method, "domain": domain, "severity": severity, "batch": batch, "freeze": freeze,
+    return {"method": method, "domain": domain, "severity": severity, "batch": batch, "freeze": online["freeze"],
             "online_error": online["online_error"], "deployed_error": deployed["error"],
             "deployed_entropy": deployed["entropy"], "seconds": round(seconds, 2)}
 

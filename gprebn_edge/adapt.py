@@ -21,8 +21,8 @@ from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
 from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
 
-__all__ = ["AdaptConfig", "AdaptResult", "adapt_model", "adapt_to_file", "evaluate", "probe", "run_online",
-           "statistics_shift"]
+__all__ = ["AdaptConfig", "AdaptResult", "adapt_and_freeze", "adapt_model", "adapt_to_file", "calibration_tensors",
+           "evaluate", "probe", "run_online", "statistics_shift"]
 
 Progress = Callable[[int, int], None]
 
@@ -57,7 +57,8 @@ class AdaptResult:
     summary: dict[str, Any]
 
 
-def _tensors(source: ImageSource, batch_size: int) -> Iterator[torch.Tensor]:
+def calibration_tensors(source: ImageSource, batch_size: int) -> Iterator[torch.Tensor]:
+    """The preprocessed images of `source` as tensors, batch by batch."""
     for batch in source.batches(batch_size):
         yield torch.from_numpy(batch.images)
 
@@ -139,16 +140,25 @@ def run_online(adapter: Adapter, source: ImageSource, batch_size: int,
     }
 
 
+def adapt_and_freeze(model: nn.Module, source: ImageSource, config: AdaptConfig,
+                     progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any], Adapter]:
+    """One online pass of `config.method` over `source`, then freeze (the method's default mode unless
+    config.freeze names one it supports). Returns the static model, the online figures and the adapter."""
+    torch.manual_seed(config.seed)
+    adapter = make_adapter(config.method, model, **config.adapter_kwargs())
+    online = run_online(adapter, source, config.batch_size, progress)
+    freeze = config.freeze or adapter.freeze_modes[0]
+    static = adapter.freeze(freeze, lambda: calibration_tensors(source, config.refresh_batch))
+    return static, {**online, "freeze": freeze}, adapter
+
+
 def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
                 progress: Progress | None = None) -> AdaptResult:
     """Adapt `loaded.model` on `source` with `config.method`, freeze it, and describe what happened."""
     num_classes = probe(loaded.model, source, loaded.spec.spec)
-    torch.manual_seed(config.seed)
     start = time.perf_counter()
-    adapter = make_adapter(config.method, loaded.model, **config.adapter_kwargs())
-    online = run_online(adapter, source, config.batch_size, progress)
-    freeze = config.freeze or adapter.freeze_modes[0]
-    static = adapter.freeze(freeze, lambda: _tensors(source, config.refresh_batch))
+    static, online, adapter = adapt_and_freeze(loaded.model, source, config, progress)
+    freeze = online["freeze"]
     elapsed = time.perf_counter() - start
 
     limit = min(config.eval_limit, len(source)) if config.eval_limit else None
