@@ -118,7 +118,14 @@ def run_online(adapter: Adapter, source: ImageSource, batch_size: int,
     total = len(source)
     for batch in source.batches(batch_size):
         x = torch.from_numpy(batch.images)
-        logits = adapter.step(x)
+        try:
+            logits = adapter.step(x)
+        except ValueError as e:
+            if "more than 1 value per channel" not in str(e):
+                raise
+            raise GprebnError(f"method {adapter.name} normalizes with batch statistics, which need more than one "
+                              "value per channel (a BatchNorm1d at batch 1 has one): use a larger --batch-size "
+                              "or --method gprebn / adabn") from None
         if not torch.isfinite(logits).all():
             raise GprebnError(f"adaptation diverged at image {n}: non-finite logits; lower --lr")
         pred = logits.argmax(1).numpy()

@@ -80,3 +80,27 @@ def test_adaptation_is_deterministic(loaded):
     a = adapt_model(loaded, source, AdaptConfig(batch_size=16)).model.state_dict()
     b = adapt_model(loaded, source, AdaptConfig(batch_size=16)).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _mlp_source(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 255, (6, 4, 4, 3), dtype=np.uint8))
+    return open_source(str(tmp_path / "x.npy"), Preprocess())
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def test_gprebn_runs_a_batchnorm1d_model_at_batch_1(tmp_path):
+    from gprebn_edge.adapt import adapt_and_freeze
+
+    static, online, _ = adapt_and_freeze(_mlp(), _mlp_source(tmp_path), AdaptConfig(batch_size=1))
+    assert online["steps"] == 6 and isinstance(static[2], nn.BatchNorm1d)
+
+
+def test_batch_statistics_methods_explain_batch_1_with_batchnorm1d(tmp_path):
+    from gprebn_edge.adapt import adapt_and_freeze
+    from gprebn_edge.errors import GprebnError
+
+    with pytest.raises(GprebnError, match="larger --batch-size"):
+        adapt_and_freeze(_mlp(), _mlp_source(tmp_path), AdaptConfig(method="tent", batch_size=1))
