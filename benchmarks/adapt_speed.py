@@ -5,7 +5,7 @@ modes alike; the reported ratio is the median of the per-round ratios. Models: t
 (32x32) and a ResNet-50-sized model (torchvision's resnet50 where importable, else the project's own
 definition of the same shape), 224x224 input.
 
-    python benchmarks/adapt_speed.py                        # CPU, ~5 minutes on 2 cores
+    python benchmarks/adapt_speed.py                        # CPU, ~10 minutes on 2 cores
     python benchmarks/adapt_speed.py --device cuda \
         --models torchvision:resnet18,torchvision:resnet50,torchvision:mobilenet_v2
 Writes benchmarks/results/adapt_speed.json and .md (or --out STEM)."""
@@ -92,8 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="builtin:small_resnet,resnet50")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", default="30,5", help="rounds per model (one value or one per model)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", default="30,4", help="rounds per model (one value or one per model)")
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
