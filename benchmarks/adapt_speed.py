@@ -92,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="builtin:small_resnet,resnet50")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", default="30,4", help="rounds per model (one value or one per model)")
+    ap.add_argument("--rounds", default="100,4", help="rounds per model (one value or one per model)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)

@@ -57,7 +57,6 @@ class GpreBatchNorm(nn.Module):
     source_var: torch.Tensor
     target_mean: torch.Tensor
     target_var: torch.Tensor
-    seen: torch.Tensor
 
     def __init__(self, bn: _BatchNorm, config: StatsConfig) -> None:
         super().__init__()
@@ -73,7 +72,7 @@ class GpreBatchNorm(nn.Module):
         self.register_buffer("source_var", bn.running_var.detach().clone())
         self.register_buffer("target_mean", bn.running_mean.detach().clone())
         self.register_buffer("target_var", bn.running_var.detach().clone())
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.seen = 0  # items the target estimate has absorbed; a Python int (saved as extra state)
         self.adapting = True
 
     def extra_repr(self) -> str:
@@ -83,15 +82,22 @@ class GpreBatchNorm(nn.Module):
         """Forget the target estimate (the next batch starts it afresh)."""
         self.target_mean.copy_(self.source_mean)
         self.target_var.copy_(self.source_var)
-        self.seen.zero_()
+        self.seen = 0
+
+    def get_extra_state(self) -> dict:
+        return {"seen": self.seen}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seen = int(state["seen"])
 
     def dataset_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         theta = self.config.theta
         return mix(self.target_mean, self.source_mean, theta), mix(self.target_var, self.source_var, theta)
 
     def _update(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, n: int) -> None:
-        seen = int(self.seen)
-        update_running(self.target_mean, self.target_var, batch_mean, batch_var, self.config.rate(n, seen))
+        # out of place: tensors an autograd graph saved from the previous forward are never modified
+        self.target_mean, self.target_var = update_running(self.target_mean, self.target_var, batch_mean,
+                                                           batch_var, self.config.rate(n, self.seen))
         self.seen += n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +109,10 @@ class GpreBatchNorm(nn.Module):
         batch_mean, batch_var = batch_stats(x.detach())
         n = x.shape[0]
         # "after" normalizes with the estimate so far, which does not exist before the first batch
-        before = self.config.order == "before" or (int(self.seen) == 0 and self.config.init == "first")
+        before = self.config.order == "before" or (self.seen == 0 and self.config.init == "first")
         if before:
             self._update(batch_mean, batch_var, n)
-        mean, var = (t.clone() for t in self.dataset_stats())
+        mean, var = self.dataset_stats()
         if not before:
             self._update(batch_mean, batch_var, n)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -124,7 +130,7 @@ class GpreBatchNorm(nn.Module):
         bn.bias.copy_(self.bias)
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-        bn.num_batches_tracked.fill_(int(self.seen))
+        bn.num_batches_tracked.fill_(self.seen)
         return bn.eval()
 
 

@@ -69,14 +69,14 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def update_running(mean: torch.Tensor, var: torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor,
-                   rate: float) -> None:
-    """In place: the mixture of the running estimate (weight 1 - rate) and the batch (weight rate).
+                   rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture of the running estimate (weight 1 - rate) and the batch (weight rate), as new tensors.
 
     var' = (1 - r) var + r var_B + r (1 - r) (mean_B - mean)^2   (law of total variance)
     """
     delta = batch_mean - mean
-    var.mul_(1.0 - rate).add_(batch_var, alpha=rate).addcmul_(delta, delta, value=rate * (1.0 - rate))
-    mean.add_(delta, alpha=rate)
+    new_var = torch.lerp(var, batch_var, rate).addcmul_(delta, delta, value=rate * (1.0 - rate))
+    return torch.add(mean, delta, alpha=rate), new_var
 
 
 def mix(target: torch.Tensor, source: torch.Tensor, theta: float) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_update_running_is_the_mixture_of_two_distributions():
     a = torch.randn(1000, dtype=torch.float64)
     b = torch.randn(300, dtype=torch.float64) * 2 + 5
     mean, var = a.mean().reshape(1), a.var(unbiased=False).reshape(1)
-    update_running(mean, var, b.mean().reshape(1), b.var(unbiased=False).reshape(1), 300 / 1300)
+    mean, var = update_running(mean, var, b.mean().reshape(1), b.var(unbiased=False).reshape(1), 300 / 1300)
     both = torch.cat([a, b])
     torch.testing.assert_close(mean, both.mean().reshape(1))
     torch.testing.assert_close(var, both.var(unbiased=False).reshape(1))
