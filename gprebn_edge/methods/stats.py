@@ -75,7 +75,7 @@ def update_running(mean: torch.Tensor, var: torch.Tensor, batch_mean: torch.Tens
     var' = (1 - r) var + r var_B + r (1 - r) (mean_B - mean)^2   (law of total variance)
     """
     delta = batch_mean - mean
-    new_var = torch.lerp(var, batch_var, rate).addcmul_(delta, delta, value=rate * (1.0 - rate))
+    new_var = torch.mul(var, 1.0 - rate).add_(batch_var, alpha=rate).addcmul_(delta, delta, value=rate * (1.0 - rate))
     return torch.add(mean, delta, alpha=rate), new_var
 
 
