@@ -41,10 +41,10 @@ def domain_list(names: list[str], severities: list[int]) -> list[tuple[str, int 
 
 
 def run_cell(model, method: str, domain: str, severity: int | None, batch: int, config: AdaptConfig,
-             n_calib: int, n_test: int, preprocess) -> dict:
+             n_calib: int, n_test: int, preprocess, data_seed: int = 0) -> dict:
     sev = f":{severity}" if severity else ""
-    calib = open_source(f"synthetic:{domain}{sev}:n={n_calib}:split=calib", preprocess)
-    test = open_source(f"synthetic:{domain}{sev}:n={n_test}:split=test", preprocess)
+    calib = open_source(f"synthetic:{domain}{sev}:n={n_calib}:split=calib:seed={data_seed}", preprocess)
+    test = open_source(f"synthetic:{domain}{sev}:n={n_test}:split=test:seed={data_seed}", preprocess)
     start = time.perf_counter()
     # a freeze mode the method lacks (e.g. --freeze direct for bn) falls back to the method's own
     freeze = config.freeze if config.freeze in METHODS[method].freeze_modes else None
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--stats-init", default="first")
     ap.add_argument("--stats-order", default="before")
     ap.add_argument("--freeze", default=None, help="refresh or direct (default: each method's own)")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated images (a replicate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "accuracy")
     args = ap.parse_args()
@@ -150,7 +151,7 @@ def main() -> None:
                     cells.append({**cells[-1], "batch": b, "seconds": 0.0})
                     continue
                 cells.append(run_cell(loaded.model, method, domain, sev, b, config, args.n_calib, args.n_test,
-                                      loaded.preprocess))
+                                      loaded.preprocess, args.data_seed))
                 c = cells[-1]
                 print(f"[{time.perf_counter() - start:6.0f}s] {domain}{'-' + str(sev) if sev else ''} {method} "
                       f"@{b}: online {100 * c['online_error']:.2f} %, deployed {100 * c['deployed_error']:.2f} %",
@@ -159,7 +160,7 @@ def main() -> None:
         "command": command_line(),
         "args": {"methods": methods, "batch_sizes": batches, "severities": severities,
                  "corruptions": [d for d in args.domains.split(",") if d not in ("clean", "style")],
-                 "n_calib": args.n_calib, "n_test": args.n_test,
+                 "n_calib": args.n_calib, "n_test": args.n_test, "data_seed": args.data_seed,
                  "config": {**{k: v for k, v in vars(config).items() if k != "stats"},
                             "stats": config.stats.to_dict()}},
         "environment": environment(),
