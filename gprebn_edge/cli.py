@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gprebn_edge.errors import GprebnError
 
@@ -21,8 +22,14 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GpreBN test-time adaptation of BatchNorm CNNs, folded for edge GPUs.")
-console = Console()
-err_console = Console(stderr=True)
+# user text (paths, specs like synthetic:fog:5, extras like gprebn-edge[vision]) must print as written:
+# no rich markup and no :emoji: codes
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
+def _error_line(label: str, message: str) -> Text:
+    return Text.assemble((label, "red"), " ", message)
 _state = {"debug": False}
 
 
@@ -39,10 +46,10 @@ def cli_errors() -> Iterator[None]:
     except GprebnError as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(_error_line("error:", str(e)), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: nothing was written", highlight=False)
+        err_console.print("interrupted: nothing was written")
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -50,16 +57,44 @@ def cli_errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         first = str(e).splitlines()[0] if str(e) else ""
-        err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {first} (rerun with --debug for the "
-                          "traceback and report it)", highlight=False, soft_wrap=True)
+        err_console.print(_error_line("internal error:", f"{type(e).__name__}: {first} (rerun with --debug for "
+                                      "the traceback and report it)"), soft_wrap=True)
         raise typer.Exit(2) from None
 
 
-def _progress(description: str, enabled: bool = True):
+@contextlib.contextmanager
+def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """Yield update(description, done, total); the bar appears on the first update, so a command that fails
+    while loading prints its one error line and nothing else."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, disable=not enabled, transient=True)
+    bar: Progress | None = None
+    task = None
+
+    def update(description: str, done: int, total: int) -> None:
+        nonlocal bar, task
+        if not enabled:
+            return
+        if bar is None:
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), console=err_console, transient=True)
+            bar.start()
+            task = bar.add_task(description, total=total)
+        assert task is not None
+        bar.update(task, description=description, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _key_value_table(title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # paths and hashes wrap whole, never cut with an ellipsis
+    return table
 
 
 def _pct(v: float | None) -> str:
@@ -113,16 +148,15 @@ def adapt(
         preprocess = {"resize": resize, "crop": crop,
                       "mean": parse_triple(mean, "mean") if mean else None,
                       "std": parse_triple(std, "std") if std else None}
-        with _progress(f"adapting ({method})", enabled=not as_json) as bar:
-            task = bar.add_task(f"adapting ({method})", total=None)
+        with _progress(enabled=not as_json) as update:
             result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,
                                    preprocess=preprocess, shuffle=shuffle, limit=limit,
-                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                   progress=lambda done, total: update(f"adapting ({method})", done, total))
         s = result.summary
         if as_json:
             typer.echo(json.dumps({"output": str(output), **s}, indent=2))
             return
-        table = Table(title=f"adapted {model} with {method} -> {output}", show_header=False)
+        table = _key_value_table(f"adapted {model} with {method} -> {output}")
         table.add_row("calibration images", f"{s['images']} ({s['skipped']} unreadable, skipped)")
         table.add_row("steps", str(s["steps"]))
         table.add_row("online error", _pct(s["online_error"]))
@@ -161,7 +195,7 @@ def info(
 
 
 def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:
-    table = Table(title=str(path), show_header=False)
+    table = _key_value_table(str(path))
     m, p, method, cal, s = meta["model"], meta["preprocess"], meta["method"], meta["calibration"], meta["summary"]
     table.add_row("model", f"{m['spec']} ({meta['num_classes']} classes)")
     table.add_row("source weights", f"{m.get('weights') or '-'} {m.get('weights_sha256') or ''}")
@@ -190,11 +224,8 @@ def demo(
     from gprebn_edge.demo import run_demo
 
     with cli_errors():
-        with _progress("demo") as bar:
-            task = bar.add_task("demo", total=None)
-            report = run_demo(out, quick=quick,
-                              progress=lambda msg, done, total: bar.update(task, description=msg,
-                                                                            completed=done, total=total))
+        with _progress() as update:
+            report = run_demo(out, quick=quick, progress=update)
         table = Table(title="deployed error on held-out target images (batch 1, static model)")
         for col in ("domain", "source", "adapted (gprebn)", "gain"):
             table.add_column(col, justify="right" if col != "domain" else "left")
@@ -210,7 +241,7 @@ def main() -> None:
     try:
         app()
     except GprebnError as e:  # raised outside a command body (e.g. while parsing)
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        err_console.print(_error_line("error:", str(e)), soft_wrap=True)
         sys.exit(1)
 
 

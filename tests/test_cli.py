@@ -180,3 +180,14 @@ def test_demo_quick(tmp_path):
     # adaptation must beat the unadapted model clearly on the noise corruptions, even on 256 images
     assert all(row["adapted_error"] < 0.6 * row["source_error"] for row in noisy)
     assert "gaussian_noise-5" in r.stdout
+
+
+def test_errors_print_user_text_verbatim(tmp_path):
+    """No rich markup or emoji codes: '[vision]' and ':fog:' reach the user as written."""
+    r = runner.invoke(app, ["adapt", "--model", "builtin:small_resnet", "--data", "synthetic:fog:9",
+                            "-o", str(tmp_path / "a.safetensors")])
+    assert r.exit_code == 1 and "synthetic:fog:9" in r.stderr
+    r = runner.invoke(app, ["adapt", "--model", "torchvision:resnet18", "--data", "synthetic:fog:5:n=8",
+                            "-o", str(tmp_path / "a.safetensors")])
+    if r.exit_code == 1:  # torchvision missing here: the message names the extra to install
+        assert "gprebn-edge[vision]" in r.stderr

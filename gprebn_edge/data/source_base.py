@@ -4,6 +4,7 @@ preprocessed batches in a fixed order. numpy only."""
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ class Batch:
     raw: np.ndarray  # uint8 NHWC after geometry, before normalization
 
 
-class ImageSource:
+class ImageSource(ABC):
     """A finite stream of images in a fixed order (shuffled once, by seed); each batches() call replays it."""
 
     kind = "base"
@@ -62,11 +63,13 @@ class ImageSource:
                 "class_names": self.class_names, "skipped": len(self.skipped), "shuffle": self.shuffle,
                 "seed": self.seed if self.shuffle else None, "limit": self.limit}
 
+    @abstractmethod
     def _batches(self, batch_size: int) -> Iterator[Batch]:
-        raise NotImplementedError
+        """Yield the preprocessed batches in self.order."""
 
+    @abstractmethod
     def _hash(self, update: Callable[[bytes], None]) -> None:
-        raise NotImplementedError
+        """Feed the content, in iteration order, to a hash."""
 
     def _batch(self, raw: np.ndarray, labels: np.ndarray | None) -> Batch:
         return Batch(self.preprocess.normalize(raw), labels, raw)
