@@ -26,11 +26,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # no rich markup and no :emoji: codes
 console = Console(markup=False, emoji=False)
 err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+_state = {"debug": False}
 
 
 def _error_line(label: str, message: str) -> Text:
     return Text.assemble((label, "red"), " ", message)
-_state = {"debug": False}
 
 
 @app.callback()
