@@ -215,6 +215,38 @@ def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:
 
 
 @app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="An adapted checkpoint (.safetensors).")],
+    onnx: Annotated[Path | None, typer.Option(help="ONNX output (default: next to the artifact).")] = None,
+    unadapted: Annotated[bool, typer.Option(help="Export the source model through the same path.")] = False,
+    data: Annotated[str | None, typer.Option(help="Images to check ONNX against PyTorch on (default: the "
+                                             "artifact's calibration data).")] = None,
+    check_images: Annotated[int, typer.Option(help="How many images the parity check uses.")] = 1000,
+    trt: Annotated[bool, typer.Option(help="Also build a TensorRT engine (not implemented yet).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Fold BatchNorm into the convs and export ONNX, checked against PyTorch with onnxruntime."""
+    from gprebn_edge.export.pipeline import export_artifact
+
+    with cli_errors():
+        if check_images < 1:
+            raise GprebnError(f"--check-images must be at least 1, got {check_images}")
+        manifest = export_artifact(artifact, onnx, unadapted=unadapted, data=data, check_images=check_images,
+                                   trt=trt)
+        if as_json:
+            typer.echo(json.dumps(manifest, indent=2))
+            return
+        p, fold = manifest["parity"], manifest["fold"]
+        table = _key_value_table(f"exported {manifest['model']} model of {artifact}")
+        table.add_row("onnx", manifest["onnx"])
+        table.add_row("BatchNorm folded / kept", f"{len(fold['folded'])} / {len(fold['skipped'])}")
+        table.add_row("parity vs PyTorch", f"{p['images']} images: max abs {p['max_abs']:.2e}, max rel "
+                      f"{p['max_rel']:.2e}, top-1 agreement {100 * p['top1_agreement']:.2f} %")
+        table.add_row("time", f"{manifest['seconds']:.1f} s")
+        console.print(table)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's report.")] = Path("demo_out"),
     quick: Annotated[bool, typer.Option(help="Fewer images (for tests).")] = False,

@@ -1,0 +1,62 @@
+"""`gprebn-edge export`: adapted and unadapted exports of one artifact, the manifest, and clean failures."""
+
+import json
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from gprebn_edge.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    path = folder / "adapted.safetensors"
+    r = runner.invoke(app, ["adapt", "--model", "builtin:small_resnet", "--data", "synthetic:fog:5:n=128",
+                            "--batch-size", "32", "-o", str(path)])
+    assert r.exit_code == 0, r.output
+    return path
+
+
+def test_export_adapted_and_unadapted(artifact):
+    r = runner.invoke(app, ["export", str(artifact), "--json"])
+    assert r.exit_code == 0, r.output
+    adapted = json.loads(r.stdout)
+    r = runner.invoke(app, ["export", str(artifact), "--unadapted", "--json"])
+    assert r.exit_code == 0, r.output
+    source = json.loads(r.stdout)
+    assert adapted["onnx"].endswith("adapted.onnx") and source["onnx"].endswith("adapted-unadapted.onnx")
+    for m in (adapted, source):
+        assert m["parity"]["images"] == 128 and m["parity"]["top1_agreement"] == 1.0
+        assert m["parity"]["max_rel"] <= 1e-5
+        assert len(m["fold"]["folded"]) == 9 and m["fold"]["skipped"] == []
+        assert m["opset"] >= 17 and m["onnx_sha256"].startswith("sha256:")
+    manifest = artifact.with_name("adapted.manifest.json")
+    assert json.loads(manifest.read_text())["onnx_sha256"] == adapted["onnx_sha256"]
+    a, b = (onnx.load(m["onnx"]) for m in (adapted, source))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert adapted["onnx_sha256"] != source["onnx_sha256"]
+    r = runner.invoke(app, ["export", str(artifact)])
+    assert r.exit_code == 0 and "top-1 agreement 100.00 %" in r.stdout
+
+
+def test_export_trt_without_tensorrt_writes_nothing(artifact, tmp_path):
+    out = tmp_path / "x.onnx"
+    r = runner.invoke(app, ["export", str(artifact), "--onnx", str(out), "--trt"])
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("gprebn-edge[trt]" in lines[0] or "not implemented" in lines[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_errors(artifact, tmp_path):
+    r = runner.invoke(app, ["export", str(tmp_path / "none.safetensors")])
+    assert r.exit_code == 1 and "no such checkpoint" in r.stderr
+    r = runner.invoke(app, ["export", str(artifact), "--onnx", str(tmp_path / "x.bin")])
+    assert r.exit_code == 1 and ".onnx" in r.stderr
+    r = runner.invoke(app, ["export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), "--data", "/nope"])
+    assert r.exit_code == 1 and "pass --data" in r.stderr
+    assert list(tmp_path.iterdir()) == []
