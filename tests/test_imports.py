@@ -15,10 +15,7 @@ def test_every_module_imports():
     names = [m.name for m in pkgutil.walk_packages(gprebn_edge.__path__, "gprebn_edge.")]
     assert "gprebn_edge.methods.layer" in names
     # export/ and runtime/ are mapped into the namespace by pyproject's package-dir
-    import gprebn_edge.export
-    import gprebn_edge.runtime
-
-    for pkg in (gprebn_edge.export, gprebn_edge.runtime):
+    for pkg in (importlib.import_module("gprebn_edge.export"), importlib.import_module("gprebn_edge.runtime")):
         names += [pkg.__name__] + [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
     assert "gprebn_edge.export.fold" in names
     for name in names:
