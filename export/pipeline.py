@@ -3,7 +3,6 @@ are not built yet; asking for one fails before any work, naming what to install)
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import time
@@ -21,6 +20,7 @@ from gprebn_edge.errors import GprebnError, MissingDependencyError
 from gprebn_edge.export.fold import fold_batchnorm
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
 from gprebn_edge.io import write_text_atomic
+from gprebn_edge.models.weights import sha256_file
 
 __all__ = ["export_artifact", "default_onnx_path", "manifest_path", "require_tensorrt"]
 
@@ -38,14 +38,6 @@ def require_tensorrt() -> None:
     if importlib.util.find_spec("tensorrt") is None:
         raise MissingDependencyError("TensorRT is not installed: pip install 'gprebn-edge[trt]' (on a Jetson, "
                                      "JetPack's python3-libnvinfer in a venv made with --system-site-packages)")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
@@ -80,8 +72,8 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     import onnxruntime
 
     manifest = {
-        "onnx": str(out), "onnx_sha256": _sha256(out), "model": which,
-        "artifact": str(artifact), "artifact_sha256": _sha256(artifact),
+        "onnx": str(out), "onnx_sha256": sha256_file(out), "model": which,
+        "artifact": str(artifact), "artifact_sha256": sha256_file(artifact),
         "opset": opset, "input": {"name": "input", "shape": ["batch", *batches[0].shape[1:]], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["batch", meta["num_classes"]]},
         "preprocess": meta["preprocess"], "exporter": "torch.onnx.export(dynamo=False)",
