@@ -41,3 +41,14 @@ def write_results(stem: Path, payload: dict[str, Any], markdown: str) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stem.parent / f"{stem.name}.json", json.dumps(payload, indent=1) + "\n")
     write_text_atomic(stem.parent / f"{stem.name}.md", markdown)
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    return "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items())
+
+
+def publish(stem: Path, payload: dict[str, Any], lines: list[str]) -> None:
+    """Close a markdown table with the environment line, write stem.json/.md and print the markdown."""
+    markdown = "\n".join([*lines, "", environment_line(payload["environment"]), ""])
+    write_results(stem, payload, markdown)
+    print(markdown)

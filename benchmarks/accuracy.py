@@ -21,7 +21,7 @@ from statistics import mean
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, environment, write_results  # noqa: E402
+from _common import RESULTS, command_line, environment, environment_line, write_results  # noqa: E402
 
 from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
@@ -108,7 +108,7 @@ def markdown(payload: dict) -> str:
                 vals.append(f"{100 * c['deployed_error']:.1f} ({100 * c['online_error']:.1f})" if c else "-")
             lines.append(f"| {d}{'-' + str(sev) if sev else ''} | " + " | ".join(vals) + " |")
         lines.append("")
-    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in payload["environment"].items()), ""]
+    lines += [environment_line(payload["environment"]), ""]
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, environment, write_results  # noqa: E402
+from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
 from gprebn_edge.methods import make_adapter  # noqa: E402
 from gprebn_edge.models.spec import build_model, load_model  # noqa: E402
@@ -122,10 +122,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {ms['eval']:.1f} | {ms['tent']:.1f} | "
                      f"{ms['gprebn']:.1f} | {r['gprebn_over_tent']:.3f} ({lo:.2f}-{hi:.2f}) | "
                      f"{r['gprebn_over_eval']:.2f} | {r['tent_over_eval']:.2f} |")
-    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in payload["environment"].items()), ""]
-    md = "\n".join(lines)
-    write_results(args.out, payload, md)
-    print(md)
+    publish(args.out, payload, lines)
 
 
 if __name__ == "__main__":

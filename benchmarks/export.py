@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, environment, write_results  # noqa: E402
+from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
 from gprebn_edge.adapt import calibration_tensors  # noqa: E402
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: E402
@@ -129,10 +129,7 @@ def main() -> None:
         for key, v in r["latency"].items():
             lines.append(f"| {r['model']} | {key} | {v['folded_ms']:.2f} | {v['unfolded_ms']:.2f} | "
                          f"{v['folded_over_unfolded']:.3f} |")
-    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in payload["environment"].items()), ""]
-    md = "\n".join(lines)
-    write_results(args.out, payload, md)
-    print(md)
+    publish(args.out, payload, lines)
 
 
 if __name__ == "__main__":

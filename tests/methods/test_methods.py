@@ -29,6 +29,15 @@ def _stream(n_batches: int = 4, batch: int = 16, shift: float = 0.7, seed: int =
     return [torch.randn(batch, 3, 32, 32, generator=g) * 1.5 + shift for _ in range(n_batches)]
 
 
+def _adapted(method: str, lr: float = 1e-2):
+    """(source model, adapter after one pass over the default stream)."""
+    model = _model()
+    adapter = make_adapter(method, model, lr=lr)
+    for x in _stream():
+        adapter.step(x)
+    return model, adapter
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_step_reset_freeze(method):
     model = _model()
@@ -70,9 +79,7 @@ def test_reset_restores_the_source_model_bit_exactly(method):
 
 @pytest.mark.parametrize("method", ["gprebn", "adabn"])
 def test_frozen_model_reproduces_the_adapters_predictions(method):
-    adapter = make_adapter(method, _model(), lr=1e-2)
-    for x in _stream():
-        adapter.step(x)
+    _, adapter = _adapted(method)
     probe = _stream(1, seed=99)[0]
     static = adapter.freeze("direct")
     torch.testing.assert_close(static(probe), adapter.predict(probe), rtol=1e-5, atol=1e-5)
@@ -82,10 +89,7 @@ def test_frozen_model_reproduces_the_adapters_predictions(method):
 
 
 def test_gprebn_changes_only_bn_affine_and_statistics():
-    model = _model()
-    adapter = make_adapter("gprebn", model, lr=1e-2)
-    for x in _stream():
-        adapter.step(x)
+    model, adapter = _adapted("gprebn")
     static = adapter.freeze("direct")
     changed = {k for k, v in static.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert changed and all(k.rsplit(".", 1)[-1] in ("weight", "bias", "running_mean", "running_var",
@@ -105,10 +109,7 @@ def test_gprebn_lowers_entropy_on_its_stream():
 
 
 def test_tent_direct_freeze_keeps_source_statistics_with_adapted_affine():
-    model = _model()
-    adapter = make_adapter("tent", model, lr=1e-2)
-    for x in _stream():
-        adapter.step(x)
+    model, adapter = _adapted("tent")
     static = adapter.freeze("direct")
     torch.testing.assert_close(static.bn1.running_mean, model.bn1.running_mean, rtol=0, atol=0)
     assert not torch.equal(static.bn1.weight, model.bn1.weight)
