@@ -1,6 +1,8 @@
 """ONNX export of folded models: graph contents, names, dynamic batch, parity with PyTorch on real
 inputs, identical graphs for the adapted and the unadapted model, and nothing written on failure."""
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from gprebn_edge.adapt import AdaptConfig, adapt_model, calibration_tensors
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.export.fold import fold_batchnorm
-from gprebn_edge.export.onnx_export import export_onnx, onnx_parity
+from gprebn_edge.export.onnx_export import DEFAULT_MAX_REL, export_onnx, onnx_parity, parity_limit
 from gprebn_edge.models.spec import load_model
 
 
@@ -74,3 +76,43 @@ def test_failed_parity_writes_nothing(builtin, tmp_path):
 def test_export_refuses_other_suffixes(builtin, tmp_path):
     with pytest.raises(GprebnError, match=".onnx"):
         export_onnx(builtin.model, tmp_path / "m.bin", torch.zeros(1, 3, 32, 32), check_batches=[])
+
+
+def test_parity_limit_is_the_floor_or_a_multiple_of_the_models_own_fp32_noise(builtin):
+    x = open_source("synthetic:fog:5:n=8", builtin.preprocess).batches(8).__next__().images
+    noise, limit = parity_limit(builtin.model, x)
+    assert 0 < noise < 1e-6 and limit == DEFAULT_MAX_REL
+    # a model that adds and removes a large offset: its fp32 rounding alone exceeds 1e-5 of the logits
+    shift, unshift = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        for layer, bias in ((shift, 1000.0), (unshift, -1000.0)):
+            layer.weight.copy_(torch.eye(16))
+            layer.bias.fill_(bias)
+    noise, limit = parity_limit(torch.nn.Sequential(shift, unshift).eval(),
+                                np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    assert limit == pytest.approx(8 * noise) and limit > DEFAULT_MAX_REL
+
+
+def test_graph_does_not_depend_on_weight_values(tmp_path):
+    """An untrained model's folded biases are all zero; the exporter must not merge equal initializers
+    (it would put Identity nodes in the graph and drop names), or adapted and source graphs would differ."""
+    from gprebn_edge.models.builtin import small_resnet
+
+    torch.manual_seed(0)
+    fresh = small_resnet().eval()
+    perturbed = copy.deepcopy(fresh)
+    with torch.no_grad():
+        for m in perturbed.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.bias.uniform_(-1, 1)
+    x = torch.randn(4, 3, 32, 32)
+    protos = []
+    for name, model in (("fresh", fresh), ("perturbed", perturbed)):
+        folded, _ = fold_batchnorm(model, x[:2])
+        export_onnx(folded, tmp_path / f"{name}.onnx", x[:2], check_batches=[x.numpy()])
+        protos.append(onnx.load(str(tmp_path / f"{name}.onnx")))
+    a, b = ([(n.op_type, list(n.input), list(n.output)) for n in p.graph.node] for p in protos)
+    assert a == b and "Identity" not in {op for op, _, _ in a}
+    assert [i.name for i in protos[0].graph.initializer] == [i.name for i in protos[1].graph.initializer]
+    assert [i.name for i in protos[0].graph.input] == ["input"]
