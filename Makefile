@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/gprebn-edge demo
 
-lint: $(STAMP)
+# TensorRT type stubs for mypy: --no-deps, since their dependencies would pull the GB-sized TensorRT.
+TRT_STUBS := $(VENV)/.trt-stubs
+
+$(TRT_STUBS): $(STAMP) scripts/fix_trt_stubs.py
+	$(BIN)/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+	$(BIN)/python scripts/fix_trt_stubs.py
+	touch $(TRT_STUBS)
+
+lint: $(STAMP) $(TRT_STUBS)
+	@test -f typings/tensorrt/__init__.pyi || $(BIN)/python scripts/fix_trt_stubs.py
 	$(BIN)/ruff check gprebn_edge export runtime tests benchmarks scripts
 	$(BIN)/mypy gprebn_edge export runtime
 

@@ -8,7 +8,8 @@ add or concat, a producer with other consumers, on the input) is skipped and rep
 graph as a static eval-mode BN. Every folded producer gets a bias. Module names are kept, so the folded
 weights keep the PyTorch parameter names (`layer1.0.conv1.weight`).
 
-A model torch.fx cannot trace (data-dependent control flow) is refused with a message naming the cause.
+A model torch.fx cannot trace (data-dependent control flow) raises UntraceableModelError naming the cause;
+the export pipeline then folds in the ONNX graph instead (onnx_fold.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold_math import fold_bn
 
-__all__ = ["FoldReport", "fold_batchnorm"]
+__all__ = ["FoldReport", "UntraceableModelError", "fold_batchnorm"]
+
+
+class UntraceableModelError(ModelError):
+    """torch.fx cannot trace the model; the export falls back to folding in the ONNX graph (onnx_fold.py)."""
 
 
 @dataclass
@@ -43,9 +48,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         return fx.symbolic_trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ... for untraceable code
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"cannot fold BatchNorm: torch.fx cannot trace {type(model).__name__} ({first[:160]}); "
-                         "remove data-dependent control flow from forward(), or mark such code with "
-                         "torch.fx.wrap") from None
+        raise UntraceableModelError(f"cannot fold BatchNorm: torch.fx cannot trace {type(model).__name__} "
+                                    f"({first[:160]}); remove data-dependent control flow from forward(), or "
+                                    "mark such code with torch.fx.wrap") from None
 
 
 def _skip_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -61,6 +66,9 @@ def _skip_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return f"no foldable producer (its input comes from {type(producer).__name__} `{src.target}`)"
     if len(src.users) != 1:
         return f"its producer `{src.target}` has other consumers"
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target)
+    if calls > 1:  # one module applied twice: folding one BN into it would change the other call too
+        return f"its producer `{src.target}` is called more than once (shared weights)"
     if isinstance(producer, nn.Linear):
         shape = src.meta.get("tensor_meta")
         if shape is None or len(shape.shape) != 2:

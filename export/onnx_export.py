@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from torch import nn
 from gprebn_edge.errors import GprebnError, MissingDependencyError
 from gprebn_edge.io import atomic_path
 
-__all__ = ["Parity", "export_onnx", "onnx_parity", "fp32_noise", "parity_limit", "DEFAULT_OPSET", "DEFAULT_MAX_REL"]
+__all__ = ["Parity", "export_onnx", "onnx_parity", "fp32_noise", "parity_limit", "DEFAULT_OPSET", "DEFAULT_MAX_REL",
+           "drop_initializer_inputs", "Exporter"]
 
 DEFAULT_OPSET = 17
 DEFAULT_MAX_REL = 1e-5
@@ -90,7 +91,7 @@ def parity_limit(model: nn.Module, x: np.ndarray, floor: float = DEFAULT_MAX_REL
     return noise, max(floor, NOISE_FACTOR * noise)
 
 
-def _drop_initializer_inputs(proto: Any) -> None:
+def drop_initializer_inputs(proto: Any) -> None:
     """Initializers are exported as graph inputs (`keep_initializers_as_inputs=True`) only because that is
     what switches off the exporter's deduplication of equal-valued initializers: with it on, two convs
     whose folded biases happen to be equal (e.g. all zero in an untrained model) share one initializer
@@ -102,14 +103,29 @@ def _drop_initializer_inputs(proto: Any) -> None:
     proto.graph.input.extend(keep)
 
 
+def torchscript_export(model: nn.Module, path: Path, example: torch.Tensor, opset: int) -> None:
+    """The default exporter: an already folded model, BN folding left to us (see the module docstring)."""
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                          keep_initializers_as_inputs=True)
+
+
+Exporter = Callable[[nn.Module, Path, torch.Tensor, int], object]
+
+
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *,
                 check_batches: Iterable[np.ndarray], metadata: dict[str, Any] | None = None,
-                opset: int = DEFAULT_OPSET, max_rel: float | None = None, min_agreement: float = 1.0) -> Parity:
+                opset: int = DEFAULT_OPSET, max_rel: float | None = None, min_agreement: float = 1.0,
+                exporter: Exporter = torchscript_export) -> Parity:
     """Export `model` (eval mode) to `path`, check it, compare onnxruntime with PyTorch on `check_batches`
     and only then move it into place. Raises GprebnError (and leaves nothing behind) past the tolerances.
 
     max_rel None: the tolerance is `parity_limit` (1e-5, or 8x the model's own fp32-vs-float64 error when
-    that is larger, measured on up to 8 of the check images)."""
+    that is larger, measured on up to 8 of the check images). `exporter` writes `model` as ONNX to a path;
+    parity is always checked against `model` itself."""
     import onnx
 
     path = Path(path)
@@ -117,14 +133,9 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *,
         raise GprebnError(f"ONNX output must end in .onnx, got {path.name}")
     model = model.eval()
     with atomic_path(path) as tmp:
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                              keep_initializers_as_inputs=True)
+        exporter(model, tmp, example, opset)
         proto = onnx.load(str(tmp))
-        _drop_initializer_inputs(proto)
+        drop_initializer_inputs(proto)
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)

@@ -1,11 +1,16 @@
-"""The export stage as one library call: adapted checkpoint -> folded ONNX + manifest (TensorRT engines
-are not built yet; asking for one fails before any work, naming what to install)."""
+"""The export stage as one library call: adapted checkpoint -> folded ONNX (+ TensorRT engine) + manifest.
+
+Folding happens in PyTorch (fold.py, torch.fx); a model torch.fx cannot trace is exported with its
+BatchNorms and folded in the ONNX graph instead (onnx_fold.py), and the manifest says so. Where an engine is
+asked for, TensorRT is checked before any work, so a machine without it fails at once and writes nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +21,38 @@ from gprebn_edge.adapt import calibration_tensors
 from gprebn_edge.checkpoint import rebuild_model
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
-from gprebn_edge.errors import GprebnError, MissingDependencyError
-from gprebn_edge.export.fold import fold_batchnorm
-from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
+from gprebn_edge.errors import GprebnError
+from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batchnorm
+from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx, torchscript_export
+from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
 from gprebn_edge.io import write_text_atomic
 from gprebn_edge.models.weights import sha256_file
+from gprebn_edge.optional import import_tensorrt
 
-__all__ = ["export_artifact", "default_onnx_path", "manifest_path", "require_tensorrt"]
+__all__ = ["EngineOptions", "export_artifact", "default_onnx_path", "default_engine_path", "manifest_path",
+           "require_tensorrt"]
 
 
 def default_onnx_path(artifact: Path, unadapted: bool) -> Path:
     return artifact.with_name(artifact.stem + ("-unadapted" if unadapted else "") + ".onnx")
+
+
+def default_engine_path(onnx_path: Path) -> Path:
+    return onnx_path.with_suffix(".engine")
+
+
+@dataclass
+class EngineOptions:
+    """What `export --trt` builds: precision fp32/fp16/int8 (int8 calibrates on the check images), the
+    (min, opt, max) batch of the optimization profile, the REFIT flag, and where the engine and the timing
+    cache go (defaults: the ONNX path with .engine, and gprebn-edge.timing.cache beside the engine)."""
+
+    engine: Path | None = None
+    precision: str = "fp32"
+    batch: tuple[int, int, int] = (1, 1, 32)
+    refittable: bool = False
+    workspace_mb: int = 1024
+    timing_cache: Path | None = None
 
 
 def manifest_path(onnx_path: Path) -> Path:
@@ -35,20 +61,34 @@ def manifest_path(onnx_path: Path) -> Path:
 
 def require_tensorrt() -> None:
     """Fail early, before any work, where TensorRT is not importable."""
-    if importlib.util.find_spec("tensorrt") is None:
-        raise MissingDependencyError("TensorRT is not installed: pip install 'gprebn-edge[trt]' (on a Jetson, "
-                                     "JetPack's python3-libnvinfer in a venv made with --system-site-packages)")
+    import_tensorrt()
+
+
+def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, Any, list[FoldReport], str]:
+    """(model to export, exporter, fold report holder, where folding happens): in PyTorch when torch.fx can
+    trace the model, else in the ONNX graph (the report is filled in when the exporter runs)."""
+    try:
+        folded, report = fold_batchnorm(model, example)
+        return folded, torchscript_export, [report], "pytorch (torch.fx)"
+    except UntraceableModelError:
+        reports: list[FoldReport] = []
+
+        def exporter(m: torch.nn.Module, path: Path, x: torch.Tensor, opset: int) -> None:
+            reports.append(export_folded_onnx_fallback(m, path, x, opset))
+
+        return model, exporter, reports, "onnx (torch.fx cannot trace the model)"
 
 
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
-                    data: str | None = None, check_images: int = 1000, trt: bool = False,
-                    opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+                    data: str | None = None, check_images: int = 1000, engine: EngineOptions | None = None,
+                    opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fold the adapted (or, with `unadapted`, the source) model of `artifact`, export it to ONNX, check
     onnxruntime against PyTorch on up to `check_images` real images (`data`, default: the artifact's own
-    calibration data) and write the ONNX file and its manifest atomically. Returns the manifest."""
-    if trt:
+    calibration data) and write the ONNX file and its manifest atomically; with `engine`, also build a
+    TensorRT engine from that ONNX file. Returns the manifest."""
+    say = progress or (lambda _: None)
+    if engine is not None:
         require_tensorrt()
-        raise GprebnError("TensorRT engine building is not implemented yet; export the ONNX file without --trt")
     artifact = Path(artifact)
     start = time.perf_counter()
     which = "source" if unadapted else "adapted"
@@ -64,11 +104,17 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     if not batches:
         raise GprebnError(f"no readable images in {spec} to check the export against; pass --data")
     example = torch.from_numpy(batches[0][:2])
-    folded, report = fold_batchnorm(model, example)
+    say("folding BatchNorm")
+    to_export, exporter, reports, fold_level = _fold(model, example)
     out = Path(onnx_path) if onnx_path is not None else default_onnx_path(artifact, unadapted)
     onnx_meta = {"gprebn_edge": __version__, "model": which, "artifact": artifact.name,
                  "preprocess": meta["preprocess"], "num_classes": str(meta["num_classes"])}
-    parity = export_onnx(folded, out, example, check_batches=batches, metadata=onnx_meta, opset=opset)
+    say(f"exporting ONNX and checking it on {sum(len(b) for b in batches)} images")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        parity = export_onnx(to_export, out, example, check_batches=batches, metadata=onnx_meta, opset=opset,
+                             exporter=exporter)
+    traced = sorted({str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
     import onnxruntime
 
     manifest = {
@@ -79,10 +125,30 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
         "preprocess": meta["preprocess"], "exporter": "torch.onnx.export(dynamo=False)",
         "versions": {"gprebn_edge": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "parity": {"data": spec, **parity.to_dict()},
-        "fold": report.to_dict(),
+        "fold": {"where": fold_level, **reports[0].to_dict()},
+        "warnings": [f"TracerWarning: {w}" for w in traced],
         "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tensorrt": None,
     }
     write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+    if engine is not None:
+        manifest["tensorrt"] = _build_engine(out, engine, batches, say)
+        manifest["seconds"] = round(time.perf_counter() - start, 2)
+        write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _build_engine(onnx_file: Path, options: EngineOptions, batches: list, say: Callable[[str], None]) -> dict:
+    from gprebn_edge.export.tensorrt_build import build_engine
+
+    path = options.engine or default_engine_path(onnx_file)
+    cache = options.timing_cache or path.with_name("gprebn-edge.timing.cache")
+    say(f"building the TensorRT {options.precision} engine {path.name}")
+    try:
+        return build_engine(onnx_file, path, precision=options.precision, batch=options.batch,
+                             workspace_mb=options.workspace_mb, refittable=options.refittable, timing_cache=cache,
+                             calibration=batches if options.precision == "int8" else None, progress=say)
+    except GprebnError as e:
+        raise GprebnError(f"{e} (the ONNX file {onnx_file} and its manifest were written and checked; no engine "
+                          "was written)") from None

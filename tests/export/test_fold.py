@@ -103,6 +103,19 @@ class Untraceable(nn.Module):
         return x
 
 
+class TwoUses(nn.Module):
+    """One conv used twice, each time followed by a BN: its weight is shared, so neither BN may fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv(torch.relu(self.bn1(self.conv(x)))))
+
+
 ZOO = {
     # name: (factory, input shape, folded BNs, skipped BNs)
     "conv-bn-relu": (lambda: ConvBnRelu(), (3, 4, 6, 6), ["bn"], []),
@@ -115,6 +128,7 @@ ZOO = {
     "conv3d-bn3d": (lambda: Conv3dBn(), (2, 4, 5, 5), ["bn"], []),
     "pre-activation": (lambda: PreActivation(), (3, 4, 6, 6), [], ["bn_in", "bn_mid", "bn_add"]),
     "shared-producer": (lambda: SharedProducer(), (3, 4, 6, 6), [], ["bn_a", "bn_b"]),
+    "conv-used-twice": (lambda: TwoUses(), (3, 4, 6, 6), [], ["bn1", "bn2"]),
     "no-bn": (lambda: NoBn(), (3, 4, 6, 6), [], []),
 }
 

@@ -48,7 +48,7 @@ def test_export_trt_without_tensorrt_writes_nothing(artifact, tmp_path):
     r = runner.invoke(app, ["export", str(artifact), "--onnx", str(out), "--trt"])
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and ("gprebn-edge[trt]" in lines[0] or "not implemented" in lines[0])
+    assert len(lines) == 1 and "gprebn-edge[trt]" in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -60,3 +60,41 @@ def test_export_errors(artifact, tmp_path):
     r = runner.invoke(app, ["export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), "--data", "/nope"])
     assert r.exit_code == 1 and "pass --data" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fp16"], "add --trt"), (["--refittable", "--int8"], "add --trt"),
+    (["--trt", "--fp16", "--int8"], "choose one"), (["--trt", "--batch", "8:4:16"], "MIN:OPT:MAX"),
+    (["--trt", "--batch", "x"], "MIN:OPT:MAX")])
+def test_engine_flags_are_checked_before_any_work(artifact, tmp_path, flags, message):
+    r = runner.invoke(app, ["export", str(artifact), "--onnx", str(tmp_path / "x.onnx"), *flags])
+    assert r.exit_code == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_untraceable_model_is_folded_in_onnx(tmp_path):
+    """A model torch.fx cannot trace goes through ONNX-level folding; the manifest says where and keeps the
+    exporter's TracerWarning, and parity is still checked against PyTorch."""
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 8, 3, padding=1)\n        self.bn = nn.BatchNorm2d(8)\n"
+        "        self.fc = nn.Linear(8, 10)\n\n"
+        "    def forward(self, x):\n"
+        "        if x.mean() > -100:  # data-dependent: torch.fx cannot trace this\n"
+        "            x = torch.relu(self.bn(self.conv(x)))\n"
+        "        return self.fc(x.mean((2, 3)))\n\n"
+        "def make():\n    return Net()\n")
+    out = tmp_path / "a.safetensors"
+    r = runner.invoke(app, ["adapt", "--model", f"{tmp_path / 'net.py'}:make", "--data", "synthetic:fog:5:n=64",
+                            "--batch-size", "32", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["export", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout)
+    assert manifest["fold"]["where"].startswith("onnx") and [f["bn"] for f in manifest["fold"]["folded"]] == ["bn"]
+    assert manifest["parity"]["top1_agreement"] == 1.0 and manifest["parity"]["max_rel"] <= 1e-5
+    assert any("TracerWarning" in w for w in manifest["warnings"])
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(manifest["onnx"]).graph.node}
