@@ -21,9 +21,11 @@ def import_tensorrt() -> ModuleType:
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
         raise MissingDependencyError(TRT_INSTALL_FIX) from e
     version = getattr(tensorrt, "__version__", None)
-    if version is None or not hasattr(tensorrt, "Runtime"):  # e.g. tensorrt-stubs alone: an empty package
+    if version is None:  # e.g. tensorrt-stubs alone: an empty package
         raise MissingDependencyError(TRT_INSTALL_FIX)
     if version.split(".")[0] != "10":
         raise MissingDependencyError(f"TensorRT {version} is installed, but gprebn-edge supports TensorRT 10.x only "
                                      f"(TensorRT 11 drops the FP16/INT8 builder flags): pip install 'tensorrt>=10,<11'")
+    if not hasattr(tensorrt, "Runtime"):
+        raise MissingDependencyError(TRT_INSTALL_FIX)
     return tensorrt
