@@ -15,16 +15,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/gprebn-edge demo
 
-# TensorRT type stubs for mypy: --no-deps, since their dependencies would pull the GB-sized TensorRT.
+# TensorRT type stubs for mypy: --no-deps, since their dependencies would pull the GB-sized TensorRT, and
+# --target outside site-packages, since their empty `tensorrt` package would shadow a real TensorRT (e.g. a
+# Jetson's system one seen through --system-site-packages). Mended copy: typings/tensorrt/__init__.pyi.
 TRT_STUBS := $(VENV)/.trt-stubs
 
 $(TRT_STUBS): $(STAMP) scripts/fix_trt_stubs.py
-	$(BIN)/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
-	$(BIN)/python scripts/fix_trt_stubs.py
+	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/trt-stubs tensorrt-stubs==10.13.0.35.1
+	$(BIN)/python scripts/fix_trt_stubs.py $(VENV)/trt-stubs
 	touch $(TRT_STUBS)
 
 lint: $(STAMP) $(TRT_STUBS)
-	@test -f typings/tensorrt/__init__.pyi || $(BIN)/python scripts/fix_trt_stubs.py
+	@test -f typings/tensorrt/__init__.pyi || $(BIN)/python scripts/fix_trt_stubs.py $(VENV)/trt-stubs
 	$(BIN)/ruff check gprebn_edge export runtime tests benchmarks scripts
 	$(BIN)/mypy gprebn_edge export runtime
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file, calibration_tensors  # noqa: E402
+from gprebn_edge.adapt import AdaptConfig, adapt_to_file  # noqa: E402
 from gprebn_edge.checkpoint import rebuild_model  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
 from gprebn_edge.data.preprocess import Preprocess  # noqa: E402
@@ -169,9 +169,9 @@ def main() -> None:
               "initializers (values differ) |", "|---|---:|---:|---|---|---|---:|"]
     for name, g in (("builtin:small_resnet", small), ("builtin:resnet50_like", big and big["graphs"])):
         if g:
+            differ = g["initializers_with_different_values"]
             lines.append(f"| {name} | {g['nodes']} | {g['batchnorm_nodes']} | {g['same_ops']} | {g['same_wiring']} | "
-                         f"{g['same_initializer_names']} | {g['initializers']} ({g['initializers_with_different_values']})"
-                         " |")
+                         f"{g['same_initializer_names']} | {g['initializers']} ({differ}) |")
     for name, g in (("builtin:small_resnet", small), ("builtin:resnet50_like", big and big["graphs"])):
         if g:
             lines += ["", f"Op list of {name} (adapted = unadapted): `{' '.join(g['ops'])}`"]

@@ -3,7 +3,9 @@ mended so that they parse, for mypy to check our calls into TensorRT (DESIGN.md 
 
 As shipped, tensorrt_bindings/tensorrt.pyi is not valid Python: a few plugin methods name parameters `in`
 and `out` (keywords), and `add_scale_nd` puts a parameter without a default after defaulted ones. The stub
-also lacks the package's `__version__`. Exits non-zero with the fix if the stubs are not installed."""
+also lacks the package's `__version__`. Exits non-zero with the fix if the stubs are not installed.
+
+    python scripts/fix_trt_stubs.py [DIR]     # DIR: where `pip install --target DIR tensorrt-stubs` put them"""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ STUB = Path("tensorrt_bindings") / "tensorrt.pyi"
 DEF = re.compile(r"^(\s*def \w+\()(.*)(\)\s*(?:->.*)?:\s*)$")
 
 
-def find_stub() -> Path | None:
-    """The installed tensorrt_bindings/tensorrt.pyi, looked up like an import, then in site-packages."""
+def find_stub(where: Path | None = None) -> Path | None:
+    """tensorrt_bindings/tensorrt.pyi under `where` (a `pip install --target` folder), else looked up like
+    an import, then in site-packages."""
+    if where is not None:
+        return where / STUB if (where / STUB).is_file() else None
     spec = importlib.util.find_spec("tensorrt_bindings")
     folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
     roots = [sysconfig.get_paths()["purelib"], *site.getsitepackages(), site.getusersitepackages()]
@@ -76,10 +81,13 @@ def mend(text: str) -> tuple[str, int]:
 
 
 def main() -> int:
-    stub = find_stub()
+    where = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    stub = find_stub(where)
     if stub is None:
-        print("tensorrt-stubs is not installed: pip install --no-deps tensorrt-stubs==10.13.0.35.1 "
-              "(--no-deps: its dependencies would pull the full TensorRT)", file=sys.stderr)
+        print(f"tensorrt-stubs is not installed{f' in {where}' if where else ''}: pip install --no-deps --target "
+              "DIR tensorrt-stubs==10.13.0.35.1 and pass DIR (--no-deps: its dependencies would pull the full "
+              "TensorRT; --target: installed beside a real TensorRT its empty `tensorrt` package would shadow it)",
+              file=sys.stderr)
         return 1
     body, changed = mend(stub.read_text(encoding="utf-8"))
     try:

@@ -1,0 +1,82 @@
+"""Latency plot of one or more benchmark runs: a histogram and the per-iteration time series, as PNG.
+matplotlib is imported when plotting, never at import."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+
+from gprebn_edge.errors import InputError, MissingDependencyError
+from gprebn_edge.io import atomic_path
+from gprebn_edge.runtime.bench import BenchResult
+
+__all__ = ["plot_latency"]
+
+Result: TypeAlias = BenchResult | Mapping[str, Any]
+
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a serving box; must precede any pyplot import
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("plots need matplotlib: pip install 'gprebn-edge[plot]'") from None
+    # a bare Figure (not pyplot) keeps no global state, so plotting from a worker thread is safe
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _series(result: Result) -> tuple[str, np.ndarray]:
+    if isinstance(result, BenchResult):
+        return result.label(), np.asarray(result.latencies_ms, dtype=np.float64)
+    latencies = np.asarray(result.get("latencies_ms") or [], dtype=np.float64)
+    r = result.get("runner") or {}
+    label = f"{r.get('backend', 'run')} {r.get('device', '')} {r.get('precision', '')}".split()
+    return " ".join(label + ([f"b{result['batch']}"] if "batch" in result else [])), latencies
+
+
+def plot_latency(results: Result | Sequence[Result], path: str | Path, *, labels: Sequence[str] | None = None,
+                 title: str | None = None) -> Path:
+    """Write a PNG with the latency histogram (left) and latency per iteration (right) of each result
+    (BenchResult or its to_dict()), with p50 and p99 marked. Written atomically."""
+    items: list[Result] = [results] if isinstance(results, BenchResult | Mapping) else list(results)
+    series = [_series(r) for r in items]
+    if not series or any(len(lat) == 0 for _, lat in series):
+        raise InputError("nothing to plot: every result needs per-iteration latencies")
+    if labels is not None:
+        if len(labels) != len(series):
+            raise InputError(f"{len(labels)} labels for {len(series)} results")
+        series = [(label, lat) for label, (_, lat) in zip(labels, series, strict=True)]
+
+    fig = _figure((11.0, 4.0))
+    hist_ax, time_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
+    everything = np.concatenate([lat for _, lat in series])
+    lo, hi = np.percentile(everything, [0, 99.5])  # keep rare outliers from squashing the histogram
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
+    for i, (label, lat) in enumerate(series):
+        color = f"C{i % 10}"
+        p50, p99 = np.percentile(lat, [50, 99])
+        hist_ax.hist(np.clip(lat, bins[0], bins[-1]), bins=bins, alpha=0.55, color=color,
+                     label=f"{label}: p50 {p50:.3f}, p99 {p99:.3f} ms")
+        hist_ax.axvline(p50, color=color, linestyle="-", linewidth=1)
+        hist_ax.axvline(p99, color=color, linestyle="--", linewidth=1)
+        time_ax.plot(np.arange(1, len(lat) + 1), lat, color=color, linewidth=0.8, label=label)
+        time_ax.axhline(p50, color=color, linestyle=":", linewidth=1)
+    hist_ax.set_xlabel("latency (ms)")
+    hist_ax.set_ylabel("iterations")
+    hist_ax.set_title("distribution (solid p50, dashed p99)")
+    hist_ax.legend(fontsize="small")
+    time_ax.set_xlabel("iteration")
+    time_ax.set_ylabel("latency (ms)")
+    time_ax.set_title("per iteration (dotted p50)")
+    if title:
+        fig.suptitle(title)
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)  # the temporary name ends in .tmp: say the format
+    return path

@@ -1,0 +1,138 @@
+"""Open any model file as a Runner, choosing the backend by its suffix, and read the metadata that says
+how to preprocess its inputs. Imports without torch (checkpoints import it when opened)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gprebn_edge.errors import ArtifactError, InputError
+from gprebn_edge.runtime.base import Runner
+from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
+
+__all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata"]
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+SUFFIXES = {".onnx": "onnxruntime", **dict.fromkeys(ENGINE_SUFFIXES, "tensorrt"), ".safetensors": "torch"}
+_ACCEPTED = ("an ONNX file (.onnx), a TensorRT engine (.engine, .plan, .trt) or an adapted checkpoint "
+             "(.safetensors)")
+
+
+def backend_for(path: str | Path, backend: str = "auto") -> str:
+    """The backend that runs `path`: `backend` itself, or by suffix when "auto"."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if not path.is_file():
+        raise InputError(f"no such model file: {path} (give {_ACCEPTED})")
+    if backend != "auto":
+        return backend
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise InputError(f"cannot tell how to run {path.name}: give {_ACCEPTED}, or pass the backend")
+    return SUFFIXES[suffix]
+
+
+def _gpu_index(device: str) -> int:
+    if device in ("cuda", "gpu"):
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise InputError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def open_runner(path: str | Path, backend: str = "auto", *, device: str | None = None, threads: int | None = None,
+                fp16: bool = False, cuda_graphs: bool = False, providers: tuple[str, ...] | None = None,
+                engine_cache: str | Path | None = None, which: str = "adapted",
+                input_shape: tuple[int, ...] | None = None) -> Runner:
+    """A (not yet activated) runner for `path`. `device` defaults to "cpu" for onnxruntime and torch and to
+    "cuda" for TensorRT; for onnxruntime a CUDA device means the CUDA provider unless `providers` says
+    otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints."""
+    kind = backend_for(path, backend)
+    if kind == "onnxruntime":
+        from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
+
+        if cuda_graphs:
+            raise InputError("CUDA graphs are offered by the torch and tensorrt backends, not onnxruntime")
+        dev = device or "cpu"
+        if providers is None:
+            providers = ("cpu",) if dev == "cpu" else ("cuda",)
+        return OnnxRuntimeRunner(path, providers=providers, threads=threads, fp16=fp16, engine_cache=engine_cache,
+                                 device_id=0 if dev == "cpu" else _gpu_index(dev))
+    if providers is not None or engine_cache is not None:
+        raise InputError("providers and engine_cache are onnxruntime settings: use them with an .onnx file")
+    if kind == "tensorrt":
+        from gprebn_edge.runtime.trt_runner import TensorRTRunner
+
+        dev = device or "cuda"
+        if dev == "cpu":
+            raise InputError("TensorRT engines run on the GPU: drop device='cpu', or run the .onnx file on the CPU")
+        if threads is not None or fp16:
+            raise InputError("threads and fp16 do not apply to a TensorRT engine (its precision was fixed when it "
+                             "was built: rebuild with `gprebn-edge export ... --trt --fp16`)")
+        return TensorRTRunner(path, cuda_graph=cuda_graphs, device_id=_gpu_index(dev))
+    if kind == "torch":
+        from gprebn_edge.runtime.torch_runner import TorchRunner
+
+        dev = device or "cpu"
+        if dev != "cpu":
+            dev = f"cuda:{_gpu_index(dev)}"
+        return TorchRunner(path, device=dev, fp16=fp16, cuda_graphs=cuda_graphs, which=which,
+                           input_shape=input_shape, threads=threads)
+    raise AssertionError(kind)
+
+
+def _onnx_metadata(path: Path) -> dict[str, Any]:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ArtifactError(f"{path} is not an ONNX model: {str(e).strip().splitlines()[0][:200] if str(e) else e}"
+                            ) from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _parsed(raw: dict[str, Any], fmt: str, path: Path) -> dict[str, Any]:
+    preprocess = raw.get("preprocess")
+    if isinstance(preprocess, str):
+        try:
+            preprocess = json.loads(preprocess)
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}: its preprocess metadata is not valid JSON") from None
+    num_classes = raw.get("num_classes")
+    try:
+        num_classes = int(num_classes) if num_classes is not None else None
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{path}: num_classes metadata {num_classes!r} is not a number") from None
+    return {"format": fmt, "model": raw.get("model"), "preprocess": preprocess, "num_classes": num_classes,
+            "raw": raw}
+
+
+def model_metadata(path: str | Path) -> dict[str, Any]:
+    """What a model file says about itself: {"format", "model" ("adapted"/"source"/None), "preprocess"
+    (a dict for Preprocess.from_dict, or None), "num_classes" (int or None), "raw"}. An engine carries no
+    metadata of its own: its export manifest (NAME.manifest.json) or the ONNX file beside it is read."""
+    path = Path(path)
+    kind = backend_for(path)
+    if kind == "onnxruntime":
+        return _parsed(_onnx_metadata(path), "onnx", path)
+    if kind == "torch":
+        from gprebn_edge.checkpoint import load_checkpoint  # imports torch
+
+        _, meta = load_checkpoint(path)
+        meta = {k: v for k, v in meta.items() if k != "source_bn"}
+        return _parsed({**meta, "model": "adapted", "model_spec": meta.get("model")}, "checkpoint", path)
+    manifest = path.with_name(path.stem + ".manifest.json")
+    if manifest.is_file():
+        try:
+            raw = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"cannot read {manifest}: {e}") from None
+        num_classes = (raw.get("output") or {}).get("shape", [None, None])[-1]
+        return _parsed({**raw, "num_classes": raw.get("num_classes", num_classes)}, "engine", path)
+    onnx_file = path.with_suffix(".onnx")
+    if onnx_file.is_file():
+        return {**_parsed(_onnx_metadata(onnx_file), "engine", path), "from": str(onnx_file)}
+    return {"format": "engine", "model": None, "preprocess": None, "num_classes": None, "raw": {}}

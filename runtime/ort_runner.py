@@ -1,0 +1,155 @@
+"""onnxruntime backend: one InferenceSession on the CPU, CUDA or TensorRT execution provider."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gprebn_edge.errors import ArtifactError, InputError, MissingDependencyError
+from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
+
+__all__ = ["OnnxRuntimeRunner", "PROVIDERS", "import_onnxruntime"]
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+# onnxruntime's element type strings -> numpy dtype names
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
+                                     "(or 'gprebn-edge[gpu]' for onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:240] if text else type(e).__name__
+
+
+def _tensor_info(arg: Any) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int | str) else None for d in (arg.shape or ()))
+    return TensorInfo(name=arg.name, shape=shape, dtype=_ORT_TYPES.get(arg.type, arg.type))
+
+
+class OnnxRuntimeRunner(Runner):
+    """Run an ONNX file with onnxruntime. `providers` is tried in order, e.g. ("tensorrt", "cuda") lets nodes
+    TensorRT cannot take fall back to CUDA. `threads` sets intra-op threads (None: onnxruntime's default);
+    `fp16` and `engine_cache` (a folder) apply to the TensorRT provider only."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, providers: Sequence[str] = ("cpu",), threads: int | None = None,
+                 fp16: bool = False, engine_cache: str | Path | None = None, device_id: int = 0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        providers = tuple(providers)
+        unknown = [p for p in providers if p not in PROVIDERS]
+        if not providers or unknown:
+            raise InputError(f"unknown onnxruntime provider(s) {unknown or '(none)'}: use one or more of "
+                             f"{', '.join(PROVIDERS)}")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be at least 1, got {threads}")
+        if fp16 and "tensorrt" not in providers:
+            raise InputError("fp16 with onnxruntime needs the tensorrt provider (the CPU and CUDA providers "
+                             "run the fp32 graph as exported)")
+        self.providers = providers
+        self.threads = threads
+        self.fp16 = fp16
+        self.engine_cache = Path(engine_cache) if engine_cache is not None else None
+        self.device_id = device_id
+        self._session: Any = None
+        self._inputs: list[TensorInfo] = []
+        self._outputs: list[TensorInfo] = []
+
+    def _provider_list(self, available: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        missing = [p for p in self.providers if PROVIDERS[p] not in available]
+        if missing:
+            raise MissingDependencyError(
+                f"onnxruntime here has no {', '.join(PROVIDERS[p] for p in missing)} (available: "
+                f"{', '.join(available)}): pip install 'gprebn-edge[gpu]' (onnxruntime-gpu, in place of "
+                "onnxruntime; the TensorRT provider also needs TensorRT's libraries)")
+        out: list[tuple[str, dict[str, Any]]] = []
+        for p in self.providers:
+            options: dict[str, Any] = {}
+            if p in ("cuda", "tensorrt"):
+                options["device_id"] = self.device_id
+            if p == "tensorrt":
+                options["trt_fp16_enable"] = self.fp16
+                if self.engine_cache is not None:
+                    self.engine_cache.mkdir(parents=True, exist_ok=True)
+                    options["trt_engine_cache_enable"] = True
+                    options["trt_engine_cache_path"] = str(self.engine_cache)
+            out.append((PROVIDERS[p], options))
+        return out
+
+    def _activate(self) -> None:
+        ort = import_onnxruntime()
+        if not self.path.is_file():
+            raise InputError(f"no such ONNX file: {self.path}")
+        providers = self._provider_list(ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own pybind classes (InvalidProtobuf, Fail, ...)
+            first = _first_line(e)
+            if type(e).__name__ == "InvalidProtobuf" or "Protobuf parsing failed" in first:
+                raise ArtifactError(f"{self.path} is not an ONNX model: {first}") from None
+            raise ArtifactError(f"onnxruntime cannot load {self.path}: {first}") from None
+        self._inputs = [_tensor_info(a) for a in self._session.get_inputs()]
+        self._outputs = [_tensor_info(a) for a in self._session.get_outputs()]
+        if len(self._inputs) != 1:
+            names = [t.name for t in self._inputs]
+            self._session = None
+            raise ArtifactError(f"{self.path} has {len(names)} inputs {names}: runners take one image batch")
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        want = self._inputs[0]
+        x = np.ascontiguousarray(batch, dtype=want.dtype if want.dtype.startswith("float") else np.float32)
+        if x.ndim != len(want.shape):
+            raise InputError(f"{self.path.name} takes a {len(want.shape)}-d input {list(want.shape)}, "
+                             f"got shape {list(x.shape)}")
+        try:
+            out = self._session.run([self._outputs[0].name], {want.name: x})[0]
+        except Exception as e:  # wrong sizes surface as onnxruntime's InvalidArgument
+            raise InputError(f"{self.path.name} rejected an input of shape {list(x.shape)} "
+                             f"(expects {list(want.shape)}): {_first_line(e)}") from None
+        return np.asarray(out, dtype=np.float32)
+
+    def _need_session(self) -> None:
+        if self._session is None:
+            raise InputError(f"{self.name}: the model's inputs and outputs are known once it is loaded: "
+                             "use `with runner:` first")
+
+    def inputs(self) -> list[TensorInfo]:
+        self._need_session()
+        return list(self._inputs)
+
+    def outputs(self) -> list[TensorInfo]:
+        self._need_session()
+        return list(self._outputs)
+
+    def info(self) -> RunnerInfo:
+        used = list(self._session.get_providers()) if self._session is not None else []
+        gpu = any(p in self.providers for p in ("cuda", "tensorrt"))
+        details: dict[str, Any] = {"path": str(self.path), "requested": list(self.providers),
+                                   "providers": used, "threads": self.threads}
+        if self.engine_cache is not None:
+            details["engine_cache"] = str(self.engine_cache)
+        return RunnerInfo(backend=self.name, device=f"cuda:{self.device_id}" if gpu else "cpu",
+                          precision="fp16" if self.fp16 else "fp32", details=details)

@@ -1,0 +1,189 @@
+"""PyTorch backend: the eager model (BatchNorm folded, as exported), optionally replayed as a CUDA graph.
+
+This module imports without torch; torch is imported when a runner is built."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gprebn_edge.errors import InputError, MissingDependencyError
+from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
+
+__all__ = ["TorchRunner", "import_torch"]
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("PyTorch is not installed: the torch backend and .safetensors checkpoints "
+                                     "need it (pip install torch); ONNX files and engines run without it") from None
+    return torch
+
+
+class TorchRunner(Runner):
+    """Run an nn.Module, or the model of an adapted checkpoint (`which`: "adapted" or "source"), in eval mode.
+
+    `folded` folds BatchNorm into the convolutions first, as the export does, so timings compare with the
+    ONNX/TensorRT runs. Folding traces the model on an example batch: of `input_shape` (C, H, W) when given,
+    else of the checkpoint's crop size, else of the first batch passed to `infer` (then the first call also
+    pays for the fold). `cuda_graphs` (CUDA only) captures the forward pass once per batch shape and replays
+    it, re-capturing when the shape changes. `threads` sets torch's intra-op threads while active."""
+
+    name = "torch"
+
+    def __init__(self, module_or_checkpoint: Any, *, device: str = "cpu", fp16: bool = False,
+                 cuda_graphs: bool = False, folded: bool = True, which: str = "adapted",
+                 input_shape: tuple[int, ...] | None = None, threads: int | None = None) -> None:
+        super().__init__()
+        torch = import_torch()
+        if isinstance(module_or_checkpoint, str | Path):
+            self.path: Path | None = Path(module_or_checkpoint)
+            self._source: Any = None
+        elif isinstance(module_or_checkpoint, torch.nn.Module):
+            self.path = None
+            self._source = module_or_checkpoint
+        else:
+            raise InputError(f"TorchRunner takes an nn.Module or a .safetensors checkpoint path, got "
+                             f"{type(module_or_checkpoint).__name__}")
+        if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+            raise InputError(f"torch device must be cpu, cuda or cuda:N, got {device!r}")
+        if cuda_graphs and not device.startswith("cuda"):
+            raise InputError("CUDA graphs need a CUDA device: use device='cuda', or drop cuda_graphs on the CPU")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise MissingDependencyError(f"torch {torch.__version__} sees no CUDA GPU: install a CUDA build of "
+                                         "torch (on a Jetson, NVIDIA's JetPack wheel) or use device='cpu'")
+        if which not in ("adapted", "source"):
+            raise InputError(f"which must be 'adapted' or 'source', got {which!r}")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be at least 1, got {threads}")
+        self.device = device
+        self.fp16 = fp16
+        self.cuda_graphs = cuda_graphs
+        self.folded = folded
+        self.which = which
+        self.threads = threads
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self._model: Any = None
+        self._meta: dict[str, Any] = {}
+        self._fold_report: dict[str, Any] | None = None
+        self._num_classes: int | None = None
+        self._saved_threads: int | None = None
+        self._graph: Any = None
+        self._static_in: Any = None
+        self._static_out: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _activate(self) -> None:
+        torch = import_torch()
+        if self.path is not None:
+            from gprebn_edge.checkpoint import rebuild_model
+
+            if not self.path.is_file():
+                raise InputError(f"no such checkpoint: {self.path}")
+            model, self._meta = rebuild_model(self.path, self.which)
+            self._num_classes = self._meta.get("num_classes")
+            crop = (self._meta.get("preprocess") or {}).get("crop")
+            if self.input_shape is None and crop:
+                self.input_shape = (3, int(crop), int(crop))
+        else:
+            model = copy.deepcopy(self._source)  # moving or casting must not change the caller's module
+        if self.threads is not None:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        self._model = model.eval()
+        if self.folded and self.input_shape is not None:
+            self._fold(torch.zeros((2, *self.input_shape)))
+        elif not self.folded:
+            self._to_device()
+
+    def _fold(self, example: Any) -> None:
+        from gprebn_edge.export.fold import fold_batchnorm
+
+        folded, report = fold_batchnorm(self._model.float().cpu(), example.float().cpu()[:2])
+        self._model = folded
+        self._fold_report = report.to_dict()
+        self._to_device()
+
+    def _to_device(self) -> None:
+        torch = import_torch()
+        self._model = self._model.to(self.device, dtype=torch.float16 if self.fp16 else torch.float32).eval()
+        self._model.requires_grad_(False)
+
+    def _deactivate(self) -> None:
+        torch = import_torch()
+        self._model = self._graph = self._static_in = self._static_out = None
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # -- inference --------------------------------------------------------------------------------
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        torch = import_torch()
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if x.ndim < 2:
+            raise InputError(f"the model takes a batch (N, C, H, W), got shape {list(x.shape)}")
+        if self._fold_report is None and self.folded:
+            self.input_shape = tuple(x.shape[1:])
+            self._fold(x)
+        x = x.to(self.device, dtype=torch.float16 if self.fp16 else torch.float32)
+        with torch.inference_mode():
+            if self.cuda_graphs:
+                out = self._replay(x)
+            else:
+                out = self._model(x)
+            result = out.float().cpu().numpy()  # .cpu() waits for the device
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        if result.ndim == 2:
+            self._num_classes = int(result.shape[1])
+        return result
+
+    def _replay(self, x: Any) -> Any:
+        """Copy into the static input, replay the captured graph; capture first for a new shape."""
+        torch = import_torch()
+        if self._static_in is None or self._static_in.shape != x.shape:
+            self._graph = self._static_in = self._static_out = None
+            static_in = x.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm up off the default stream, as capture requires
+                for _ in range(3):
+                    self._model(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._model(static_in)
+            self._graph, self._static_in, self._static_out = graph, static_in, static_out
+        self._static_in.copy_(x)
+        self._graph.replay()
+        return self._static_out
+
+    # -- description ------------------------------------------------------------------------------
+    def inputs(self) -> list[TensorInfo]:
+        dims: tuple[int | str | None, ...] = self.input_shape or (None, None, None)
+        return [TensorInfo("input", ("batch", *dims), "float32")]
+
+    def outputs(self) -> list[TensorInfo]:
+        return [TensorInfo("logits", ("batch", self._num_classes), "float32")]
+
+    def info(self) -> RunnerInfo:
+        torch = import_torch()
+        details: dict[str, Any] = {"torch": torch.__version__, "folded": self.folded, "cuda_graphs": self.cuda_graphs,
+                                   "threads": self.threads or torch.get_num_threads()}
+        if self.path is not None:
+            details.update(path=str(self.path), which=self.which)
+        else:
+            details["module"] = type(self._source).__name__
+        if self._fold_report is not None:
+            details["fold"] = {k: len(v) for k, v in self._fold_report.items()}
+        if self.device.startswith("cuda"):
+            details["gpu"] = torch.cuda.get_device_name(self.device)
+        return RunnerInfo(backend=self.name, device=self.device, precision="fp16" if self.fp16 else "fp32",
+                          details=details)

@@ -1,0 +1,32 @@
+"""Shared runtime fixtures: one small adapted checkpoint of the built-in model, its folded ONNX export and
+real images, made once per session (about 3 s on two cores)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.data.preprocess import Preprocess
+from gprebn_edge.data.sources import collect, open_source
+from gprebn_edge.export.pipeline import export_artifact
+
+DATA = "synthetic:fog:5:n=64"
+
+
+@dataclass(frozen=True)
+class Exported:
+    checkpoint: Path   # adapted .safetensors
+    onnx: Path         # its folded export
+    images: np.ndarray  # 32 real preprocessed images, float32 NCHW
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Exported:
+    folder = tmp_path_factory.mktemp("runtime")
+    checkpoint = folder / "adapted.safetensors"
+    adapt_to_file("builtin:small_resnet", DATA, checkpoint, AdaptConfig(batch_size=32))
+    manifest = export_artifact(checkpoint, folder / "adapted.onnx", check_images=64)
+    images, _ = collect(open_source(DATA, Preprocess.from_dict(manifest["preprocess"]), limit=32))
+    return Exported(checkpoint, Path(manifest["onnx"]), np.ascontiguousarray(images, dtype=np.float32))

@@ -1,0 +1,117 @@
+"""OnnxRuntimeRunner on a real export of the built-in model: same logits as onnxruntime itself and as the
+folded PyTorch model, its I/O description, provider options and clean failures."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from gprebn_edge.checkpoint import rebuild_model
+from gprebn_edge.errors import ArtifactError, GprebnError, InputError, MissingDependencyError
+from gprebn_edge.export.fold import fold_batchnorm
+from gprebn_edge.runtime.base import TensorInfo
+from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
+
+
+def max_rel(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def test_logits_equal_onnxruntime_and_folded_pytorch(exported):
+    x = exported.images
+    with OnnxRuntimeRunner(exported.onnx) as runner:
+        got = runner.infer(x)
+        one = runner.infer(x[:1])
+    direct = onnxruntime.InferenceSession(str(exported.onnx), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got, direct.run(["logits"], {"input": x})[0])
+    assert got.dtype == np.float32 and got.shape == (32, 10) and one.shape == (1, 10)
+
+    model, _ = rebuild_model(exported.checkpoint, "adapted")
+    folded, report = fold_batchnorm(model, torch.from_numpy(x[:2]))
+    assert report.folded and not report.skipped
+    with torch.no_grad():
+        ref = folded(torch.from_numpy(x)).numpy()
+    assert max_rel(got, ref) <= 1e-5
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_io_description_and_info(exported):
+    runner = OnnxRuntimeRunner(exported.onnx, threads=1)
+    with pytest.raises(InputError, match="with runner"):
+        runner.inputs()
+    with pytest.raises(GprebnError, match="inside `with runner:`"):
+        runner.infer(exported.images)
+    with runner:
+        assert runner.inputs() == [TensorInfo("input", ("batch", 3, 32, 32), "float32")]
+        assert runner.outputs() == [TensorInfo("logits", ("batch", 10), "float32")]
+        info = runner.info()
+    assert not runner.active
+    assert (info.backend, info.device, info.precision) == ("onnxruntime", "cpu", "fp32")
+    assert info.details["providers"] == ["CPUExecutionProvider"] and info.details["threads"] == 1
+
+
+def test_bad_inputs_are_one_line_errors(exported):
+    with OnnxRuntimeRunner(exported.onnx) as runner:
+        with pytest.raises(InputError, match=r"rejected an input of shape \[2, 3, 16, 16\]") as e:
+            runner.infer(np.zeros((2, 3, 16, 16), np.float32))
+        assert "\n" not in str(e.value)
+        with pytest.raises(InputError, match="4-d input"):
+            runner.infer(np.zeros((3, 32, 32), np.float32))
+        # float64 and non-contiguous batches are converted, not refused
+        x = np.asfortranarray(exported.images[:2].astype(np.float64))
+        np.testing.assert_allclose(runner.infer(x), runner.infer(exported.images[:2]), rtol=1e-6, atol=1e-6)
+
+
+def test_not_an_onnx_file(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not a protobuf\x00\xff" * 10)
+    with pytest.raises(ArtifactError, match="is not an ONNX model") as e:
+        OnnxRuntimeRunner(bad).activate()
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    with pytest.raises(InputError, match="no such ONNX file"):
+        OnnxRuntimeRunner(tmp_path / "missing.onnx").activate()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="this onnxruntime has the CUDA provider")
+def test_unavailable_provider_names_the_gpu_extra(exported):
+    runner = OnnxRuntimeRunner(exported.onnx, providers=("cuda",))
+    with pytest.raises(MissingDependencyError, match=r"gprebn-edge\[gpu\]") as e:
+        runner.activate()
+    assert "CUDAExecutionProvider" in str(e.value) and not runner.active
+
+
+def test_bad_settings(exported):
+    with pytest.raises(InputError, match="unknown onnxruntime provider"):
+        OnnxRuntimeRunner(exported.onnx, providers=("rocm",))
+    with pytest.raises(InputError, match="threads"):
+        OnnxRuntimeRunner(exported.onnx, threads=0)
+    with pytest.raises(InputError, match="tensorrt provider"):
+        OnnxRuntimeRunner(exported.onnx, fp16=True)
+
+
+def test_provider_options_reach_onnxruntime(exported, tmp_path, monkeypatch):
+    """TensorRT/CUDA options as onnxruntime expects them, checked by recording the session's arguments (the
+    session itself then runs on the CPU, since this machine has neither provider)."""
+    seen = {}
+    real = onnxruntime.InferenceSession
+
+    def recording_session(path, options, providers):
+        seen.update(providers=providers, threads=options.intra_op_num_threads)
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    cache = tmp_path / "trt-cache"
+    runner = OnnxRuntimeRunner(exported.onnx, providers=("tensorrt", "cuda"), threads=2, fp16=True,
+                               engine_cache=cache, device_id=1)
+    with runner:
+        assert runner.infer(exported.images[:2]).shape == (2, 10)
+        info = runner.info()
+    assert seen["threads"] == 2 and cache.is_dir()
+    assert seen["providers"] == [
+        ("TensorrtExecutionProvider", {"device_id": 1, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                       "trt_engine_cache_path": str(cache)}),
+        ("CUDAExecutionProvider", {"device_id": 1})]
+    assert (info.device, info.precision) == ("cuda:1", "fp16")
