@@ -295,26 +295,161 @@ def export(
         console.print(table)
 
 
+def _batch_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise GprebnError(f"--batch must be positive integers separated by commas (e.g. 1,32), got {text!r}")
+    return values
+
+
+_BACKEND_HELP = "auto (by suffix: .onnx onnxruntime, .engine/.plan tensorrt, .safetensors torch), onnxruntime, " \
+                "torch or tensorrt."
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="An ONNX file, a TensorRT engine or an adapted checkpoint.")],
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu; cuda for engines).")] = None,
+    batch: Annotated[str, typer.Option(help="Batch size(s), comma-separated, e.g. 1,32.")] = "1",
+    warmup: Annotated[str, typer.Option(help="Warm-up: iterations (10) or seconds (2s).")] = "10",
+    iters: Annotated[int | None, typer.Option(help="Timed iterations (default 200).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Time for this many seconds instead of --iters.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (onnxruntime intra-op, torch).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 (torch on CUDA; onnxruntime TensorRT provider).")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay CUDA graphs (torch, tensorrt).")] = False,
+    input_shape: Annotated[str | None, typer.Option(help="C,H,W where the model does not fix it.")] = None,
+    data: Annotated[str | None, typer.Option(help="Time on these images instead of random inputs.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a latency plot (PNG) here.")] = None,
+) -> None:
+    """Latency of one model: first call, percentiles, throughput, memory and the environment."""
+    from gprebn_edge.runtime.bench import format_table
+    from gprebn_edge.runtime.tasks import RunnerOptions, bench_model, parse_shape
+
+    with cli_errors():
+        if iters is not None and duration is not None:
+            raise GprebnError("give --iters or --duration, not both")
+        if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
+            raise GprebnError("--iters must be at least 1 and --duration positive")
+        options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
+                                input_shape=parse_shape(input_shape) if input_shape else None)
+        batches = _batch_list(batch)
+        _check_outputs(json_out, plot)
+        with _progress() as update:
+            results = bench_model(model, options, batches=batches, warmup=warmup, iters=iters, duration=duration,
+                                  data=data, progress=update)
+        for result in results:
+            console.print(format_table(result))
+        env = results[0].environment
+        console.print("environment: " + ", ".join(f"{k} {v}" for k, v in _flat_environment(env).items()),
+                      soft_wrap=True)
+        if json_out is not None:
+            from gprebn_edge.io import write_text_atomic
+
+            payload = {"model": str(model), "results": [r.to_dict() for r in results]}
+            write_text_atomic(json_out, json.dumps(payload, indent=1) + "\n")
+            console.print(f"json: {json_out}")
+        if plot is not None:
+            from gprebn_edge.runtime.latency_plot import plot_latency
+
+            plot_latency(results, plot, labels=[r.label() for r in results], title=model.name)
+            console.print(f"plot: {plot}")
+
+
+def _check_outputs(*paths: Path | None) -> None:
+    """Fail before any work when an output cannot be written."""
+    for path in paths:
+        if path is not None and (path.is_dir() or not (path.parent if str(path.parent) else Path(".")).is_dir()):
+            raise GprebnError(f"cannot write {path}: give a file in an existing folder")
+
+
+def _flat_environment(env: dict[str, Any]) -> dict[str, Any]:
+    keep = ("cpu", "cpu_count", "gpu", "cuda", "onnxruntime", "torch", "tensorrt", "jetson")
+    flat: dict[str, Any] = {}
+    for key, value in env.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if k in keep and v is not None})
+        elif key in keep and value is not None:
+            flat[key] = value
+    return flat
+
+
+@app.command()
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Model A (typically the unadapted export).")],
+    model_b: Annotated[Path, typer.Argument(help="Model B (typically the adapted export).")],
+    data: Annotated[str, typer.Option(help="Images both run on (folder, .npy/.npz, synthetic:...); class "
+                                      "subfolders give accuracy.")],
+    backend_a: Annotated[str, typer.Option(help="Backend for A: " + _BACKEND_HELP)] = "auto",
+    backend_b: Annotated[str, typer.Option(help="Backend for B.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for both.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size for the accuracy pass.")] = 32,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
+    latency_iters: Annotated[int, typer.Option(help="Interleaved A/B latency rounds (0: none).")] = 50,
+    latency_batch: Annotated[int, typer.Option(help="Batch size of the latency rounds.")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write reliability diagrams and bars (PNG) here.")] = None,
+) -> None:
+    """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
+    accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
+    from gprebn_edge.runtime.compare import write_json
+    from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
+
+    with cli_errors():
+        _check_outputs(json_out, plot)
+        options = [RunnerOptions(backend=b, device=device, threads=threads) for b in (backend_a, backend_b)]
+        with _progress() as update:
+            result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
+                                    limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,
+                                    progress=update)
+        console.print(result.to_markdown(), soft_wrap=True)
+        if json_out is not None:
+            write_json(result, json_out)
+            console.print(f"json: {json_out}")
+        if plot is not None:
+            from gprebn_edge.runtime.compare_plot import plot_compare
+
+            plot_compare(result, plot)
+            console.print(f"plot: {plot}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's report.")] = Path("demo_out"),
     quick: Annotated[bool, typer.Option(help="Fewer images (for tests).")] = False,
+    shifts: Annotated[str | None, typer.Option(help="Comma-separated built-in shifts at severity 5 ('style' is "
+                                               "the natural-style shift); default: three noises, fog, contrast, "
+                                               "style.")] = None,
 ) -> None:
-    """End to end on built-in data: adapt the built-in model to corrupted images with GpreBN and compare
-    its error with the unadapted model's on held-out images."""
+    """The whole chain on built-in data: adapt the built-in model with GpreBN to corrupted images, export the
+    unadapted and the adapted model as folded ONNX, compare and benchmark them with onnxruntime."""
     from gprebn_edge.demo import run_demo
 
     with cli_errors():
         with _progress() as update:
-            report = run_demo(out, quick=quick, progress=update)
-        table = Table(title="deployed error on held-out target images (batch 1, static model)")
-        for col in ("domain", "source", "adapted (gprebn)", "gain"):
-            table.add_column(col, justify="right" if col != "domain" else "left")
-        for row in report["rows"]:
-            table.add_row(row["domain"], _pct(row["source_error"]), _pct(row["adapted_error"]),
-                          f"{100 * (row['source_error'] - row['adapted_error']):+.2f} pts")
+            domains = tuple(s.strip() for s in shifts.split(",")) if shifts else None
+            report = run_demo(out, quick=quick, domains=domains, progress=update)
+        table = Table(title="error of the unadapted and adapted ONNX on held-out images (onnxruntime)")
+        for col in ("shift", "unadapted", "adapted", "agree", "latency", "parity"):
+            table.add_column(col, justify="left" if col == "shift" else "right", no_wrap=True)
+        for r in report["rows"]:
+            table.add_row(r["domain"], _pct(r["source_error"]), _pct(r["adapted_error"]),
+                          f"{100 * r['agreement']:.0f} %", f"{r['latency_ratio']:.3f}", f"{r['parity_max_rel']:.0e}")
+        table.caption = ("agree: same top-1 class; latency: adapted / unadapted, interleaved; parity: max relative "
+                         "logit error of ONNX vs PyTorch (top-1 agreement 100 % on every export)")
         console.print(table)
-        console.print(f"report: {report['report']}  ({report['seconds']:.1f} s)")
+        for b in report["bench"]["rows"]:
+            console.print(f"bench batch {b['batch']:>2}: p50 unadapted {b['unadapted_p50_ms']:.3f} ms, adapted "
+                          f"{b['adapted_p50_ms']:.3f} ms, ratio {b['ratio_p50']:.3f}")
+        t = report["tensorrt"]
+        console.print(f"TensorRT: {t['status']}" + (f" ({t['reason']})" if t.get("reason") else ""), soft_wrap=True)
+        console.print(f"report: {report['report']}  plots: {', '.join(report['plots'][:2])} (+ one per shift)  "
+                      f"({report['seconds']:.1f} s)", soft_wrap=True)
 
 
 def main() -> None:

@@ -3,11 +3,13 @@ Imports nothing heavy itself (the runtime uses it on machines without torch)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from gprebn_edge.errors import MissingDependencyError
 
-__all__ = ["TRT_INSTALL_FIX", "import_tensorrt"]
+__all__ = ["TRT_INSTALL_FIX", "import_tensorrt", "new_figure", "save_figure"]
 
 TRT_INSTALL_FIX = ("TensorRT is not installed: pip install 'gprebn-edge[trt]' (on a Jetson, JetPack's "
                    "python3-libnvinfer in a venv made with --system-site-packages)")
@@ -29,3 +31,25 @@ def import_tensorrt() -> ModuleType:
     if not hasattr(tensorrt, "Runtime"):
         raise MissingDependencyError(TRT_INSTALL_FIX)
     return tensorrt
+
+
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A bare matplotlib Figure (no pyplot: no global state, safe from a worker thread, never a window), or
+    MissingDependencyError naming the `plot` extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("plots need matplotlib: pip install 'gprebn-edge[plot]'") from None
+    return Figure(figsize=figsize)
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write `figure` as PNG to `path` atomically."""
+    from gprebn_edge.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)  # the temporary name ends in .tmp: say the format
+    return Path(path)

@@ -227,9 +227,11 @@ def read_json(path: str | Path) -> BenchResult:
 def format_table(result: BenchResult) -> Any:
     """A rich Table of the headline numbers, for the CLI."""
     from rich.table import Table
+    from rich.text import Text
 
     s = result.stats
-    table = Table(title=f"{result.label()}  input {result.input_shape}", show_header=True)
+    title = f"{result.label()}, input {'x'.join(map(str, result.input_shape))}"
+    table = Table(title=title, show_header=True, min_width=len(title) + 2)
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
@@ -250,5 +252,5 @@ def format_table(result: BenchResult) -> Any:
     for name, value in rows:
         table.add_row(name, value)
     for w in result.warnings:
-        table.add_row("[yellow]warning[/yellow]", f"[yellow]{w}[/yellow]")
+        table.add_row(Text("warning", style="yellow"), Text(w, style="yellow"))
     return table

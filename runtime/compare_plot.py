@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gprebn_edge.errors import MissingDependencyError
-from gprebn_edge.io import atomic_path
+from gprebn_edge.optional import new_figure, save_figure
 from gprebn_edge.runtime.compare import CompareResult, ModelReport
 
 __all__ = ["plot_compare"]
@@ -15,42 +14,27 @@ __all__ = ["plot_compare"]
 _COLORS = ("tab:blue", "tab:orange")
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependencyError("plots need matplotlib: pip install 'gprebn-edge[plot]'") from None
-    matplotlib.use("Agg")  # files only; never open a window, even where a display exists
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_compare(result: CompareResult, path: str | Path) -> None:
     """Write the comparison's figure to `path` as PNG, atomically."""
-    plt = _pyplot()
     panels: list[tuple[str, int]] = []
     if result.has_labels and all(m.reliability is not None for m in result.models):
         panels += [("reliability", 0), ("reliability", 1)]
     panels.append(("accuracy" if result.has_labels else "confidence", -1))
     if result.latency is not None:
         panels.append(("latency", -1))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    try:
-        for ax, (kind, k) in zip(axes[0], panels, strict=True):
-            if kind == "reliability":
-                _reliability(ax, result.models[k], _COLORS[k])
-            elif kind == "latency":
-                _latency(ax, result)
-            else:
-                _quality(ax, result, kind)
-        fig.suptitle(f"{result.a.name} vs {result.b.name}: {result.images} images, agreement "
-                     f"{100 * result.agreement:.1f} %")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)  # the temporary name ends in .tmp: say the format
-    finally:
-        plt.close(fig)
+    fig = new_figure((4.2 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (kind, k) in zip(axes[0], panels, strict=True):
+        if kind == "reliability":
+            _reliability(ax, result.models[k], _COLORS[k])
+        elif kind == "latency":
+            _latency(ax, result)
+        else:
+            _quality(ax, result, kind)
+    fig.suptitle(f"{result.a.name} vs {result.b.name}: {result.images} images, agreement "
+                 f"{100 * result.agreement:.1f} %")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _reliability(ax: Any, m: ModelReport, color: str) -> None:
@@ -95,4 +79,4 @@ def _latency(ax: Any, result: CompareResult) -> None:
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in p50], label_type="center")
     ax.set_ylabel(f"latency (ms, batch {lat['batch']}): p50, bar to p90")
     lo, hi = lat["ratio_ci95"]
-    ax.set_title(f"{result.b.name} / {result.a.name}: {lat['ratio']:.2f}x (95 % CI {lo:.2f}-{hi:.2f})")
+    ax.set_title(f"latency {result.b.name} / {result.a.name}:\n{lat['ratio']:.2f}x (95 % CI {lo:.2f}-{hi:.2f})")

@@ -9,25 +9,13 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from gprebn_edge.errors import InputError, MissingDependencyError
-from gprebn_edge.io import atomic_path
+from gprebn_edge.errors import InputError
+from gprebn_edge.optional import new_figure, save_figure
 from gprebn_edge.runtime.bench import BenchResult
 
 __all__ = ["plot_latency"]
 
 Result: TypeAlias = BenchResult | Mapping[str, Any]
-
-
-def _figure(figsize: tuple[float, float]) -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a serving box; must precede any pyplot import
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MissingDependencyError("plots need matplotlib: pip install 'gprebn-edge[plot]'") from None
-    # a bare Figure (not pyplot) keeps no global state, so plotting from a worker thread is safe
-    return Figure(figsize=figsize, layout="constrained")
 
 
 def _series(result: Result) -> tuple[str, np.ndarray]:
@@ -52,7 +40,8 @@ def plot_latency(results: Result | Sequence[Result], path: str | Path, *, labels
             raise InputError(f"{len(labels)} labels for {len(series)} results")
         series = [(label, lat) for label, (_, lat) in zip(labels, series, strict=True)]
 
-    fig = _figure((11.0, 4.0))
+    fig = new_figure((11.0, 4.0))
+    fig.set_layout_engine("constrained")
     hist_ax, time_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
     everything = np.concatenate([lat for _, lat in series])
     lo, hi = np.percentile(everything, [0, 99.5])  # keep rare outliers from squashing the histogram
@@ -76,7 +65,4 @@ def plot_latency(results: Result | Sequence[Result], path: str | Path, *, labels
     if title:
         fig.suptitle(title)
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)  # the temporary name ends in .tmp: say the format
-    return path
+    return save_figure(fig, path)

@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,14 +173,28 @@ def test_help_works_for_every_command():
 
 
 def test_demo_quick(tmp_path):
-    r = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    """The whole chain on two shifts: adapt, export both ONNX files, compare, bench, plots, report."""
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--shifts", "gaussian_noise,fog"])
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert len(report["rows"]) == 6
-    noisy = [row for row in report["rows"] if "noise" in row["domain"]]
-    # adaptation must beat the unadapted model clearly on the noise corruptions, even on 256 images
-    assert all(row["adapted_error"] < 0.6 * row["source_error"] for row in noisy)
-    assert "gaussian_noise-5" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [row["domain"] for row in report["rows"]] == ["gaussian_noise-5", "fog-5"]
+    noisy = report["rows"][0]
+    # adaptation must beat the unadapted model clearly on the noise corruption, even on 256 images
+    assert noisy["adapted_error"] < 0.6 * noisy["source_error"]
+    for row in report["rows"]:
+        assert row["parity_top1"] == 1.0 and row["parity_max_rel"] <= 1e-5 and 0 < row["agreement"] < 1
+        assert 0 < row["latency_ratio"] < 10  # identical graphs; the quick run has too few rounds for a tight bound
+        folder = out / row["domain"].removesuffix("-5")
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapted.onnx", "unadapted.onnx", "adapted.safetensors", "compare.json", "compare.png"} <= files
+    assert [b["batch"] for b in report["bench"]["rows"]] == [1, 32]
+    assert report["tensorrt"]["status"] in ("skipped", "ran")
+    for plot in report["plots"]:
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gaussian_noise-5" in r.stdout and "TensorRT" in r.stdout
+    r = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--shifts", "fog,nope"])
+    assert r.exit_code == 1 and "nope" in r.stderr
 
 
 def test_errors_print_user_text_verbatim(tmp_path):

@@ -30,3 +30,14 @@ def exported(tmp_path_factory) -> Exported:
     manifest = export_artifact(checkpoint, folder / "adapted.onnx", check_images=64)
     images, _ = collect(open_source(DATA, Preprocess.from_dict(manifest["preprocess"]), limit=32))
     return Exported(checkpoint, Path(manifest["onnx"]), np.ascontiguousarray(images, dtype=np.float32))
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """(unadapted ONNX, adapted ONNX, preprocessing) from one small adaptation on target data."""
+    folder = tmp_path_factory.mktemp("compare")
+    artifact = folder / "adapted.safetensors"
+    adapt_to_file("builtin:small_resnet", "synthetic:gaussian_noise:5:n=256", artifact, AdaptConfig())
+    adapted = export_artifact(artifact, folder / "adapted.onnx", check_images=64)
+    source = export_artifact(artifact, folder / "source.onnx", unadapted=True, check_images=64)
+    return source["onnx"], adapted["onnx"], Preprocess.from_dict(adapted["preprocess"])

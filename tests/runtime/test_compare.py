@@ -10,11 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import InputError, MissingDependencyError
-from gprebn_edge.export.pipeline import export_artifact
 from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
 from gprebn_edge.runtime.compare import CompareResult, compare, write_json
@@ -22,17 +20,6 @@ from gprebn_edge.runtime.compare_plot import plot_compare
 from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 
 DATA = "synthetic:gaussian_noise:5:split=test"
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    """(unadapted ONNX, adapted ONNX, preprocessing) from one small adaptation on target data."""
-    folder = tmp_path_factory.mktemp("compare")
-    artifact = folder / "adapted.safetensors"
-    adapt_to_file("builtin:small_resnet", "synthetic:gaussian_noise:5:n=256", artifact, AdaptConfig())
-    adapted = export_artifact(artifact, folder / "adapted.onnx", check_images=64)
-    source = export_artifact(artifact, folder / "source.onnx", unadapted=True, check_images=64)
-    return source["onnx"], adapted["onnx"], Preprocess.from_dict(adapted["preprocess"])
 
 
 @pytest.fixture(scope="session")

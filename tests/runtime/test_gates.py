@@ -1,0 +1,188 @@
+"""runtime.gates on hand-built logits: each gate passing and failing, NaN, collapse, imbalanced slices,
+the probe set, and the recovery policy."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gprebn_edge.errors import InputError
+from gprebn_edge.runtime.gates import GATE_NAMES, GateConfig, RecoveryPolicy, evaluate_gates
+
+C = 10
+
+
+def logits_for(pred: np.ndarray, margin: float = 3.0, classes: int = C) -> np.ndarray:
+    """Logits predicting `pred` with a margin of `margin` over the other classes (0 otherwise)."""
+    out = np.zeros((len(pred), classes))
+    out[np.arange(len(pred)), pred] = margin
+    return out
+
+
+def balanced(n: int = 200) -> np.ndarray:
+    return np.arange(n) % C
+
+
+def failed(result) -> set[str]:
+    return {c.name for c in result.checks if not c.passed and not c.skipped}
+
+
+def test_identical_candidate_passes_every_gate():
+    cur = logits_for(balanced())
+    result = evaluate_gates(cur.copy(), cur)
+    assert result.passed and result.reasons == []
+    assert [c.name for c in result.checks] == list(GATE_NAMES)
+    assert result.check("agreement").value == 1.0
+    assert result.check("probe_accuracy").skipped
+    assert result.check("class_entropy").value == pytest.approx(1.0)
+    d = result.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["passed"] is True
+
+
+def test_nan_candidate_fails_finite_and_skips_the_rest():
+    cand = logits_for(balanced())
+    cand[5, 2] = np.nan
+    cand[7, 0] = np.inf
+    result = evaluate_gates(cand, logits_for(balanced()))
+    assert not result.passed
+    assert failed(result) == {"finite"} and result.check("finite").value == 2
+    assert all(c.skipped for c in result.checks[1:])
+    assert len(result.reasons) == 1 and result.reasons[0].startswith("finite: 2 of 200 slice rows")
+
+
+def test_non_finite_rows_may_be_dropped_when_not_required():
+    cand = logits_for(balanced())
+    cand[5] = np.nan
+    result = evaluate_gates(cand, logits_for(balanced()), GateConfig(require_finite=False))
+    assert result.passed and result.check("finite").value == 1
+    assert result.check("agreement").value == 1.0  # over the 199 finite rows
+    all_nan = np.full((4, C), np.nan)
+    assert not evaluate_gates(all_nan, np.zeros((4, C)), GateConfig(require_finite=False)).passed
+
+
+def test_collapsed_candidate_fails_entropy_and_diversity():
+    cur = logits_for(balanced())
+    cand = logits_for(np.zeros(200, dtype=int), margin=30.0)  # everything class 0, entropy ~0
+    result = evaluate_gates(cand, cur)
+    assert not result.passed
+    assert {"mean_entropy", "class_entropy", "distinct_classes", "agreement"} <= failed(result)
+    text = "\n".join(result.reasons)
+    assert "mean entropy" in text and "class-histogram entropy" in text and "distinct predicted classes" in text
+    assert result.check("distinct_classes").value == 1 and result.check("distinct_classes").threshold == 5
+
+
+def test_mean_entropy_floor():
+    preds = balanced()
+    cur = logits_for(preds)
+    sharp = logits_for(preds, margin=12.0)   # entropy ~ 9 * 12 * e^-12 nats: far below 2 % of log(10)
+    mild = logits_for(preds, margin=6.0)
+    assert failed(evaluate_gates(sharp, cur)) == {"mean_entropy"}
+    assert evaluate_gates(mild, cur).passed
+    assert evaluate_gates(sharp, cur, GateConfig(min_mean_entropy=0.0)).passed
+
+
+def test_diversity_drop_fails_but_imbalanced_healthy_slice_passes():
+    # the current model sees an imbalanced slice: mostly class 3, some 7 and 1
+    preds = np.array([3] * 170 + [7] * 20 + [1] * 10)
+    cur = logits_for(preds)
+    result = evaluate_gates(logits_for(preds), cur)
+    assert result.passed  # class entropy ~0.26 of log(10): an absolute floor of 0.5 would have failed it
+    assert result.check("class_entropy").value < 0.3
+    # the candidate flips a few predictions within the same classes: still healthy
+    cand = preds.copy()
+    cand[:8] = 7
+    assert evaluate_gates(logits_for(cand), cur).passed
+    # halving diversity relative to a balanced current model fails both diversity checks
+    narrow = balanced() % 3  # classes 0, 1, 2 only
+    result = evaluate_gates(logits_for(narrow), logits_for(balanced()))
+    assert failed(result) >= {"class_entropy", "distinct_classes"}
+
+
+def test_reference_logits_set_the_diversity_floor():
+    narrow = logits_for(balanced() % 2)  # current model already down to two classes
+    cand = logits_for((np.arange(200) % 5 == 0).astype(int))  # 80 % class 0, 20 % class 1
+    assert evaluate_gates(cand, narrow).passed
+    result = evaluate_gates(cand, narrow, reference_logits=logits_for(balanced()))
+    assert failed(result) == {"class_entropy", "distinct_classes"}
+
+
+def test_agreement_floor_with_chance_correction():
+    cur_pred = balanced()
+    rng = np.random.default_rng(0)
+    unrelated = rng.integers(0, C, 200)
+    result = evaluate_gates(logits_for(unrelated), logits_for(cur_pred))
+    assert failed(result) == {"agreement"} and "kappa" in result.reasons[0]
+    # a good candidate that disagrees with a poor current model: 25 % agreement, far above chance
+    cand = cur_pred.copy()
+    cand[50:] = (cand[50:] + 1) % C
+    result = evaluate_gates(logits_for(cand), logits_for(cur_pred))
+    assert result.passed and result.check("agreement").value == 0.25
+    assert not evaluate_gates(logits_for(cand), logits_for(cur_pred), GateConfig(min_kappa=0.5)).passed
+    # both models imbalanced and mostly agreeing: kappa is low, raw agreement carries it
+    a = np.array([3] * 190 + [5] * 10)
+    b = a.copy()
+    b[185:195] = [5] * 5 + [3] * 5
+    result = evaluate_gates(logits_for(b), logits_for(a))
+    assert result.passed and result.check("agreement").value == 0.95 and "kappa 0.4" in result.check("agreement").detail
+
+
+def test_probe_accuracy_margin():
+    preds = balanced()
+    labels = preds.copy()
+    cur_probe = logits_for(labels)          # 100 %
+    worse = labels.copy()
+    worse[:4] = (worse[:4] + 1) % C         # 98 %: exactly the allowed drop
+    much_worse = labels.copy()
+    much_worse[:6] = (much_worse[:6] + 1) % C  # 97 %
+    slice_logits = logits_for(preds)
+    ok = evaluate_gates(slice_logits, slice_logits, probe=(logits_for(worse), cur_probe, labels))
+    assert ok.passed and ok.check("probe_accuracy").value == pytest.approx(-0.02)
+    bad = evaluate_gates(slice_logits, slice_logits, probe=(logits_for(much_worse), cur_probe, labels))
+    assert failed(bad) == {"probe_accuracy"} and "0.9700 vs current 1.0000" in bad.reasons[0]
+    nan_probe = logits_for(labels)
+    nan_probe[0] = np.nan
+    result = evaluate_gates(slice_logits, slice_logits, probe=(nan_probe, cur_probe, labels))
+    assert failed(result) == {"finite"} and "1 probe rows" in result.reasons[0]
+    relaxed = evaluate_gates(slice_logits, slice_logits, GateConfig(require_finite=False),
+                             probe=(nan_probe, cur_probe, labels))
+    assert relaxed.passed and relaxed.check("probe_accuracy").value == pytest.approx(-1 / 200)
+
+
+def test_caller_errors_raise_input_error():
+    a = logits_for(balanced())
+    with pytest.raises(InputError, match="must have one shape"):
+        evaluate_gates(a, a[:100])
+    with pytest.raises(InputError, match="must have one shape"):
+        evaluate_gates(a, logits_for(balanced(), classes=12))
+    with pytest.raises(InputError, match="current model's logits contain NaN"):
+        bad = a.copy()
+        bad[0, 0] = np.nan
+        evaluate_gates(a, bad)
+    with pytest.raises(InputError, match="at least 1 sample and 2 classes"):
+        evaluate_gates(np.zeros((3, 1)), np.zeros((3, 1)))
+    with pytest.raises(InputError, match="labels must lie in"):
+        evaluate_gates(a, a, probe=(a, a, np.full(200, 11)))
+    with pytest.raises(InputError, match="reference logits"):
+        evaluate_gates(a, a, reference_logits=a[:10])
+    with pytest.raises(InputError, match="min_agreement"):
+        GateConfig(min_agreement=1.5)
+
+
+def test_recovery_policy_counts_consecutive_failures():
+    policy = RecoveryPolicy()
+    assert [policy.record(p) for p in (False, False, True, False, False)] == [False] * 5
+    assert policy.record(False) and policy.should_reset() and policy.consecutive_failures == 3
+    policy.reset()
+    assert not policy.should_reset() and policy.consecutive_failures == 0
+    assert RecoveryPolicy(max_failures=1).record(False)
+    with pytest.raises(InputError):
+        RecoveryPolicy(max_failures=0)
+
+
+def test_entropy_value_is_fraction_of_log_c():
+    uniform = np.zeros((20, C))
+    uniform[np.arange(20), np.arange(20) % C] = 1e-6  # nearly uniform, predictions still spread
+    result = evaluate_gates(uniform, uniform)
+    assert result.check("mean_entropy").value == pytest.approx(1.0, abs=1e-6)
+    assert math.isclose(result.check("class_entropy").threshold, 0.5, rel_tol=1e-9)
