@@ -12,24 +12,29 @@ from gprebn_edge.data.arrays import ArraySource, _load_arrays
 from gprebn_edge.data.folder import IMAGE_EXTENSIONS, FolderSource
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.source_base import Batch, ImageSource
+from gprebn_edge.data.stream import ShiftingStream
 from gprebn_edge.data.synthetic_source import SyntheticSource
 from gprebn_edge.data.synthetic_source import _parse_synthetic as _parse_synthetic  # re-exported for tests
 from gprebn_edge.errors import InputError
 
 __all__ = ["Batch", "ImageSource", "open_source", "collect", "IMAGE_EXTENSIONS", "FolderSource", "ArraySource",
+           "ShiftingStream",
            "SyntheticSource"]
 
-_EXPECTED = "expected a folder of images, a .npy/.npz file or synthetic:DOMAIN[:SEVERITY]"
+_EXPECTED = "expected a folder of images, a .npy/.npz file, synthetic:DOMAIN[:SEVERITY] or stream[:SEGMENTS]"
 
 
 def open_source(spec: str, preprocess: Preprocess, *, shuffle: bool = True, seed: int = 0,
                 limit: int | None = None, max_skip_fraction: float = 0.1) -> ImageSource:
-    """Open a folder of images, a .npy/.npz file or synthetic:DOMAIN[:SEVERITY][:key=value...]."""
+    """Open a folder of images, a .npy/.npz file, synthetic:DOMAIN[:SEVERITY][:key=value...] or the built-in
+    shifting stream stream[:SEGMENTS][:seed=N][:split=S] (always in its temporal order)."""
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     if not 0.0 <= max_skip_fraction <= 1.0:
         raise InputError(f"the fraction of unreadable images allowed must be in [0, 1], got "
                          f"{max_skip_fraction}")
+    if spec == "stream" or spec.startswith("stream:"):
+        return ShiftingStream(spec, preprocess, limit=limit)  # a stream keeps its order: shuffle/seed ignored
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return SyntheticSource(spec, preprocess, limit=limit)
     path = Path(spec).expanduser()

@@ -177,7 +177,7 @@ def test_missing_path_and_unknown_kind(tmp_path):
     with pytest.raises(InputError, match="no such file or directory"):
         open_source(str(tmp_path / "nope"), PLAIN)
     (tmp_path / "clip.mp4").write_bytes(b"\0" * 10)
-    with pytest.raises(InputError, match="expected a folder of images, a .npy/.npz file or synthetic"):
+    with pytest.raises(InputError, match="expected a folder of images, a .npy/.npz file, synthetic"):
         open_source(str(tmp_path / "clip.mp4"), PLAIN)
 
 
@@ -399,3 +399,13 @@ def test_synthetic_defaults_and_lazy_generation():
 def test_bad_synthetic_specs(spec, message):
     with pytest.raises(InputError, match=message):
         open_source(spec, PLAIN)
+
+
+def test_open_source_opens_the_shifting_stream_in_order():
+    from gprebn_edge.data.sources import ShiftingStream
+
+    source = open_source("stream:clean*8,fog-5*8", Preprocess(), shuffle=True, seed=3)
+    assert isinstance(source, ShiftingStream) and len(source) == 16
+    assert [s.name for s in source.segments()] == ["clean", "fog-5"]
+    with pytest.raises(InputError, match="stream"):
+        open_source("stream:fog-9*8", Preprocess())
