@@ -145,7 +145,7 @@ def test_markdown(result):
                 "| latency p90 (ms) |"):
         assert row in md
     assert f"| top-1 accuracy | {100 * result.a.accuracy:.2f} % | {100 * result.b.accuracy:.2f} % |" in md
-    assert "Agreement (same top-1 class)" in md and "Latency adapted / source (ratio of medians)" in md
+    assert "Agreement (same top-1 class)" in md and "Latency adapted / source (median of paired ratios)" in md
     assert "| class | source | adapted |" in md and md.count("\n| ") >= 10 + 8
 
 
@@ -226,3 +226,16 @@ def test_non_finite_or_misshapen_logits(models):
     with pytest.raises(InputError, match="labels up to 9 but the models have 5 classes"):
         compare(_Fake(lambda x: _by_mean(x)[:, :5], classes=5), _Fake(lambda x: _by_mean(x)[:, :5], classes=5),
                 open_source(DATA, models[2], limit=64), latency_iters=0)
+
+
+def test_latency_ratio_is_the_median_of_paired_round_ratios():
+    """Each round times A and B back to back; the ratio is the median of their per-round ratios, so a machine
+    that drifts from a fast to a slow mode during the rounds does not move it."""
+    from gprebn_edge.runtime.compare import _ratio
+
+    drift = np.linspace(0.14, 0.24, 101)  # slows down by 70 % over the rounds
+    jitter = 1 + 0.02 * np.sin(np.arange(101))
+    out = _ratio(np.stack([drift, 1.1 * drift * jitter]), batch=1, warmup=0)
+    assert out["ratio"] == pytest.approx(float(np.median(1.1 * jitter)))
+    lo, hi = out["ratio_ci95"]
+    assert lo <= out["ratio"] <= hi and hi - lo < 0.05 and "ratio_of_medians" in out
