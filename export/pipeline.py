@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gprebn_edge import __version__
@@ -29,8 +30,8 @@ from gprebn_edge.io import write_text_atomic
 from gprebn_edge.models.weights import sha256_file
 from gprebn_edge.optional import import_tensorrt
 
-__all__ = ["EngineOptions", "export_artifact", "default_onnx_path", "default_engine_path", "manifest_path",
-           "require_tensorrt"]
+__all__ = ["EngineOptions", "export_artifact", "export_model", "default_onnx_path", "default_engine_path",
+           "manifest_path", "require_tensorrt"]
 
 
 def default_onnx_path(artifact: Path, unadapted: bool) -> Path:
@@ -103,11 +104,29 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     batches = [t.numpy() for t in calibration_tensors(source, 250)]
     if not batches:
         raise GprebnError(f"no readable images in {spec} to check the export against; pass --data")
+    out = Path(onnx_path) if onnx_path is not None else default_onnx_path(artifact, unadapted)
+    manifest = export_model(model, meta, out, batches, which=which, artifact=artifact, data=spec, opset=opset,
+                            progress=say)
+    manifest["seconds"] = round(time.perf_counter() - start, 2)
+    if engine is not None:
+        manifest["tensorrt"] = _build_engine(out, engine, batches, say)
+        manifest["seconds"] = round(time.perf_counter() - start, 2)
+        write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batches: list[np.ndarray], *,
+                 which: str = "adapted", artifact: Path | None = None, data: str = "in-memory images",
+                 opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fold an eval-mode model of an artifact (its metadata `meta`), export it to `out`, check parity on
+    `batches` (float32 NCHW) and write the ONNX file and its manifest atomically. Returns the manifest.
+    `export_artifact` and the device loop (which exports models it adapted in memory) both end here."""
+    say = progress or (lambda _: None)
+    start = time.perf_counter()
     example = torch.from_numpy(batches[0][:2])
     say("folding BatchNorm")
     to_export, exporter, reports, fold_level = _fold(model, example)
-    out = Path(onnx_path) if onnx_path is not None else default_onnx_path(artifact, unadapted)
-    onnx_meta = {"gprebn_edge": __version__, "model": which, "artifact": artifact.name,
+    onnx_meta = {"gprebn_edge": __version__, "model": which, "artifact": artifact.name if artifact else "",
                  "preprocess": meta["preprocess"], "num_classes": str(meta["num_classes"])}
     say(f"exporting ONNX and checking it on {sum(len(b) for b in batches)} images")
     with warnings.catch_warnings(record=True) as caught:
@@ -119,12 +138,13 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
 
     manifest = {
         "onnx": str(out), "onnx_sha256": sha256_file(out), "model": which,
-        "artifact": str(artifact), "artifact_sha256": sha256_file(artifact),
+        "artifact": str(artifact) if artifact else None,
+        "artifact_sha256": sha256_file(artifact) if artifact else None,
         "opset": opset, "input": {"name": "input", "shape": ["batch", *batches[0].shape[1:]], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["batch", meta["num_classes"]]},
         "preprocess": meta["preprocess"], "exporter": "torch.onnx.export(dynamo=False)",
         "versions": {"gprebn_edge": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-        "parity": {"data": spec, **parity.to_dict()},
+        "parity": {"data": data, **parity.to_dict()},
         "fold": {"where": fold_level, **reports[0].to_dict()},
         "warnings": [f"TracerWarning: {w}" for w in traced],
         "seconds": round(time.perf_counter() - start, 2),
@@ -132,10 +152,6 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
         "tensorrt": None,
     }
     write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
-    if engine is not None:
-        manifest["tensorrt"] = _build_engine(out, engine, batches, say)
-        manifest["seconds"] = round(time.perf_counter() - start, 2)
-        write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

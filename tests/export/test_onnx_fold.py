@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from test_fold import ZOO, TwoUses, Untraceable, _far_from_defaults  # the zoo of BN patterns, shared with fx folding
 from torch import nn
+
+from bn_zoo import ZOO, TwoUses, Untraceable, far_from_defaults  # the zoo of BN patterns, shared with fx folding
 
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold import fold_batchnorm
@@ -66,7 +67,7 @@ def test_numpy_maths_equals_torch_maths(shape, transposed, groups, with_bias):
 def test_zoo_folds_like_fx_and_matches_pytorch(name):
     factory, shape, folded, skipped = ZOO[name]
     torch.manual_seed(0)
-    model = _far_from_defaults(factory())
+    model = far_from_defaults(factory())
     x = torch.randn(shape)
     proto, report = fold_onnx_batchnorm(export_bn_onnx(model, x))
     _, fx_report = fold_batchnorm(model, x)
@@ -85,7 +86,7 @@ def test_zoo_folds_like_fx_and_matches_pytorch(name):
 
 
 def test_shared_weights_are_not_folded():
-    model = _far_from_defaults(TwoUses())
+    model = far_from_defaults(TwoUses())
     x = torch.randn(64, 4, 6, 6)
     proto, report = fold_onnx_batchnorm(export_bn_onnx(model, x[:2]))
     assert not report.folded and [b for b, _ in report.skipped] == ["bn1", "bn2"]
@@ -124,7 +125,7 @@ def test_default_statistics_export_without_identity_nodes_and_fold_through_them_
 
 
 def test_the_input_graph_is_left_alone():
-    model = _far_from_defaults(ZOO["conv-bn-relu"][0]())
+    model = far_from_defaults(ZOO["conv-bn-relu"][0]())
     exported = export_bn_onnx(model, torch.randn(2, 4, 6, 6))
     before = exported.SerializeToString()
     fold_onnx_batchnorm(exported)
@@ -203,7 +204,7 @@ class Branchy(nn.Module):
 
 def test_untraceable_model_folds_along_the_traced_branch(tmp_path):
     torch.manual_seed(0)
-    model = _far_from_defaults(Branchy())
+    model = far_from_defaults(Branchy())
     with pytest.raises(ModelError, match="torch.fx cannot trace Branchy"):
         fold_batchnorm(model, torch.randn(2, 3, 8, 8))
     big = torch.randn(64, 3, 8, 8) + 3  # takes branch `a`
@@ -221,7 +222,7 @@ def test_untraceable_model_folds_along_the_traced_branch(tmp_path):
 
 
 def test_untraceable_zoo_model_folds():
-    model = _far_from_defaults(Untraceable())
+    model = far_from_defaults(Untraceable())
     x = torch.rand(64, 4, 6, 6)  # positive sum: the conv-bn branch
     with pytest.warns(torch.jit.TracerWarning):
         proto, report = fold_onnx_batchnorm(export_bn_onnx(model, x[:2]))
