@@ -94,7 +94,8 @@ class CompareResult:
         lines += ["", f"Agreement (same top-1 class): {_pct(self.agreement)} of {self.images} images."]
         if self.latency is not None:
             lo, hi = self.latency["ratio_ci95"]
-            lines.append(f"Latency {_md(b.name)} / {_md(a.name)} (median of paired ratios): {self.latency['ratio']:.3f}x "
+            lines.append(f"Latency {_md(b.name)} / {_md(a.name)} (median of paired ratios): "
+                         f"{self.latency['ratio']:.3f}x "
                          f"(95 % bootstrap interval {lo:.3f}-{hi:.3f}x over {self.latency['rounds']} interleaved "
                          f"rounds).")
         if self.has_labels and a.per_class_accuracy is not None and b.per_class_accuracy is not None:

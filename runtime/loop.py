@@ -1,0 +1,485 @@
+"""`gprebn-edge loop`: serve frames with the current model while re-adapting it in the background, and swap
+in a new model only after it passed its gates (DESIGN.md sections 6 and 7).
+
+Serving (the calling thread): frames are read in order, one at a time, from the source and run through the
+serving runner (onnxruntime, or a TensorRT engine); every frame goes into a bounded buffer. The buffer is a
+sliding window of the latest `buffer` frames, not a reservoir: after a shift, the recent frames are the new
+domain, and a reservoir would keep mixing in the old one for a long time and slow the adaptation down.
+
+Re-adaptation (one background thread): every `every` frames (or `interval` seconds), if no round is
+running, a snapshot of the buffer is handed to the worker, so serving never waits. A thread rather than a
+process: the model, the adapter state and the optimizer live across rounds and would have to be pickled to
+and from a process each round; torch and onnxruntime release the GIL in their kernels, so the serving
+thread keeps running (the worker gets `threads` torch threads, serving its own onnxruntime threads); and
+one process keeps the memory of a Jetson, shared between CPU and GPU, to one copy. The worker continues
+GpreBN on the older part of the snapshot, freezes a candidate, folds and exports it (parity-checked), then
+gates it on the newest part (held back from adaptation): finite outputs, entropy and prediction diversity
+not collapsed, agreement with the serving model, and optionally accuracy on a labeled probe set. A passing
+candidate is persisted (checkpoint, ONNX, then state.json) and handed to the serving thread, which swaps
+it in between two frames; a failing one is logged with its reasons and deleted. After `recovery`
+consecutive failures, adaptation restarts from the serving (last good) checkpoint.
+
+TensorRT: the candidate engine is a refit of a copy of the serving engine's bytes with the candidate's
+folded weights (by name; the engine must be built with --refittable), written as a new engine file: the
+serving engine and its context are never touched (double-buffered). Unverified on a GPU so far.
+
+Everything on disk is written atomically (see loop_state.py); a kill at any moment leaves a servable state,
+and a restart with the same --state resumes from it (skipping the frames already served in a finite
+source)."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gprebn_edge.data.preprocess import Preprocess
+from gprebn_edge.data.sources import collect, open_source
+from gprebn_edge.errors import GprebnError, InputError
+from gprebn_edge.io import atomic_path
+from gprebn_edge.runtime import metrics
+from gprebn_edge.runtime.base import Runner
+from gprebn_edge.runtime.gates import GateConfig, RecoveryPolicy, evaluate_gates
+from gprebn_edge.runtime.loading import model_metadata, open_runner
+from gprebn_edge.runtime.loop_state import LoopState, MetricsLog, StateDir
+
+__all__ = ["LoopConfig", "LoopResult", "run_loop"]
+
+
+@dataclass
+class LoopConfig:
+    """What `gprebn-edge loop` runs. `model` None serves without adapting (a static baseline)."""
+
+    state: Path
+    source: str
+    model: Path | None = None        # adapted checkpoint to keep adapting
+    onnx: Path | None = None         # what serves at first (default: exported from `model`)
+    engine: Path | None = None       # a refittable TensorRT engine to serve instead of the ONNX file
+    every: int | None = 500          # frames between rounds
+    interval: float | None = None    # or seconds between rounds
+    buffer: int = 512
+    holdout: float = 0.25            # newest fraction of a snapshot, held back from adaptation for the gates
+    min_frames: int = 128            # no round before the buffer holds this many frames
+    max_frames: int | None = None
+    fps: float | None = None         # pace a file or built-in source like a camera (None: as fast as it serves)
+    window: int = 250                # frames per metrics record
+    probe: str | None = None         # labeled images for the probe-accuracy gate
+    probe_limit: int = 256
+    gates: GateConfig = field(default_factory=GateConfig)
+    recovery: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    momentum: float = 0.1
+    adapt_threads: int = 1
+    serve_threads: int | None = 1
+
+    def check(self) -> None:
+        if (self.every is None) == (self.interval is None):
+            raise InputError("give one of --every N (frames) and --interval S (seconds)")
+        if self.every is not None and self.every < 1:
+            raise InputError(f"--every must be at least 1 frame, got {self.every}")
+        if self.interval is not None and self.interval <= 0:
+            raise InputError(f"--interval must be positive, got {self.interval}")
+        if self.buffer < 16:
+            raise InputError(f"--buffer must hold at least 16 frames, got {self.buffer}")
+        if not 0.05 <= self.holdout <= 0.5:
+            raise InputError(f"--holdout must be in [0.05, 0.5], got {self.holdout}")
+        if self.window < 1 or self.recovery < 1 or self.batch_size < 1:
+            raise InputError("--window, --recovery and --batch-size must be at least 1")
+        if self.fps is not None and self.fps <= 0:
+            raise InputError(f"--fps must be positive, got {self.fps}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise InputError(f"--frames must be at least 1, got {self.max_frames}")
+        if self.onnx is not None and self.engine is not None:
+            raise InputError("give --onnx or --engine, not both")
+        for name in ("model", "onnx", "engine"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise InputError(f"--{name} {path}: no such file")
+
+
+@dataclass
+class LoopResult:
+    frames: int
+    rounds: int
+    passed: int
+    swaps: int
+    rollbacks: int
+    served_round: int
+    resumed: bool
+    seconds: float
+    stop_reason: str
+    log: Path
+
+
+@dataclass
+class _Job:
+    round_id: int
+    frames: np.ndarray
+    served_frames: int
+
+
+class _Shared:
+    """State the serving thread and the worker share, behind one lock."""
+
+    def __init__(self, state: LoopState) -> None:
+        self.lock = threading.Lock()
+        self.state = state
+        self.pending: tuple[Runner, int] | None = None   # a passed candidate waiting to be swapped in
+        self.busy = False
+        self.rounds = self.passed = self.rollbacks = 0
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+class _Loop:
+    def __init__(self, config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None) -> None:
+        config.check()
+        self.config = config
+        self.on_window = on_window
+        self.dir = StateDir(config.state)
+        self.adapting = config.model is not None
+
+    # -- start / resume -----------------------------------------------------------------------------
+    def _initial_state(self) -> LoopState:
+        c = self.config
+        if c.model is None and c.onnx is None and c.engine is None:
+            raise InputError("give --model (to adapt) and/or --onnx/--engine (what serves)")
+        checkpoint = ""
+        if c.model is not None:
+            checkpoint = self.dir.round_path(0, ".safetensors").name
+            _copy_atomic(Path(c.model), self.dir.path / checkpoint)
+        onnx = self.dir.round_path(0, ".onnx")
+        if c.onnx is not None:
+            _copy_atomic(Path(c.onnx), onnx)
+        elif c.engine is None:
+            from gprebn_edge.export.pipeline import export_artifact  # torch: only to export the first model
+
+            export_artifact(self.dir.path / checkpoint, onnx, check_images=256)
+        engine = None
+        if c.engine is not None:
+            engine = self.dir.round_path(0, ".engine").name
+            _copy_atomic(Path(c.engine), self.dir.path / engine)
+        return LoopState(round=0, checkpoint=checkpoint, onnx=onnx.name if onnx.exists() else "",
+                         engine=engine, source=c.source, rounds_tried=0)
+
+    def _open(self, state: LoopState) -> Runner:
+        if state.engine:
+            return open_runner(self.dir.path / state.engine, "tensorrt")
+        return open_runner(self.dir.path / state.onnx, "onnxruntime", threads=self.config.serve_threads)
+
+    def _model_file(self, state: LoopState) -> Path:
+        return self.dir.path / (state.engine or state.onnx)
+
+    # -- the worker -----------------------------------------------------------------------------------
+    def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
+        from gprebn_edge.readapt import ReadaptConfig, Readapter
+
+        c = self.config
+        with self.shared.lock:
+            start_ckpt = self.dir.path / self.shared.state.checkpoint
+        try:
+            readapter = Readapter(start_ckpt, ReadaptConfig(batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
+                                                            threads=c.adapt_threads))
+        except Exception as e:  # the loop keeps serving the current model; the failure is in the log
+            self.log.write("worker_error", error=_one_line(e))
+            return
+        policy = RecoveryPolicy(max_failures=c.recovery)
+        while (job := jobs.get()) is not None:
+            try:
+                self._round(job, readapter, policy)
+            except Exception as e:  # never let a worker crash silently: log it, keep serving
+                self.log.write("worker_error", error=_one_line(e), round=job.round_id)
+            finally:
+                with self.shared.lock:
+                    self.shared.busy = False
+
+    def _round(self, job: _Job, readapter: Any, policy: RecoveryPolicy) -> None:
+        c = self.config
+        start = time.perf_counter()
+        held = max(8, int(round(len(job.frames) * c.holdout)))
+        adapt, holdout = job.frames[:-held], job.frames[-held:]
+        with self.shared.lock:
+            serving = replace(self.shared.state)
+        files: list[Path] = []
+        record: dict[str, Any] = {"round": job.round_id, "frames": job.served_frames, "buffer": len(job.frames),
+                                  "holdout": held, "error": None}
+        result = None
+        candidate_runner: Runner | None = None
+        try:
+            candidate = readapter.round(adapt)
+            record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
+            onnx = self.dir.round_path(job.round_id, ".onnx")
+            files += [onnx, onnx.with_name(onnx.stem + ".manifest.json")]
+            from gprebn_edge.export.pipeline import export_model
+
+            export_model(candidate.model, readapter.meta, onnx, [holdout], data="loop buffer (held-back frames)")
+            engine = None
+            if serving.engine:
+                engine = self._refit(serving, onnx, job.round_id)
+                files.append(engine)
+            candidate_runner = (open_runner(engine, "tensorrt") if engine else
+                                open_runner(onnx, "onnxruntime", threads=1))
+            candidate_runner.activate()
+            with self._open(serving) as current:
+                cand_logits, cur_logits = candidate_runner.infer(holdout), current.infer(holdout)
+                probe = None
+                if self.probe is not None:
+                    images, labels = self.probe
+                    probe = (candidate_runner.infer(images), current.infer(images), labels)
+            result = evaluate_gates(cand_logits, cur_logits, c.gates, probe=probe)
+            record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
+                          mean_entropy=float(metrics.entropy(cand_logits).mean()))
+        except Exception as e:
+            record.update(passed=False, reasons=[f"error: {_one_line(e)}"], gates=None, error=_one_line(e))
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        with self.shared.lock:
+            self.shared.rounds += 1
+        self.log.write("round", **record)
+        if record["passed"] and candidate_runner is not None:
+            ckpt = self.dir.round_path(job.round_id, ".safetensors")
+            readapter.save(candidate, ckpt, job.round_id, job.served_frames)
+            with self.shared.lock:
+                new = replace(self.shared.state, round=job.round_id, checkpoint=ckpt.name, onnx=files[0].name,
+                              engine=files[2].name if len(files) > 2 else None, failures=0)
+                self.dir.write(new)
+                self.dir.clean(new)  # the previous round's files: state.json no longer names them
+                self.shared.state = new
+                self.shared.pending = (candidate_runner, job.round_id)
+                self.shared.passed += 1
+            readapter.accept(candidate)
+            policy.record(True)
+            return
+        if candidate_runner is not None:
+            candidate_runner.deactivate()
+        for f in files:
+            f.unlink(missing_ok=True)
+        policy.record(False)
+        with self.shared.lock:
+            self.shared.state.failures = policy.consecutive_failures
+            self.dir.write(self.shared.state)
+            current_ckpt = self.dir.path / self.shared.state.checkpoint
+        if policy.should_reset():
+            readapter.reset_to(current_ckpt)
+            self.log.write("rollback", to_round=serving.round, failures=policy.consecutive_failures,
+                           frames=job.served_frames)
+            policy.reset()
+            with self.shared.lock:
+                self.shared.rollbacks += 1
+                self.shared.state.failures = 0
+                self.dir.write(self.shared.state)
+
+    def _refit(self, serving: LoopState, onnx: Path, round_id: int) -> Path:
+        from gprebn_edge.export.tensorrt_build import folded_weights, refit_engine
+
+        assert serving.engine is not None
+        refitted = refit_engine((self.dir.path / serving.engine).read_bytes(), folded_weights(onnx))
+        out = self.dir.round_path(round_id, ".engine")
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(refitted)
+        return out
+
+    # -- serving ----------------------------------------------------------------------------------------
+    def run(self) -> LoopResult:
+        c = self.config
+        started = time.perf_counter()
+        state = self.dir.read()
+        resumed = state is not None
+        self.dir.clean(state)
+        if state is None:
+            state = self._initial_state()
+            self.dir.write(state)
+            self.dir.clean(state)
+        if self.adapting and not state.checkpoint:
+            raise InputError(f"{self.dir.state_file} was written by a loop without --model; use a new --state")
+        self.shared = _Shared(state)
+        self.log = MetricsLog(self.dir.log_file)
+        meta = model_metadata(self.dir.path / state.onnx) if state.onnx else model_metadata(self._model_file(state))
+        if not meta.get("preprocess"):
+            raise InputError(f"{self._model_file(state)} does not record its preprocessing: serve an ONNX file "
+                             "exported by gprebn-edge (or keep the engine's manifest beside it)")
+        preprocess = Preprocess.from_dict(meta["preprocess"])
+        self.probe = None
+        if c.probe is not None:
+            images, labels = collect(open_source(c.probe, preprocess, limit=c.probe_limit))
+            if labels is None:
+                raise InputError(f"--probe {c.probe} has no labels: a probe set needs class subfolders or labels")
+            self.probe = (images, labels)
+        source = open_source(c.source, preprocess, shuffle=False)
+        names = _segment_names(source)
+        runner = self._open(state)
+        runner.activate()
+        self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
+                       config=_config_record(c), adapting=self.adapting)
+        jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
+        worker = None
+        if self.adapting:
+            worker = threading.Thread(target=self._worker, args=(jobs,), name="gprebn-readapt", daemon=True)
+            worker.start()
+        buffer: deque[np.ndarray] = deque(maxlen=c.buffer)
+        served_round, swaps, frames = state.round, 0, state.frames
+        skip = state.frames if resumed else 0
+        next_round_id = state.rounds_tried + 1
+        last_trigger_frames, last_trigger_time = frames, time.perf_counter()
+        window = _Window()
+        reason = "source exhausted"
+        next_frame_time = time.perf_counter()
+        try:
+            for batch in source.batches(1):
+                if skip:
+                    skip -= 1
+                    continue
+                if c.fps is not None:  # a camera delivers frames at its own rate
+                    next_frame_time += 1.0 / c.fps
+                    time.sleep(max(0.0, next_frame_time - time.perf_counter()))
+                if c.max_frames is not None and frames >= c.max_frames:
+                    reason = "frame limit reached"
+                    break
+                with self.shared.lock:
+                    pending, self.shared.pending = self.shared.pending, None
+                    busy = self.shared.busy
+                if pending is not None:
+                    old, (runner, served_round) = runner, pending
+                    old.deactivate()
+                    swaps += 1
+                    self.log.write("swap", round=served_round, frames=frames)
+                t0 = time.perf_counter()
+                logits = runner.infer(batch.images)
+                ms = (time.perf_counter() - t0) * 1e3
+                frames += 1
+                segment = names[int(batch.segment[0])] if names and hasattr(batch, "segment") else None
+                window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment)
+                buffer.append(batch.images[0])
+                if window.n >= c.window:
+                    self._flush(window, frames, served_round)
+                    window = _Window()
+                due = (frames - last_trigger_frames >= c.every if c.every is not None
+                       else time.perf_counter() - last_trigger_time >= (c.interval or 0))
+                if worker is not None and due and not busy and len(buffer) >= c.min_frames:
+                    with self.shared.lock:
+                        self.shared.busy = True
+                        self.shared.state.rounds_tried = next_round_id
+                    jobs.put(_Job(next_round_id, np.stack(buffer), frames))
+                    next_round_id += 1
+                    last_trigger_frames, last_trigger_time = frames, time.perf_counter()
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            raise
+        finally:
+            if window.n:
+                self._flush(window, frames, served_round)
+            if worker is not None:
+                jobs.put(None) if reason != "interrupted" else None
+                worker.join(timeout=None if reason != "interrupted" else 0.1)
+            runner.deactivate()
+            with self.shared.lock:
+                if self.shared.pending is not None:
+                    self.shared.pending[0].deactivate()  # passed and persisted: it serves after a restart
+                self.log.write("stop", frames=frames, reason=reason, served_round=served_round)
+                rounds, passed, rollbacks = self.shared.rounds, self.shared.passed, self.shared.rollbacks
+            self.log.close()
+        return LoopResult(frames=frames, rounds=rounds, passed=passed, swaps=swaps, rollbacks=rollbacks,
+                          served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
+                          stop_reason=reason, log=self.dir.log_file)
+
+    def _flush(self, window: _Window, frames: int, served_round: int) -> None:
+        record = self.log.write("window", frames=frames, served_round=served_round, **window.record())
+        with self.shared.lock:
+            self.shared.state.frames = frames
+            self.dir.write(self.shared.state)
+        if self.on_window is not None:
+            self.on_window(record)
+
+
+class _Window:
+    """Per-frame figures of one metrics window."""
+
+    def __init__(self) -> None:
+        self.logits: list[np.ndarray] = []
+        self.ms: list[float] = []
+        self.busy: list[bool] = []
+        self.labels: list[int | None] = []
+        self.segments: list[str | None] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.ms)
+
+    def add(self, logits: np.ndarray, ms: float, busy: bool, label: int | None, segment: str | None) -> None:
+        self.logits.append(logits)
+        self.ms.append(ms)
+        self.busy.append(busy)
+        self.labels.append(label)
+        self.segments.append(segment)
+
+    def record(self) -> dict[str, Any]:
+        logits = np.stack(self.logits)
+        finite = np.isfinite(logits).all(1)
+        pred = np.where(finite, np.nan_to_num(logits).argmax(1), -1)
+        ent = metrics.entropy(logits[finite]) if finite.any() else np.array([np.nan])
+        ms = np.asarray(self.ms)
+        busy = np.asarray(self.busy)
+        labeled = [i for i, y in enumerate(self.labels) if y is not None]
+        correct = [int(pred[i] == self.labels[i]) for i in labeled]
+        by_segment: dict[str, list[int]] = {}
+        for i, c in zip(labeled, correct, strict=True):
+            name = self.segments[i]
+            if name is not None:
+                by_segment.setdefault(name, [0, 0])
+                by_segment[name][0] += c
+                by_segment[name][1] += 1
+        return {"n": self.n, "latency_ms": _percentiles(ms), "latency_idle_ms": _split(ms[~busy]),
+                "latency_adapting_ms": _split(ms[busy]), "adapting_fraction": float(busy.mean()),
+                "mean_entropy": float(ent.mean()), "non_finite": int((~finite).sum()), "labeled": len(labeled),
+                "correct": sum(correct) if labeled else None, "by_segment": by_segment,
+                "idle_latencies_ms": [round(float(v), 4) for v in ms[~busy]],
+                "adapting_latencies_ms": [round(float(v), 4) for v in ms[busy]]}
+
+
+def _percentiles(ms: np.ndarray) -> dict[str, float]:
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
+
+
+def _split(ms: np.ndarray) -> dict[str, float] | None:
+    if not len(ms):
+        return None
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": int(len(ms))}
+
+
+def _segment_names(source: Any) -> list[str] | None:
+    """Unique names per segment of a shifting stream ("clean#0", "fog-5#1", ...), else None."""
+    segments = getattr(source, "segments", None)
+    if segments is None:
+        return None
+    return [f"{s.name}#{k}" for k, s in enumerate(segments())]
+
+
+def _config_record(c: LoopConfig) -> dict[str, Any]:
+    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items() if k != "gates"}
+    out["gates"] = c.gates.__dict__
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None = None) -> LoopResult:
+    """Run the device loop until the source ends, `max_frames` frames were served, or Ctrl-C (which
+    leaves the state folder servable and resumable). `on_window` gets each window's metrics record."""
+    if not isinstance(config.state, Path):
+        raise GprebnError("LoopConfig.state must be a Path")
+    return _Loop(config, on_window).run()

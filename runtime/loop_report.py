@@ -1,0 +1,379 @@
+"""`loop-report`: read the device loop's JSON-lines metrics log, summarize a run (resumed ones included),
+check that only candidates that passed their gates were ever served, and plot it. numpy only; matplotlib
+is imported when plotting.
+
+The log is append-only, so a kill can leave its last line cut short: that line is skipped and counted. So is
+a cut line directly followed by a "start" record (the run was killed, then resumed). Any other unparsable
+line is corruption, reported with its line number."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gprebn_edge.errors import ArtifactError, InputError
+from gprebn_edge.optional import new_figure, save_figure
+
+__all__ = ["LoopLog", "read_log", "summarize", "summary_to_json", "format_summary", "plot_loop"]
+
+# fields every known event must carry (besides "event" and "t"), checked when the log is read
+_REQUIRED = {
+    "start": ("round", "frames"),
+    "window": ("frames", "n", "served_round"),
+    "round": ("round", "frames", "passed"),
+    "swap": ("round", "frames"),
+    "rollback": ("to_round", "frames"),
+    "stop": ("frames",),
+}
+
+
+@dataclass(frozen=True)
+class LoopLog:
+    """The parsed records in file order, the 1-based line number of each, and the lines skipped as cut
+    short by a kill."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    lines: list[int]
+    truncated_lines: tuple[int, ...] = ()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == name]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_record(rec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
+        raise ArtifactError(f"{where}: not a loop record (a JSON object with an \"event\" name)")
+    if not _is_number(rec.get("t")):
+        raise ArtifactError(f"{where}: the {rec['event']!r} record has no numeric time \"t\"")
+    for key in _REQUIRED.get(rec["event"], ()):
+        ok = isinstance(rec.get(key), bool) if key == "passed" else _is_number(rec.get(key))
+        if not ok:
+            raise ArtifactError(f"{where}: the {rec['event']!r} record lacks a valid {key!r}")
+    segments = rec.get("by_segment") or {}
+    if not isinstance(segments, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(_is_number(c) for c in v) for v in segments.values()):
+        raise ArtifactError(f"{where}: \"by_segment\" must map segment names to [correct, labeled]")
+    return rec
+
+
+def read_log(path: str | Path) -> LoopLog:
+    """Parse a metrics log. Missing or empty -> InputError; a corrupt line -> ArtifactError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"metrics log {path} does not exist (or is not a file): give the LOG that "
+                         f"`gprebn-edge loop` wrote")
+    raw = [(i + 1, line) for i, line in enumerate(path.read_bytes().split(b"\n")) if line.strip()]
+    if not raw:
+        raise InputError(f"metrics log {path} is empty: the loop wrote no record")
+    parsed: list[tuple[int, Any]] = []  # (line, record or None when unparsable)
+    for number, line in raw:
+        try:
+            parsed.append((number, json.loads(line.decode("utf-8"))))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            parsed.append((number, None))
+    records, lines, truncated = [], [], []
+    for k, (number, rec) in enumerate(parsed):
+        if rec is None:
+            nxt = parsed[k + 1][1] if k + 1 < len(parsed) else None
+            if k + 1 == len(parsed) or (isinstance(nxt, dict) and nxt.get("event") == "start"):
+                truncated.append(number)  # cut by a kill (then possibly resumed)
+                continue
+            glued = raw[k][1].count(b'"event"') > 1
+            raise ArtifactError(f"{path} line {number}: unparsable JSON in the middle of the log"
+                                + (" (a record appended to a line cut by a kill?)" if glued else "")
+                                + ": the log is corrupt")
+        records.append(_check_record(rec, f"{path} line {number}"))
+        lines.append(number)
+    if not records:
+        raise InputError(f"metrics log {path} has no complete record (only a line cut short)")
+    return LoopLog(path, records, lines, tuple(truncated))
+
+
+def _percentiles(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    p50, p99 = np.percentile(a, [50, 99])  # linear interpolation, as bench
+    return {"p50": float(p50), "p99": float(p99), "n": int(a.size)}
+
+
+def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None, key: str) -> float | None:
+    if num is None or den is None or not den[key] > 0:
+        return None
+    return float(num[key] / den[key])
+
+
+def _floats(log: LoopLog, i: int, key: str) -> list[float]:
+    values = log.records[i].get(key) or []
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        raise ArtifactError(f"{log.path} line {log.lines[i]}: {key!r} must be a list of numbers")
+    return [float(v) for v in values]
+
+
+def _served_only_passed(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Violations of "the loop never serves a candidate that failed its gates", in log order."""
+    latest: dict[int, dict[str, Any]] = {}  # round id -> its latest round record so far
+    servable: set[int] = set()              # rounds started, swapped in or rolled back to so far
+    violations = []
+
+    def failed(r: int) -> bool:
+        return r in latest and (not latest[r]["passed"] or latest[r].get("error") is not None)
+
+    for rec in records:
+        ev = rec["event"]
+        if ev == "round":
+            latest[rec["round"]] = rec
+        elif ev == "start":
+            servable.add(rec["round"])
+            if failed(rec["round"]):
+                violations.append(f"start at frame {rec['frames']} serves round {rec['round']}, which failed "
+                                  f"its gates")
+        elif ev == "swap":
+            r = rec["round"]
+            if r not in latest:
+                violations.append(f"swap to round {r} at frame {rec['frames']}: no round record before it")
+            elif failed(r):
+                why = latest[r].get("error") or "; ".join(latest[r].get("reasons") or []) or "passed=false"
+                violations.append(f"swap to round {r} at frame {rec['frames']}, which failed its gates ({why})")
+            servable.add(r)  # flagged once here, not again for every window that serves it
+        elif ev == "rollback":
+            if rec["to_round"] not in servable:
+                violations.append(f"rollback at frame {rec['frames']} to round {rec['to_round']}, which was "
+                                  f"never in service")
+            servable.add(rec["to_round"])
+        elif ev == "window" and rec["served_round"] not in servable:
+            violations.append(f"window ending at frame {rec['frames']} served round {rec['served_round']}, "
+                              f"which was never started, swapped in or rolled back to")
+            servable.add(rec["served_round"])
+    return violations
+
+
+def _accuracy(correct: int, labeled: int) -> float | None:
+    return correct / labeled if labeled > 0 else None
+
+
+def summarize(log: LoopLog) -> dict[str, Any]:
+    """Totals, online accuracy (overall, per segment, per window), latency idle vs adapting and the
+    served-only-passed check of one run. Plain JSON types; None where a value does not exist."""
+    recs = log.records
+    windows = [i for i, r in enumerate(recs) if r["event"] == "window"]
+    rounds = log.events("round")
+    starts = log.events("start")
+    stops = log.events("stop")
+
+    # serving time: each session runs from its start record to the last record before the next start
+    sessions: list[list[float]] = []
+    for r in recs:
+        if r["event"] == "start" or not sessions:
+            sessions.append([r["t"], r["t"]])
+        sessions[-1][1] = r["t"]
+
+    labeled = correct = 0
+    segments: dict[str, list[int]] = {}
+    series = []
+    idle: list[float] = []
+    adapting: list[float] = []
+    entropy_sum = entropy_n = 0.0
+    for i in windows:
+        w = recs[i]
+        if w.get("correct") is not None and w.get("labeled"):
+            labeled += int(w["labeled"])
+            correct += int(w["correct"])
+            acc = _accuracy(int(w["correct"]), int(w["labeled"]))
+        else:
+            acc = None
+        for name, pair in (w.get("by_segment") or {}).items():
+            total = segments.setdefault(name, [0, 0])  # dicts keep the order of first appearance
+            total[0] += int(pair[0])
+            total[1] += int(pair[1])
+        if _is_number(w.get("mean_entropy")) and math.isfinite(w["mean_entropy"]) and w["n"] > 0:
+            entropy_sum += w["mean_entropy"] * w["n"]
+            entropy_n += w["n"]
+        idle += _floats(log, i, "idle_latencies_ms")
+        adapting += _floats(log, i, "adapting_latencies_ms")
+        series.append({"frames": int(w["frames"]), "n": int(w["n"]), "accuracy": acc,
+                       "served_round": int(w["served_round"])})
+
+    lat_idle, lat_adapting = _percentiles(idle), _percentiles(adapting)
+    rejected = [r for r in rounds if not r["passed"] or r.get("error") is not None]
+    drift = [float(r["stats_drift"]) for r in rounds if _is_number(r.get("stats_drift"))]
+    violations = _served_only_passed(recs)
+    with_frames = [r for r in recs if "frames" in r]
+    return {
+        "log": str(log.path),
+        "truncated_lines": len(log.truncated_lines),
+        "frames": int(with_frames[-1]["frames"]) if with_frames else 0,
+        "frames_in_windows": sum(int(recs[i]["n"]) for i in windows),
+        "windows": len(windows),
+        "wall_seconds": float(recs[-1]["t"] - recs[0]["t"]),
+        "serving_seconds": float(sum(end - begin for begin, end in sessions)),
+        "starts": len(starts),
+        "resumes": sum(bool(s.get("resumed")) for s in starts),
+        "stop_reason": stops[-1].get("reason") if stops and recs[-1]["event"] == "stop" else None,
+        "rounds": len(rounds),
+        "passed": len(rounds) - len(rejected),
+        "rejected": len(rejected),
+        "errors": sum(r.get("error") is not None for r in rounds),
+        "swaps": len(log.events("swap")),
+        "rollbacks": len(log.events("rollback")),
+        "labeled": labeled,
+        "correct": correct,
+        "accuracy": _accuracy(correct, labeled),
+        "segments": [{"name": name, "correct": c, "labeled": n, "accuracy": _accuracy(c, n)}
+                     for name, (c, n) in segments.items()],
+        "accuracy_series": series,
+        "mean_entropy": entropy_sum / entropy_n if entropy_n else None,
+        "stats_drift": {"mean": float(np.mean(drift)), "max": float(np.max(drift))} if drift else None,
+        "rejected_rounds": [{"round": r["round"], "frames": r["frames"], "error": r.get("error"),
+                             "reasons": list(r.get("reasons") or [])} for r in rejected],
+        "latency_ms": {
+            "all": _percentiles(idle + adapting), "idle": lat_idle, "adapting": lat_adapting,
+            "ratio": {"p50": _ratio(lat_adapting, lat_idle, "p50"), "p99": _ratio(lat_adapting, lat_idle, "p99")},
+        },
+        "served_only_passed": not violations,
+        "violations": violations,
+    }
+
+
+def summary_to_json(summary: Mapping[str, Any]) -> str:
+    """The summary as strict JSON: NaN and infinities (a log may carry them) become null."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, Mapping):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(summary), indent=2, allow_nan=False)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
+    """Markdown: totals, accuracy per segment, serving latency idle vs adapting, and any violations."""
+    s = summary
+    ok = "yes" if s["served_only_passed"] else f"**NO** ({len(s['violations'])} violations)"
+    totals = [
+        ("frames served", f"{s['frames']}"),
+        ("wall time", f"{s['wall_seconds']:.1f} s (serving {s['serving_seconds']:.1f} s)"),
+        ("starts (resumed)", f"{s['starts']} ({s['resumes']})"),
+        ("adaptation rounds", f"{s['rounds']}"),
+        ("passed gates", f"{s['passed']}"),
+        ("rejected candidates", f"{s['rejected']} ({s['errors']} worker errors)"),
+        ("swaps", f"{s['swaps']}"),
+        ("rollbacks", f"{s['rollbacks']}"),
+        ("online accuracy", f"{_pct(s['accuracy'])} of {s['labeled']} labeled" if s["labeled"] else "no labels"),
+        ("served only candidates that passed", ok),
+    ]
+    if s["truncated_lines"]:
+        totals.append(("cut lines skipped", f"{s['truncated_lines']}"))
+    out = [f"# Loop run: {_md(s['log'])}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in totals]
+    if s["segments"]:
+        out += ["", "## Online accuracy per segment", "", "| segment | labeled | correct | accuracy |",
+                "|---|---:|---:|---:|"]
+        out += [f"| {_md(g['name'])} | {g['labeled']} | {g['correct']} | {_pct(g['accuracy'])} |"
+                for g in s["segments"]]
+    lat = s["latency_ms"]
+    out += ["", "## Serving latency (ms)", "", "| adaptation in background | frames | p50 | p99 |",
+            "|---|---:|---:|---:|"]
+    for label, key in (("any", "all"), ("idle", "idle"), ("running", "adapting")):
+        p = lat[key]
+        out.append(f"| {label} | {0 if p is None else p['n']} | {_ms(p and p['p50'])} | {_ms(p and p['p99'])} |")
+    ratio = [("n/a" if r is None else f"{r:.2f}x") for r in (lat["ratio"]["p50"], lat["ratio"]["p99"])]
+    out.append(f"| ratio running / idle | | {ratio[0]} | {ratio[1]} |")
+    for title, items in (("Violations", s["violations"]),
+                         ("Rejected candidates", [f"round {r['round']} at frame {r['frames']}: "
+                                                  f"{r['error'] or '; '.join(r['reasons']) or 'failed'}"
+                                                  for r in s["rejected_rounds"]])):
+        if items:
+            out += ["", f"## {title}", ""] + [f"- {v}" for v in items[:max_listed]]
+            if len(items) > max_listed:
+                out.append(f"- ... and {len(items) - max_listed} more")
+    return "\n".join(out) + "\n"
+
+
+def _segment_spans(windows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    spans: dict[str, tuple[int, int]] = {}
+    for w in windows:
+        lo, hi = int(w["frames"]) - int(w["n"]), int(w["frames"])
+        for name in w.get("by_segment") or {}:
+            a, b = spans.get(name, (lo, hi))
+            spans[name] = (min(a, lo), max(b, hi))
+    return spans
+
+
+def plot_loop(log: LoopLog, path: str | Path) -> Path:
+    """PNG of a run: accuracy per window (mean entropy without labels) with segments shaded, swaps (green),
+    rejected candidates (red x) and rollbacks (orange) marked; window latency p50/p99 below. Atomic."""
+    windows = log.events("window")
+    if not windows:
+        raise InputError(f"nothing to plot: {log.path} has no window record (the loop served no full window)")
+    x = np.array([w["frames"] for w in windows], dtype=np.float64)
+    acc = [w["correct"] / w["labeled"] if w.get("correct") is not None and w.get("labeled") else np.nan
+           for w in windows]
+    labeled = not np.isnan(acc).all()
+
+    def number(w: dict[str, Any], *keys: str) -> float:
+        v: Any = w
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        return float(v) if _is_number(v) else np.nan
+
+    fig = new_figure((11.0, 6.5))
+    fig.set_layout_engine("constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.6, 1]})
+    for k, (name, (lo, hi)) in enumerate(_segment_spans(windows).items()):
+        top.axvspan(lo, hi, color=f"C{k % 10}", alpha=0.12, linewidth=0)
+        top.text((lo + hi) / 2, 1.01, name, transform=top.get_xaxis_transform(), ha="center", va="bottom",
+                 fontsize=7, clip_on=False)
+    if labeled:
+        top.plot(x, 100 * np.asarray(acc), "-o", color="tab:blue", markersize=2.5, linewidth=1, label="accuracy")
+        top.set_ylabel("online accuracy (%)")
+    else:
+        top.plot(x, [number(w, "mean_entropy") for w in windows], "-o", color="tab:purple", markersize=2.5,
+                 linewidth=1, label="mean entropy")
+        top.set_ylabel("mean entropy (nats, no labels)")
+    for event, color, style in (("swap", "tab:green", "-"), ("rollback", "tab:orange", "--")):
+        for i, r in enumerate(log.events(event)):
+            for ax in (top, bottom):
+                ax.axvline(r["frames"], color=color, linestyle=style, linewidth=1,
+                           label=f"{event}" if i == 0 and ax is top else None)
+    rejected = [r for r in log.events("round") if not r["passed"] or r.get("error") is not None]
+    if rejected:
+        top.plot([r["frames"] for r in rejected], [0.96] * len(rejected), "x", color="tab:red",
+                 transform=top.get_xaxis_transform(), markersize=7, label="rejected candidate")
+    for s in log.events("start"):
+        if s.get("resumed"):
+            top.axvline(s["frames"], color="black", linestyle=":", linewidth=1)
+    top.legend(fontsize="small", loc="lower left")
+    bottom.plot(x, [number(w, "latency_ms", "p50") for w in windows], color="tab:blue", linewidth=1, label="p50")
+    bottom.plot(x, [number(w, "latency_ms", "p99") for w in windows], color="tab:red", linewidth=1, label="p99")
+    bottom.set_xlabel("frames served")
+    bottom.set_ylabel("window latency (ms)")
+    bottom.legend(fontsize="small", loc="upper left")
+    fig.suptitle(f"loop run {log.path.name}: {int(x[-1])} frames, {len(log.events('swap'))} swaps, "
+                 f"{len(rejected)} rejected, {len(log.events('rollback'))} rollbacks")
+    return save_figure(fig, path)

@@ -1,0 +1,153 @@
+"""What the device loop keeps on disk in its --state folder, so that a kill at any moment leaves a servable
+state and a restart resumes (torch-free).
+
+    state.json                     which round serves, where its files are, frames served, failure count
+    round-NNNNNN.safetensors       the round's adapted checkpoint (the model adaptation continues from)
+    round-NNNNNN.onnx (+ .manifest.json, + .engine where TensorRT serves)
+    metrics.jsonl                  the JSON-lines metrics log, appended
+
+Order of writes for a new round: its checkpoint, ONNX (and engine) are written atomically first, then
+state.json is replaced atomically to point at them, and only then are the previous round's files removed.
+A kill before the state.json rename leaves the previous state (the new files are strays, removed on the
+next start); after it, the new round is complete. A round's files are written only after it passed its
+gates, so state.json never points at a candidate that failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from gprebn_edge.errors import ArtifactError, GprebnError
+from gprebn_edge.io import write_text_atomic
+
+__all__ = ["LoopState", "StateDir", "MetricsLog", "STATE_VERSION"]
+
+STATE_VERSION = 1
+_ROUND_FILE = re.compile(r"^round-(\d{6})\.(safetensors|onnx|engine|manifest\.json)$")
+
+
+@dataclass
+class LoopState:
+    """The small state file: the serving round and its files (names relative to the state folder)."""
+
+    round: int
+    checkpoint: str
+    onnx: str
+    engine: str | None = None
+    frames: int = 0                 # frames served so far (a restart skips them in a finite source)
+    failures: int = 0               # consecutive failed candidates
+    rounds_tried: int = 0           # candidate ids handed out so far (ids are never reused)
+    source: str | None = None
+    updated: float = field(default_factory=time.time)
+    version: int = STATE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StateDir:
+    """The --state folder: read and write state.json, name and clean up round files."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise GprebnError(f"--state {self.path} is a file: give a folder (it is created if missing)")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def round_path(self, round_id: int, suffix: str) -> Path:
+        return self.path / f"round-{round_id:06d}{suffix}"
+
+    def read(self) -> LoopState | None:
+        """The saved state, None when there is none; ArtifactError when it is unreadable or its files are gone."""
+        if not self.state_file.exists():
+            return None
+        try:
+            raw = json.loads(self.state_file.read_text(encoding="utf-8"))
+            state = LoopState(**{k: v for k, v in raw.items() if k in LoopState.__dataclass_fields__})
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ArtifactError(f"cannot read {self.state_file} ({e}): move the folder away to start afresh") from None
+        if state.version != STATE_VERSION:
+            raise ArtifactError(f"{self.state_file} is version {state.version}, this gprebn-edge reads version "
+                                f"{STATE_VERSION}: use a new --state folder")
+        for name in (state.checkpoint, state.onnx, state.engine):
+            if name is not None and not (self.path / name).is_file():
+                raise ArtifactError(f"{self.state_file} names {name}, which is missing: move the folder away to "
+                                    "start afresh")
+        return state
+
+    def write(self, state: LoopState) -> None:
+        state.updated = time.time()
+        write_text_atomic(self.state_file, json.dumps(state.to_dict(), indent=1) + "\n")
+
+    def clean(self, state: LoopState | None) -> list[str]:
+        """Remove round files that `state` does not reference and leftover temporary files; return their names."""
+        keep = set() if state is None else {state.checkpoint, state.onnx, state.engine,
+                                            Path(state.onnx).stem + ".manifest.json"}
+        removed = []
+        for f in self.path.iterdir():
+            stray_tmp = f.name.startswith(".") and f.name.endswith(".tmp")
+            if (stray_tmp or (_ROUND_FILE.match(f.name) and f.name not in keep)) and f.is_file():
+                f.unlink(missing_ok=True)
+                removed.append(f.name)
+        return sorted(removed)
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed and fsynced per record: a kill loses at most the line being written
+    (the reader skips a truncated last line)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self.path.stat().st_size and not self._ends_with_newline():
+            self._file.write("\n")  # a truncated last line from a kill: start on a fresh line
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "t": round(time.time(), 3), **fields}
+        if self._file is None:
+            raise GprebnError("the metrics log is closed")
+        self._file.write(json.dumps(_finite(record), allow_nan=False, default=_jsonable) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become None (strict JSON); containers are walked."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays in log records."""
+    if hasattr(value, "tolist"):
+        return _finite(value.tolist())
+    raise TypeError(f"cannot log {type(value).__name__}")
