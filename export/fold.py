@@ -59,7 +59,7 @@ def _skip_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if not isinstance(src, fx.Node):
         return "its input is not a tensor produced in the graph"
     if src.op != "call_module":
-        what = "the model input" if src.op == "placeholder" else f"`{src.target}`"
+        what = "the model input" if src.op == "placeholder" else f"`{getattr(src.target, '__name__', src.target)}`"
         return f"no foldable producer (its input comes from {what})"
     producer = gm.get_submodule(str(src.target))
     if not isinstance(producer, _ConvNd | nn.Linear):

@@ -68,7 +68,7 @@ def onnx_parity(path: str | Path, model: nn.Module, batches: Iterable[np.ndarray
         got = session.run([OUTPUT], {INPUT: x})[0]
         max_abs = max(max_abs, float(np.abs(got - ref).max()))
         max_ref = max(max_ref, float(np.abs(ref).max()))
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        agree += int((got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).sum())
         n += len(x)
     if n == 0:
         raise GprebnError("no inputs to check ONNX parity on")
@@ -105,10 +105,14 @@ def drop_initializer_inputs(proto: Any) -> None:
 
 def torchscript_export(model: nn.Module, path: Path, example: torch.Tensor, opset: int) -> None:
     """The default exporter: an already folded model, BN folding left to us (see the module docstring)."""
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+    # training=PRESERVE (the model is in eval mode) switches off the exporter's own Conv+BN fusion and
+    # nothing else: a BN our fold skipped (e.g. after a conv that is called twice) stays a BatchNormalization
+    # node with its own names instead of being fused into anonymous `onnx::Conv_N` weights
+    with warnings.catch_warnings():  # the deprecation notice, and advice meant for models in training mode
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
+                          training=torch.onnx.TrainingMode.PRESERVE,
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                           keep_initializers_as_inputs=True)
 

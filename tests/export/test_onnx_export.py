@@ -116,3 +116,19 @@ def test_graph_does_not_depend_on_weight_values(tmp_path):
     assert a == b and "Identity" not in {op for op, _, _ in a}
     assert [i.name for i in protos[0].graph.initializer] == [i.name for i in protos[1].graph.initializer]
     assert [i.name for i in protos[0].graph.input] == ["input"]
+
+
+def test_skipped_batchnorms_stay_batchnorm_nodes_with_their_names(tmp_path):
+    """A BN our fold skips must not be fused by the exporter behind our back (anonymous weights)."""
+    from bn_zoo import TwoUses, far_from_defaults
+
+    model = far_from_defaults(TwoUses())
+    x = torch.randn(16, 4, 6, 6)
+    folded, report = fold_batchnorm(model, x[:2])
+    assert [b for b, _ in report.skipped] == ["bn1", "bn2"]
+    parity = export_onnx(folded, tmp_path / "m.onnx", x[:2], check_batches=[x.numpy()])
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert [n.op_type for n in proto.graph.node].count("BatchNormalization") == 2
+    names = {i.name for i in proto.graph.initializer}
+    assert {"bn1.running_mean", "bn2.running_var", "conv.weight"} <= names
+    assert not any(n.startswith("onnx::") for n in names) and parity.max_rel <= 1e-5

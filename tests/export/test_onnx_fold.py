@@ -11,10 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from bn_zoo import ZOO, TwoUses, Untraceable, far_from_defaults  # the zoo of BN patterns, shared with fx folding
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-
-from bn_zoo import ZOO, TwoUses, Untraceable, far_from_defaults  # the zoo of BN patterns, shared with fx folding
 
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold import fold_batchnorm
