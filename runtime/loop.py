@@ -316,10 +316,10 @@ class _Loop:
             if labels is None:
                 raise InputError(f"--probe {c.probe} has no labels: a probe set needs class subfolders or labels")
             self.probe = (images, labels)
-        source = open_source(c.source, preprocess, shuffle=False)
-        names = _segment_names(source)
         runner = self._open(state)
         runner.activate()
+        source = self._frames(c.source, preprocess, runner)
+        names = _segment_names(source)
         self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
                        config=_config_record(c), adapting=self.adapting)
         jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
@@ -392,6 +392,16 @@ class _Loop:
         return LoopResult(frames=frames, rounds=rounds, passed=passed, swaps=swaps, rollbacks=rollbacks,
                           served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
                           stop_reason=reason, log=self.dir.log_file)
+
+    def _frames(self, spec: str, preprocess: Preprocess, runner: Runner) -> Any:
+        """The frame source, in order: a video file or camera (OpenCV), else any image source."""
+        from gprebn_edge.data.video import VideoFrames, is_video_spec
+
+        if is_video_spec(spec):
+            shape = runner.inputs()[0].shape
+            size = (int(shape[2]), int(shape[3])) if all(isinstance(d, int) for d in shape[2:4]) else None
+            return VideoFrames(spec, preprocess, size=size)
+        return open_source(spec, preprocess, shuffle=False)
 
     def _flush(self, window: _Window, frames: int, served_round: int) -> None:
         record = self.log.write("window", frames=frames, served_round=served_round, **window.record())

@@ -104,3 +104,18 @@ def test_unreadable_state_is_a_clear_error(tmp_path, start):
     (tmp_path / "state" / "state.json").write_text("{not json")
     with pytest.raises(Exception, match="move the folder away"):
         run_loop(_config(tmp_path, start))
+
+
+def test_loop_serves_a_video_file(tmp_path, start):
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
+    for k in range(160):
+        writer.write(np.full((48, 64, 3), k % 255, dtype=np.uint8))
+    writer.release()
+    result = run_loop(_config(tmp_path, start, source=f"video:{path}", every=100, fps=None))
+    assert result.frames == 160 and result.rounds >= 1
+    window = [r for r in read_log(result.log).records if r["event"] == "window"][0]
+    assert window["labeled"] == 0 and window["correct"] is None
