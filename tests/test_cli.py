@@ -167,7 +167,8 @@ def test_info_rejects_non_artifacts(tmp_path):
 
 
 def test_help_works_for_every_command():
-    for args in (["--help"], ["adapt", "--help"], ["info", "--help"], ["export", "--help"], ["demo", "--help"]):
+    for args in (["--help"], *([c, "--help"] for c in ("adapt", "info", "export", "bench", "compare", "loop",
+                                                      "loop-report", "demo"))):
         r = runner.invoke(app, args)
         assert r.exit_code == 0 and "Usage" in r.stdout
 

@@ -119,3 +119,26 @@ def test_loop_serves_a_video_file(tmp_path, start):
     assert result.frames == 160 and result.rounds >= 1
     window = [r for r in read_log(result.log).records if r["event"] == "window"][0]
     assert window["labeled"] == 0 and window["correct"] is None
+
+
+def test_loop_and_loop_report_commands(tmp_path, start):
+    from typer.testing import CliRunner
+
+    from gprebn_edge.cli import app
+
+    runner = CliRunner()
+    state = tmp_path / "state"
+    r = runner.invoke(app, ["loop", "--source", STREAM, "--state", str(state), "--model", str(start), "--every", "150",
+                            "--buffer", "192", "--frames", "400", "--fps", "500"])
+    assert r.exit_code == 0, r.output
+    assert "400 frames (frame limit reached)" in r.stdout and "loop-report" in r.stdout
+    plot, out = tmp_path / "loop.png", tmp_path / "summary.json"
+    r = runner.invoke(app, ["loop-report", str(state / "metrics.jsonl"), "--plot", str(plot), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["frames"] == 400 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "Online accuracy per segment" in r.stdout
+    r = runner.invoke(app, ["loop", "--source", STREAM, "--state", str(tmp_path / "s2"), "--model", str(start),
+                            "--every", "10", "--interval", "2"])
+    assert r.exit_code == 1 and "--every" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["loop-report", str(tmp_path / "none.jsonl")])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
