@@ -100,10 +100,12 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
         source = open_source(spec, preprocess, shuffle=True, seed=meta["method"].get("seed", 0),
                              limit=check_images)
     except GprebnError as e:
-        raise GprebnError(f"cannot read the images to check the export against ({e}); pass --data") from None
+        fix = "" if data else "; pass --data"
+        raise GprebnError(f"cannot read the images to check the export against ({e}){fix}") from None
     batches = [t.numpy() for t in calibration_tensors(source, 250)]
     if not batches:
-        raise GprebnError(f"no readable images in {spec} to check the export against; pass --data")
+        raise GprebnError(f"no readable images in {spec} to check the export against"
+                          f"{'' if data else '; pass --data'}")
     out = Path(onnx_path) if onnx_path is not None else default_onnx_path(artifact, unadapted)
     manifest = export_model(model, meta, out, batches, which=which, artifact=artifact, data=spec, opset=opset,
                             progress=say)
@@ -151,7 +153,11 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tensorrt": None,
     }
-    write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+    try:
+        write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+    except BaseException:  # an ONNX file without its manifest is a partial export: remove it
+        out.unlink(missing_ok=True)
+        raise
     return manifest
 
 

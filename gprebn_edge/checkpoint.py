@@ -55,7 +55,10 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], metadata: 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        try:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        except SafetensorError as e:  # safetensors reports a full disk as its own error, not OSError
+            raise ArtifactError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     return path
 
 
@@ -71,16 +74,22 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             header = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not a safetensors checkpoint ({str(e).splitlines()[0]})") from None
+        hint = "" if path.suffix == ".safetensors" else "; expected an adapted checkpoint from `gprebn-edge adapt`"
+        raise ArtifactError(f"{path} is not a safetensors checkpoint ({str(e).splitlines()[0]}){hint}") from None
     if _META_KEY not in header:
         raise ArtifactError(f"{path} is a safetensors file but not a gprebn-edge checkpoint (no metadata)")
     try:
         meta = json.loads(header[_META_KEY])
     except json.JSONDecodeError:
         raise ArtifactError(f"{path}: its gprebn-edge metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: its gprebn-edge metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: unknown artifact format {meta.get('format')!r}")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ArtifactError(f"{path}: its format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{path} was written by a newer gprebn-edge (format {meta['format_version']}):"
                             " upgrade gprebn-edge")
     return state, meta
@@ -95,14 +104,17 @@ def source_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 def rebuild_model(path: str | Path, which: str = "adapted") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the eval-mode model from the artifact: `which` is "adapted" or "source" (unadapted)."""
-    from gprebn_edge.models.spec import apply_state_dict, build_model
+    from gprebn_edge.models.spec import ModelSpec, apply_state_dict, build_model
 
+    if which not in ("adapted", "source"):
+        raise ArtifactError(f"which must be 'adapted' or 'source', got {which!r}")
     state, meta = load_checkpoint(path)
-    spec = meta["model"]
-    model, _ = build_model(spec["spec"], spec.get("num_classes"))
+    spec = ModelSpec.from_dict(meta.get("model"))  # ArtifactError when the metadata names no model
+    if which == "source" and not isinstance(meta.get("source_bn"), dict):
+        raise ArtifactError(f"{path} holds no source BatchNorm tensors: the unadapted model cannot be rebuilt "
+                            "from it")
+    model, _ = build_model(spec.spec, spec.num_classes)
     if which == "source":
         state = source_state_dict(state, meta)
-    elif which != "adapted":
-        raise ArtifactError(f"which must be 'adapted' or 'source', got {which!r}")
     apply_state_dict(model, state, str(path))
     return model.eval(), meta

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.errors import ArtifactError, GprebnError
 
 __all__ = ["app", "main"]
 
@@ -39,8 +39,9 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """Map the project's errors to one line and exit code 1; anything else to exit code 2."""
+def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterator[None]:
+    """Map the project's errors to one line and exit code 1; anything else to exit code 2; Ctrl-C to 130
+    with the line `interrupted`."""
     try:
         yield
     except GprebnError as e:
@@ -49,7 +50,7 @@ def cli_errors() -> Iterator[None]:
         err_console.print(_error_line("error:", str(e)), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: nothing was written")
+        err_console.print(interrupted, soft_wrap=True)
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -211,7 +212,12 @@ def info(
             meta = {k: v for k, v in meta.items() if k != "source_bn"}
             typer.echo(json.dumps(meta, indent=2))
             return
-        console.print(_info_table(artifact, state, meta))
+        try:
+            table = _info_table(artifact, state, meta)
+        except (KeyError, TypeError, IndexError) as e:
+            raise ArtifactError(f"{artifact} metadata lacks {e} or has it in the wrong form: it was not written "
+                                "by this version of gprebn-edge adapt (info --json shows what it holds)") from None
+        console.print(table)
 
 
 def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:
@@ -447,7 +453,7 @@ def loop(
     after it passed its gates; persist and resume."""
     from gprebn_edge.runtime.loop import LoopConfig, run_loop
 
-    with cli_errors():
+    with cli_errors(f"interrupted: the state in {state} is servable; run the same command again to resume"):
         config = LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
@@ -459,7 +465,8 @@ def loop(
                     f"{acc}, entropy {r['mean_entropy']:.3f}")
 
             result = run_loop(config, on_window=on_window)
-        console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}); "
+        skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
+        console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
                       f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
                       f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
                       soft_wrap=True)

@@ -118,6 +118,7 @@ class LoopResult:
     seconds: float
     stop_reason: str
     log: Path
+    skipped: int = 0                 # unreadable frames skipped (image folders)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class _Loop:
         c = self.config
         if c.model is None and c.onnx is None and c.engine is None:
             raise InputError("give --model (to adapt) and/or --onnx/--engine (what serves)")
+        self._check_inputs()
         checkpoint = ""
         if c.model is not None:
             checkpoint = self.dir.round_path(0, ".safetensors").name
@@ -173,6 +175,30 @@ class _Loop:
             _copy_atomic(Path(c.engine), self.dir.path / engine)
         return LoopState(round=0, checkpoint=checkpoint, onnx=onnx.name if onnx.exists() else "",
                          engine=engine, source=c.source, rounds_tried=0)
+
+    def _check_inputs(self) -> None:
+        """Refuse a bad --model/--onnx/--engine before anything is copied into the state folder."""
+        c = self.config
+        served = c.onnx or c.engine
+        served_meta = model_metadata(served) if served is not None else None
+        if c.model is not None:
+            from gprebn_edge.checkpoint import load_checkpoint  # torch: adapting needs it anyway
+
+            _, meta = load_checkpoint(c.model)
+            classes = meta.get("num_classes")
+            if served_meta is not None and served_meta.get("num_classes") not in (None, classes):
+                raise InputError(f"{served} has {served_meta['num_classes']} classes but --model {c.model} has "
+                                 f"{classes}: serve an export of that checkpoint")
+        if c.onnx is not None:
+            with open_runner(c.onnx, "onnxruntime") as probe:  # a file onnxruntime cannot load fails here
+                if len(probe.inputs()) != 1:
+                    raise InputError(f"{c.onnx} expects {len(probe.inputs())} inputs; the loop serves models with one "
+                                     "image input")
+                if served_meta and served_meta.get("preprocess"):  # one frame through it: sizes must fit
+                    frames = self._frames(c.source, Preprocess.from_dict(served_meta["preprocess"]), probe)
+                    for batch in frames.batches(1):
+                        probe.infer(batch.images)
+                        break
 
     def _open(self, state: LoopState) -> Runner:
         if state.engine:
@@ -318,7 +344,7 @@ class _Loop:
             self.probe = (images, labels)
         runner = self._open(state)
         runner.activate()
-        source = self._frames(c.source, preprocess, runner)
+        source = self.source = self._frames(c.source, preprocess, runner)
         names = _segment_names(source)
         self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
                        config=_config_record(c), adapting=self.adapting)
@@ -386,12 +412,13 @@ class _Loop:
             with self.shared.lock:
                 if self.shared.pending is not None:
                     self.shared.pending[0].deactivate()  # passed and persisted: it serves after a restart
-                self.log.write("stop", frames=frames, reason=reason, served_round=served_round)
+                self.log.write("stop", frames=frames, reason=reason, served_round=served_round,
+                               skipped=len(getattr(source, "skipped", [])))
                 rounds, passed, rollbacks = self.shared.rounds, self.shared.passed, self.shared.rollbacks
             self.log.close()
         return LoopResult(frames=frames, rounds=rounds, passed=passed, swaps=swaps, rollbacks=rollbacks,
                           served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
-                          stop_reason=reason, log=self.dir.log_file)
+                          stop_reason=reason, log=self.dir.log_file, skipped=len(getattr(source, "skipped", [])))
 
     def _frames(self, spec: str, preprocess: Preprocess, runner: Runner) -> Any:
         """The frame source, in order: a video file or camera (OpenCV), else any image source."""
@@ -404,7 +431,9 @@ class _Loop:
         return open_source(spec, preprocess, shuffle=False)
 
     def _flush(self, window: _Window, frames: int, served_round: int) -> None:
-        record = self.log.write("window", frames=frames, served_round=served_round, **window.record())
+        skipped = len(getattr(self.source, "skipped", []))
+        record = self.log.write("window", frames=frames, served_round=served_round, skipped=skipped,
+                                **window.record())
         with self.shared.lock:
             self.shared.state.frames = frames
             self.dir.write(self.shared.state)

@@ -83,7 +83,7 @@ class StateDir:
             raise ArtifactError(f"{self.state_file} is version {state.version}, this gprebn-edge reads version "
                                 f"{STATE_VERSION}: use a new --state folder")
         for name in (state.checkpoint, state.onnx, state.engine):
-            if name is not None and not (self.path / name).is_file():
+            if name and not (self.path / name).is_file():  # "" : no checkpoint (a loop that only serves)
                 raise ArtifactError(f"{self.state_file} names {name}, which is missing: move the folder away to "
                                     "start afresh")
         return state

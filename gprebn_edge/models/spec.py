@@ -66,7 +66,7 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
+    def from_dict(cls, d: Any) -> ModelSpec:
         if not isinstance(d, dict) or not isinstance(d.get("spec"), str):
             raise ArtifactError(f"model spec metadata must be a dict with a 'spec' string, got {d!r:.200}")
         return cls(spec=d["spec"], num_classes=d.get("num_classes"), weights=d.get("weights"),

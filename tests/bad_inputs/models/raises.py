@@ -1,0 +1,2 @@
+def make():
+    raise RuntimeError('the factory cannot find its config file')
