@@ -50,6 +50,7 @@ from torch import nn
 
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold import FoldReport
+from gprebn_edge.export.fold_math import bn_scale_shift, fold_bn
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, INPUT, OUTPUT, drop_initializer_inputs
 
 __all__ = ["bn_scale_shift_np", "fold_bn_np", "fold_onnx_batchnorm", "export_bn_onnx",
@@ -59,36 +60,26 @@ _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 _VALUE_NODES = ("Identity", "Constant")
 
 
-# --- maths: numpy mirrors of fold_math.py ---------------------------------------------------------------
+# --- maths: fold_math.py's, on numpy arrays (float64 in, float64 out) ----------------------------------
 
 def bn_scale_shift_np(mean: np.ndarray, var: np.ndarray, weight: np.ndarray, bias: np.ndarray,
                       eps: float) -> tuple[np.ndarray, np.ndarray]:
     """(s, t) with BN(z) = s * z + t per channel."""
-    scale = weight * (1.0 / np.sqrt(var + eps))
-    return scale, bias - mean * scale
+    t = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (mean, var, weight, bias)]
+    scale, shift = bn_scale_shift(*t, eps)
+    return scale.numpy(), shift.numpy()
 
 
 def fold_bn_np(weight: np.ndarray, bias: np.ndarray | None, mean: np.ndarray, var: np.ndarray,
                bn_weight: np.ndarray, bn_bias: np.ndarray, eps: float, *, transposed: bool = False,
                groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """fold_math.fold_bn on numpy arrays: (weight, bias) of the op with the BN folded in. Output channels on
-    dim 0 of `weight`, or, with `transposed`, per (group, column) of a ConvTranspose weight."""
-    scale, shift = bn_scale_shift_np(mean, var, bn_weight, bn_bias, eps)
-    if transposed:
-        c_in, c_out_per_group = weight.shape[:2]
-        kernel = weight.shape[2:]
-        if c_in % groups or scale.size != groups * c_out_per_group:
-            raise ValueError(f"ConvTranspose weight {weight.shape} with groups={groups} does not match "
-                             f"{scale.size} BN channels")
-        grouped = weight.reshape(groups, c_in // groups, c_out_per_group, *kernel)
-        s = scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))
-        new_weight = (grouped * s).reshape(weight.shape)
-    else:
-        if weight.shape[0] != scale.size:
-            raise ValueError(f"weight {weight.shape} has {weight.shape[0]} output channels, BN has {scale.size}")
-        new_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
-    base = bias if bias is not None else np.zeros_like(mean)
-    return new_weight, base * scale + shift
+    """fold_math.fold_bn on numpy arrays, computed in float64: (weight, bias) of the op with the BN folded."""
+    def f64(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+    w, b = fold_bn(f64(weight), None if bias is None else f64(bias), f64(mean), f64(var), f64(bn_weight),
+                   f64(bn_bias), eps, transposed=transposed, groups=groups)
+    return w.numpy(), b.numpy()
 
 
 # --- graph plumbing -------------------------------------------------------------------------------------

@@ -17,12 +17,10 @@ from torch import nn
 
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold import fold_batchnorm
-from gprebn_edge.export.fold_math import fold_bn
 from gprebn_edge.export.onnx_export import export_onnx, onnx_parity
 from gprebn_edge.export.onnx_fold import (
     export_bn_onnx,
     export_folded_onnx_fallback,
-    fold_bn_np,
     fold_onnx_batchnorm,
 )
 from gprebn_edge.models.spec import load_model
@@ -41,25 +39,6 @@ def _max_rel(got: np.ndarray, ref: np.ndarray) -> float:
 
 def _ops(proto: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in proto.graph.node]
-
-
-@pytest.mark.parametrize("shape,transposed,groups", [((8, 4, 3, 3), False, 1), ((8, 2, 3, 3), False, 2),
-                                                     ((8, 1, 3), False, 8), ((10, 36), False, 1),
-                                                     ((4, 6, 3, 3), True, 1), ((4, 3, 3, 3), True, 2),
-                                                     ((6, 2, 2, 2, 2), True, 3)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_numpy_maths_equals_torch_maths(shape, transposed, groups, with_bias):
-    g = torch.Generator().manual_seed(0)
-    c = shape[1] * groups if transposed else shape[0]
-    w = torch.randn(shape, generator=g, dtype=torch.float64)
-    b = torch.randn(c, generator=g, dtype=torch.float64) if with_bias else None
-    mean, gamma, beta = (torch.randn(c, generator=g, dtype=torch.float64) * 2 for _ in range(3))
-    var = torch.rand(c, generator=g, dtype=torch.float64) * 3 + 0.1
-    ref = fold_bn(w, b, mean, var, gamma, beta, 1e-3, transposed=transposed, groups=groups)
-    got = fold_bn_np(w.numpy(), None if b is None else b.numpy(), mean.numpy(), var.numpy(), gamma.numpy(),
-                     beta.numpy(), 1e-3, transposed=transposed, groups=groups)
-    for r, a in zip(ref, got, strict=True):
-        np.testing.assert_allclose(a, r.numpy(), rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
