@@ -7,7 +7,7 @@ The loop runs in a child process (this script with --child) on the built-in shif
 uniformly random time in [--min-wait, --max-wait] seconds after the child started (so kills fall during
 start-up, serving, adaptation rounds, exports and state writes alike).
 
-    python benchmarks/loop_faults.py                 # 20 kills, ~3 minutes on 2 cores
+    python benchmarks/loop_faults.py                 # 20 kills, ~4 minutes on 2 cores
     python benchmarks/loop_faults.py --kills 3 --out /tmp/faults
 Writes benchmarks/results/loop_faults.json and .md (or --out STEM)."""
 
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--min-wait", type=float, default=1.0)
     ap.add_argument("--max-wait", type=float, default=8.0)
-    ap.add_argument("--fps", type=float, default=400.0)
+    ap.add_argument("--fps", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)

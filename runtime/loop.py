@@ -405,9 +405,9 @@ class _Loop:
         finally:
             if window.n:
                 self._flush(window, frames, served_round)
-            if worker is not None:
-                jobs.put(None) if reason != "interrupted" else None
-                worker.join(timeout=None if reason != "interrupted" else 0.1)
+            if worker is not None and reason != "interrupted":
+                jobs.put(None)
+                worker.join()  # the round in flight finishes and is logged (its swap is not served)
             runner.deactivate()
             with self.shared.lock:
                 if self.shared.pending is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,10 +108,11 @@ class StateDir:
 
 class MetricsLog:
     """Append-only JSON lines, flushed and fsynced per record: a kill loses at most the line being written
-    (the reader skips a truncated last line)."""
+    (the reader skips a truncated last line). Safe to share between the serving thread and the worker."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if self.path.stat().st_size and not self._ends_with_newline():
             self._file.write("\n")  # a truncated last line from a kill: start on a fresh line
@@ -122,17 +124,20 @@ class MetricsLog:
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "t": round(time.time(), 3), **fields}
-        if self._file is None:
-            raise GprebnError("the metrics log is closed")
-        self._file.write(json.dumps(_finite(record), allow_nan=False, default=_jsonable) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = json.dumps(_finite(record), allow_nan=False, default=_jsonable) + "\n"
+        with self._lock:
+            if self._file is None:  # closed at stop: a worker still finishing after Ctrl-C is not an error
+                return record
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
         return record
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def _finite(value: Any) -> Any:
