@@ -45,10 +45,11 @@ def _gpu_index(device: str) -> int:
 def open_runner(path: str | Path, backend: str = "auto", *, device: str | None = None, threads: int | None = None,
                 fp16: bool = False, cuda_graphs: bool = False, providers: tuple[str, ...] | None = None,
                 engine_cache: str | Path | None = None, which: str = "adapted",
-                input_shape: tuple[int, ...] | None = None) -> Runner:
+                input_shape: tuple[int, ...] | None = None, shared_cpu: bool = False) -> Runner:
     """A (not yet activated) runner for `path`. `device` defaults to "cpu" for onnxruntime and torch and to
     "cuda" for TensorRT; for onnxruntime a CUDA device means the CUDA provider unless `providers` says
-    otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints."""
+    otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints. `shared_cpu`:
+    other work runs beside this runner (a second model, adaptation), so onnxruntime must not busy-wait."""
     kind = backend_for(path, backend)
     if kind == "onnxruntime":
         from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
@@ -59,7 +60,7 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
         if providers is None:
             providers = ("cpu",) if dev == "cpu" else ("cuda",)
         return OnnxRuntimeRunner(path, providers=providers, threads=threads, fp16=fp16, engine_cache=engine_cache,
-                                 device_id=0 if dev == "cpu" else _gpu_index(dev))
+                                 device_id=0 if dev == "cpu" else _gpu_index(dev), spin=not shared_cpu)
     if providers is not None or engine_cache is not None:
         raise InputError("providers and engine_cache are onnxruntime settings: use them with an .onnx file")
     if kind == "tensorrt":

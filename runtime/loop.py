@@ -203,7 +203,8 @@ class _Loop:
     def _open(self, state: LoopState) -> Runner:
         if state.engine:
             return open_runner(self.dir.path / state.engine, "tensorrt")
-        return open_runner(self.dir.path / state.onnx, "onnxruntime", threads=self.config.serve_threads)
+        return open_runner(self.dir.path / state.onnx, "onnxruntime", threads=self.config.serve_threads,
+                           shared_cpu=self.adapting)
 
     def _model_file(self, state: LoopState) -> Path:
         return self.dir.path / (state.engine or state.onnx)
@@ -256,7 +257,7 @@ class _Loop:
                 engine = self._refit(serving, onnx, job.round_id)
                 files.append(engine)
             candidate_runner = (open_runner(engine, "tensorrt") if engine else
-                                open_runner(onnx, "onnxruntime", threads=1))
+                                open_runner(onnx, "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
             candidate_runner.activate()
             with self._open(serving) as current:
                 cand_logits, cur_logits = candidate_runner.infer(holdout), current.infer(holdout)

@@ -4,7 +4,7 @@ parses and prints; a script (the demo, a benchmark) calls these directly. Import
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ class RunnerOptions:
     fp16: bool = False
     cuda_graphs: bool = False
     input_shape: tuple[int, ...] | None = None
+    shared_cpu: bool = False         # another runner or other work shares the CPU: no busy-waiting threads
 
     def open(self, path: str | Path) -> Any:
         return open_runner(path, self.backend, device=self.device, threads=self.threads, fp16=self.fp16,
-                           cuda_graphs=self.cuda_graphs, input_shape=self.input_shape)
+                           cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu)
 
 
 def parse_warmup(text: str) -> tuple[int, float | None]:
@@ -116,8 +117,9 @@ def compare_models(path_a: str | Path, path_b: str | Path, data: str, *, options
     if batch < 1 or latency_batch < 1 or latency_iters < 0:
         raise InputError("--batch and --latency-batch must be at least 1 and --latency-iters at least 0")
     source = open_data(data, [path_a, path_b], limit=limit, seed=seed)
-    a = (options_a or RunnerOptions()).open(path_a)
-    b = (options_b or RunnerOptions()).open(path_b)
+    # two sessions alive at once: neither may spin on the cores the other one is being timed on
+    a = replace(options_a or RunnerOptions(), shared_cpu=True).open(path_a)
+    b = replace(options_b or RunnerOptions(), shared_cpu=True).open(path_b)
     names = (Path(path_a).name, Path(path_b).name)
     if names[0] == names[1]:
         names = (str(path_a), str(path_b))

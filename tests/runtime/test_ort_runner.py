@@ -115,3 +115,16 @@ def test_provider_options_reach_onnxruntime(exported, tmp_path, monkeypatch):
                                        "trt_engine_cache_path": str(cache)}),
         ("CUDAExecutionProvider", {"device_id": 1})]
     assert (info.device, info.precision) == ("cuda:1", "fp16")
+
+
+def test_spin_false_stops_busy_waiting_threads(exported):
+    """compare and the device loop run two sessions (or a session and adaptation) on one CPU: an idle session
+    must not busy-wait on the cores the other is timed on."""
+    def spinning(runner):
+        try:
+            return runner._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # not set: onnxruntime's default, which spins
+            return "default"
+
+    with OnnxRuntimeRunner(exported.onnx, spin=False) as quiet, OnnxRuntimeRunner(exported.onnx) as busy:
+        assert spinning(quiet) == "0" and spinning(busy) != "0"
