@@ -46,6 +46,8 @@ def unfolded_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> 
 def session(path: Path, optimize: bool, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # two sessions are timed in turn: an idle one must not busy-wait on the cores the other is timed on
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

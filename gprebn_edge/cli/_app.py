@@ -1,0 +1,130 @@
+"""The command line's shared pieces: the typer app, the error mapping, progress and small formatters.
+Each command module registers its commands on `app`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gprebn_edge.errors import GprebnError
+
+__all__ = ["app", "console", "err_console", "cli_errors", "progress", "status", "key_value_table", "pct",
+           "check_outputs", "error_line", "BACKEND_HELP"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="GpreBN test-time adaptation of BatchNorm CNNs, folded for edge GPUs.")
+# user text (paths, specs like synthetic:fog:5, extras like gprebn-edge[vision]) must print as written:
+# no rich markup and no :emoji: codes
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+_state = {"debug": False}
+
+
+def error_line(label: str, message: str) -> Text:
+    return Text.assemble((label, "red"), " ", message)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterator[None]:
+    """Map the project's errors to one line and exit code 1; anything else to exit code 2; Ctrl-C to 130
+    with the line `interrupted`."""
+    try:
+        yield
+    except GprebnError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(error_line("error:", str(e)), soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print(interrupted, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # a bug, not a user error: still one line unless --debug
+        if _state["debug"]:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        err_console.print(error_line("internal error:", f"{type(e).__name__}: {first} (rerun with --debug for "
+                                      "the traceback and report it)"), soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """Yield update(description, done, total); the bar appears on the first update, so a command that fails
+    while loading prints its one error line and nothing else."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar: Progress | None = None
+    task = None
+
+    def update(description: str, done: int, total: int) -> None:
+        nonlocal bar, task
+        if not enabled:
+            return
+        if bar is None:
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), console=err_console, transient=True)
+            bar.start()
+            task = bar.add_task(description, total=total)
+        assert task is not None
+        bar.update(task, description=description, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+@contextlib.contextmanager
+def status() -> Iterator[Callable[[str], None]]:
+    """Yield say(message): a transient spinner line on stderr for work without a count of steps."""
+    status = None
+
+    def say(message: str) -> None:
+        nonlocal status
+        if status is None:
+            status = err_console.status(message)
+            status.start()
+        else:
+            status.update(message)
+
+    try:
+        yield say
+    finally:
+        if status is not None:
+            status.stop()
+
+
+def key_value_table(title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # paths and hashes wrap whole, never cut with an ellipsis
+    return table
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f} %"
+
+def check_outputs(*paths: Path | None) -> None:
+    """Fail before any work when an output cannot be written."""
+    for path in paths:
+        if path is not None and (path.is_dir() or not (path.parent if str(path.parent) else Path(".")).is_dir()):
+            raise GprebnError(f"cannot write {path}: give a file in an existing folder")
+
+
+BACKEND_HELP = "auto (by suffix: .onnx onnxruntime, .engine/.plan tensorrt, .safetensors torch), onnxruntime, " \
+                "torch or tensorrt."

@@ -1,0 +1,138 @@
+"""`adapt` and `info`: the adapt stage's commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from gprebn_edge.cli._app import (
+    app,
+    cli_errors,
+    console,
+    key_value_table,
+    pct,
+    progress,
+)
+from gprebn_edge.errors import ArtifactError, GprebnError
+
+
+@app.command()
+def adapt(
+    model: Annotated[str, typer.Option(help="builtin:NAME, torchvision:NAME, path/to/file.py:factory or "
+                                       "package.module:factory.")],
+    data: Annotated[str, typer.Option(help="Calibration images: a folder (class subfolders = labels), "
+                                      ".npy/.npz, or synthetic:DOMAIN[:SEVERITY].")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapted checkpoint (.safetensors).")],
+    weights: Annotated[str | None, typer.Option(help="Source weights: safetensors or a torch state dict.")] = None,
+    method: Annotated[str, typer.Option(help="gprebn, tent, adabn, bn or source.")] = "gprebn",
+    batch_size: Annotated[int, typer.Option(help="Calibration batch size (one step per batch).")] = 64,
+    lr: Annotated[float, typer.Option(help="Learning rate at batch 64 (scaled for other batch sizes).")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = "adam",
+    lr_scaling: Annotated[str, typer.Option(help="sqrt (lr x sqrt(batch/64), Adam betas per image), linear "
+                                            "(lr x batch/64) or none.")] = "sqrt",
+    momentum: Annotated[str, typer.Option(help="Statistics: 'cumulative' or an EMA rate per 64 images.")]
+    = "cumulative",
+    theta: Annotated[float, typer.Option(help="Weight of target statistics vs source statistics.")] = 1.0,
+    stats_init: Annotated[str, typer.Option(help="Target estimate starts from: first (batch) or source.")]
+    = "first",
+    stats_order: Annotated[str, typer.Option(help="Update statistics before or after normalizing a batch.")]
+    = "before",
+    freeze: Annotated[str | None, typer.Option(help="refresh (re-estimate statistics with a final pass) or "
+                                               "direct; default: the method's own.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Resize the shorter side to N pixels.")] = None,
+    crop: Annotated[int | None, typer.Option(help="Center-crop to N x N pixels.")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-channel mean for pixels in [0,1], e.g. 0.485,0.456,0.406.")]
+    = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std for pixels in [0,1].")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Passed to the model factory.")] = None,
+    shuffle: Annotated[bool, typer.Option(help="Read a folder in a seeded shuffled order (--no-shuffle keeps "
+                                          "file order, as a live stream).")] = True,
+    limit: Annotated[int | None, typer.Option(help="Use at most N calibration images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for shuffling and adaptation.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Adapt a BatchNorm model to unlabeled target images and write the adapted checkpoint."""
+    from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+    from gprebn_edge.data.preprocess import parse_triple
+    from gprebn_edge.methods import StatsConfig
+
+    with cli_errors():
+        stats = StatsConfig(momentum=_parse_momentum(momentum), theta=theta, init=stats_init, order=stats_order)
+        config = AdaptConfig(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                             lr_scaling=lr_scaling, stats=stats, freeze=freeze, seed=seed)
+        preprocess = {"resize": resize, "crop": crop,
+                      "mean": parse_triple(mean, "mean") if mean else None,
+                      "std": parse_triple(std, "std") if std else None}
+        with progress(enabled=not as_json) as update:
+            result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,
+                                   preprocess=preprocess, shuffle=shuffle, limit=limit,
+                                   progress=lambda done, total: update(f"adapting ({method})", done, total))
+        s = result.summary
+        if as_json:
+            typer.echo(json.dumps({"output": str(output), **s}, indent=2))
+            return
+        table = key_value_table(f"adapted {model} with {method} -> {output}")
+        table.add_row("calibration images", f"{s['images']} ({s['skipped']} unreadable, skipped)")
+        table.add_row("steps", str(s["steps"]))
+        table.add_row("online error", pct(s["online_error"]))
+        before, after = s["calibration_before"], s["calibration_after"]
+        table.add_row("mean entropy before -> after", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
+        if before["error"] is not None:
+            table.add_row("calibration error before -> after", f"{pct(before['error'])} -> {pct(after['error'])}")
+        table.add_row("time", f"{s['seconds']:.1f} s")
+        console.print(table)
+
+
+def _parse_momentum(text: str) -> float | None:
+    if text == "cumulative":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise GprebnError(f"--momentum must be 'cumulative' or a number in (0, 1], got {text!r}") from None
+
+
+@app.command()
+def info(
+    artifact: Annotated[Path, typer.Argument(help="An adapted checkpoint (.safetensors).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole metadata as JSON.")] = False,
+) -> None:
+    """Show what an artifact holds: model, preprocessing, method, calibration data, what changed."""
+    from gprebn_edge.checkpoint import load_checkpoint
+
+    with cli_errors():
+        state, meta = load_checkpoint(artifact)
+        if as_json:
+            meta = {k: v for k, v in meta.items() if k != "source_bn"}
+            typer.echo(json.dumps(meta, indent=2))
+            return
+        try:
+            table = _info_table(artifact, state, meta)
+        except (KeyError, TypeError, IndexError) as e:
+            raise ArtifactError(f"{artifact} metadata lacks {e} or has it in the wrong form: it was not written "
+                                "by this version of gprebn-edge adapt (info --json shows what it holds)") from None
+        console.print(table)
+
+
+def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:
+    table = key_value_table(str(path))
+    m, p, method, cal, s = meta["model"], meta["preprocess"], meta["method"], meta["calibration"], meta["summary"]
+    table.add_row("model", f"{m['spec']} ({meta['num_classes']} classes)")
+    table.add_row("source weights", f"{m.get('weights') or '-'} {m.get('weights_sha256') or ''}")
+    table.add_row("tensors", f"{len(state)} ({sum(t.numel() for t in state.values()):,} values)")
+    table.add_row("preprocess", f"resize {p['resize']}, crop {p['crop']}, mean {p['mean']}, std {p['std']}")
+    table.add_row("method", ", ".join(f"{k}={v}" for k, v in method.items()))
+    table.add_row("calibration", f"{cal['spec']}: {s['images']} images, {cal.get('skipped', 0)} skipped, "
+                  f"{cal['fingerprint'][:23]}...")
+    table.add_row("online error", pct(s["online_error"]))
+    before, after = s["calibration_before"], s["calibration_after"]
+    table.add_row("entropy before -> after", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
+    shift = sorted(meta["statistics_shift"], key=lambda r: -r["mean_shift"])[:3]
+    table.add_row("largest statistics shift", "; ".join(
+        f"{r['layer']}: mean {r['mean_shift']:.2f} sd, std x{r['std_ratio']:.2f}" for r in shift))
+    table.add_row("created", f"{meta['created']} by gprebn-edge {meta['gprebn_edge_version']}")
+    return table

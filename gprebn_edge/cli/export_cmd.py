@@ -1,0 +1,79 @@
+"""`export`: fold, ONNX, TensorRT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gprebn_edge.cli._app import (
+    app,
+    cli_errors,
+    console,
+    key_value_table,
+    status,
+)
+from gprebn_edge.errors import GprebnError
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="An adapted checkpoint (.safetensors).")],
+    onnx: Annotated[Path | None, typer.Option(help="ONNX output (default: next to the artifact).")] = None,
+    unadapted: Annotated[bool, typer.Option(help="Export the source model through the same path.")] = False,
+    data: Annotated[str | None, typer.Option(help="Images to check ONNX against PyTorch on (default: the "
+                                             "artifact's calibration data).")] = None,
+    check_images: Annotated[int, typer.Option(help="How many images the parity check uses.")] = 1000,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine (needs TensorRT 10 and a GPU: "
+                                      "build it on the device that will run it).")] = False,
+    engine: Annotated[Path | None, typer.Option(help="Engine output (default: the ONNX path with .engine).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Engine in fp16.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Engine in int8, calibrated on the check images.")] = False,
+    refittable: Annotated[bool, typer.Option("--refittable", help="Engine with the REFIT flag (for the device "
+                                             "loop, which refits new weights by name).")] = False,
+    batch: Annotated[str, typer.Option(help="Engine batch profile MIN:OPT:MAX (or N).")] = "1:1:32",
+    workspace_mb: Annotated[int, typer.Option(help="TensorRT workspace memory limit in MiB.")] = 1024,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Fold BatchNorm into the convs and export ONNX, checked against PyTorch with onnxruntime; with --trt,
+    also build a TensorRT engine from it."""
+    from gprebn_edge.export.pipeline import EngineOptions, export_artifact
+    from gprebn_edge.export.tensorrt_build import parse_batch_range
+
+    with cli_errors():
+        if check_images < 1:
+            raise GprebnError(f"--check-images must be at least 1, got {check_images}")
+        engine_flags = [name for name, on in (("--engine", engine is not None), ("--fp16", fp16), ("--int8", int8),
+                                              ("--refittable", refittable)) if on]
+        if engine_flags and not trt:
+            raise GprebnError(f"{', '.join(engine_flags)} only apply to engines: add --trt")
+        if fp16 and int8:
+            raise GprebnError("choose one of --fp16 and --int8 (int8 layers that cannot run in int8 run in fp32)")
+        options = None
+        if trt:
+            options = EngineOptions(engine=engine, precision="fp16" if fp16 else "int8" if int8 else "fp32",
+                                    batch=parse_batch_range(batch), refittable=refittable, workspace_mb=workspace_mb)
+        with status() as say:
+            manifest = export_artifact(artifact, onnx, unadapted=unadapted, data=data, check_images=check_images,
+                                       engine=options, progress=say)
+        if as_json:
+            typer.echo(json.dumps(manifest, indent=2))
+            return
+        p, fold = manifest["parity"], manifest["fold"]
+        table = key_value_table(f"exported {manifest['model']} model of {artifact}")
+        table.add_row("onnx", manifest["onnx"])
+        table.add_row("BatchNorm folded / kept", f"{len(fold['folded'])} / {len(fold['skipped'])} (in {fold['where']})")
+        for bn in fold["skipped"]:
+            table.add_row("kept", f"{bn['bn']}: {bn['reason']}")
+        table.add_row("parity vs PyTorch", f"{p['images']} images: max abs {p['max_abs']:.2e}, max rel "
+                      f"{p['max_rel']:.2e} (limit {p['limit']:.0e}), top-1 agreement {100 * p['top1_agreement']:.2f} %")
+        for w in manifest["warnings"]:
+            table.add_row("warning", w)
+        if manifest["tensorrt"]:
+            t = manifest["tensorrt"]
+            table.add_row("engine", f"{t['engine']} ({t.get('precision')}, TensorRT {t.get('tensorrt')}, "
+                          f"{t.get('gpu')})")
+        table.add_row("time", f"{manifest['seconds']:.1f} s")
+        console.print(table)

@@ -1,0 +1,89 @@
+"""`loop` and `loop-report`: the device loop's commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gprebn_edge.cli._app import (
+    app,
+    check_outputs,
+    cli_errors,
+    console,
+    status,
+)
+
+
+@app.command()
+def loop(
+    source: Annotated[str, typer.Option(help="Frames, served in order: an image folder, .npy/.npz, synthetic:..., "
+                                        "stream[:SEGMENTS] (the built-in shifting stream), video:FILE or camera:N.")],
+    state: Annotated[Path, typer.Option(help="Folder for the last good checkpoint, its export, state.json and "
+                                        "metrics.jsonl; a restart with the same folder resumes.")],
+    model: Annotated[Path | None, typer.Option(help="Adapted checkpoint to keep adapting (without it the loop "
+                                               "only serves).")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="ONNX file that serves at first (default: exported from "
+                                              "--model).")] = None,
+    engine: Annotated[Path | None, typer.Option(help="A refittable TensorRT engine to serve instead.")] = None,
+    every: Annotated[int | None, typer.Option(help="Frames between adaptation rounds (default 500).")] = None,
+    interval: Annotated[float | None, typer.Option(help="Or seconds between adaptation rounds.")] = None,
+    buffer: Annotated[int, typer.Option(help="Recent frames kept for adaptation (a sliding window).")] = 512,
+    holdout: Annotated[float, typer.Option(help="Newest fraction of the buffer held back for the gates.")] = 0.25,
+    probe: Annotated[str | None, typer.Option(help="Labeled images for the probe-accuracy gate.")] = None,
+    recovery: Annotated[int, typer.Option(help="Failed candidates in a row before adaptation restarts from the "
+                                          "last good checkpoint.")] = 3,
+    frames: Annotated[int | None, typer.Option("--frames", help="Stop after this many frames in all.")] = None,
+    fps: Annotated[float | None, typer.Option(help="Pace a file or built-in source at this frame rate.")] = None,
+    window: Annotated[int, typer.Option(help="Frames per metrics record.")] = 250,
+    lr: Annotated[float, typer.Option(help="GpreBN learning rate (at batch 64).")] = 1e-3,
+    adapt_threads: Annotated[int, typer.Option(help="torch threads for the background adaptation.")] = 1,
+    serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = 1,
+) -> None:
+    """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
+    after it passed its gates; persist and resume."""
+    from gprebn_edge.runtime.loop import LoopConfig, run_loop
+
+    with cli_errors(f"interrupted: the state in {state} is servable; run the same command again to resume"):
+        config = LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
+                            every=every if every is not None or interval is not None else 500, interval=interval,
+                            buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
+                            fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads)
+        with status() as say:
+            def on_window(r: dict[str, Any]) -> None:
+                acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
+                say(f"{r['frames']} frames, serving round {r['served_round']}, p50 {r['latency_ms']['p50']:.2f} ms"
+                    f"{acc}, entropy {r['mean_entropy']:.3f}")
+
+            result = run_loop(config, on_window=on_window)
+        skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
+        console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
+                      f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
+                      f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
+                      soft_wrap=True)
+        console.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
+
+
+@app.command("loop-report")
+def loop_report(
+    log: Annotated[Path, typer.Argument(help="A loop's metrics.jsonl.")],
+    plot: Annotated[Path | None, typer.Option(help="Write accuracy/latency over time (PNG) here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
+) -> None:
+    """Summarize a loop run: frames, rounds, swaps, rollbacks, accuracy per segment, latency while adapting."""
+    from gprebn_edge.runtime.loop_report import format_summary, plot_loop, read_log, summarize, summary_to_json
+
+    with cli_errors():
+        check_outputs(plot, json_out)
+        parsed = read_log(log)
+        summary = summarize(parsed)
+        console.print(format_summary(summary), soft_wrap=True)
+        if json_out is not None:
+            from gprebn_edge.io import write_text_atomic
+
+            write_text_atomic(json_out, summary_to_json(summary) + "\n")
+            console.print(f"json: {json_out}")
+        if plot is not None:
+            plot_loop(parsed, plot)
+            console.print(f"plot: {plot}")

@@ -1,0 +1,133 @@
+"""`bench` and `compare`: the runtime stage's commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gprebn_edge.cli._app import (
+    BACKEND_HELP,
+    app,
+    check_outputs,
+    cli_errors,
+    console,
+    progress,
+)
+from gprebn_edge.errors import GprebnError
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise GprebnError(f"--batch must be positive integers separated by commas (e.g. 1,32), got {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="An ONNX file, a TensorRT engine or an adapted checkpoint.")],
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu; cuda for engines).")] = None,
+    batch: Annotated[str, typer.Option(help="Batch size(s), comma-separated, e.g. 1,32.")] = "1",
+    warmup: Annotated[str, typer.Option(help="Warm-up: iterations (10) or seconds (2s).")] = "10",
+    iters: Annotated[int | None, typer.Option(help="Timed iterations (default 200).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Time for this many seconds instead of --iters.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (onnxruntime intra-op, torch).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 (torch on CUDA; onnxruntime TensorRT provider).")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay CUDA graphs (torch, tensorrt).")] = False,
+    input_shape: Annotated[str | None, typer.Option(help="C,H,W where the model does not fix it.")] = None,
+    data: Annotated[str | None, typer.Option(help="Time on these images instead of random inputs.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a latency plot (PNG) here.")] = None,
+) -> None:
+    """Latency of one model: first call, percentiles, throughput, memory and the environment."""
+    from gprebn_edge.runtime.bench import format_table
+    from gprebn_edge.runtime.tasks import RunnerOptions, bench_model, parse_shape
+
+    with cli_errors():
+        if iters is not None and duration is not None:
+            raise GprebnError("give --iters or --duration, not both")
+        if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
+            raise GprebnError("--iters must be at least 1 and --duration positive")
+        options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
+                                input_shape=parse_shape(input_shape) if input_shape else None)
+        batches = _batch_list(batch)
+        check_outputs(json_out, plot)
+        with progress() as update:
+            results = bench_model(model, options, batches=batches, warmup=warmup, iters=iters, duration=duration,
+                                  data=data, progress=update)
+        for result in results:
+            console.print(format_table(result))
+        env = results[0].environment
+        console.print("environment: " + ", ".join(f"{k} {v}" for k, v in _flat_environment(env).items()),
+                      soft_wrap=True)
+        if json_out is not None:
+            from gprebn_edge.io import write_text_atomic
+
+            payload = {"model": str(model), "results": [r.to_dict() for r in results]}
+            write_text_atomic(json_out, json.dumps(payload, indent=1) + "\n")
+            console.print(f"json: {json_out}")
+        if plot is not None:
+            from gprebn_edge.runtime.latency_plot import plot_latency
+
+            plot_latency(results, plot, labels=[r.label() for r in results], title=model.name)
+            console.print(f"plot: {plot}")
+
+
+
+
+def _flat_environment(env: dict[str, Any]) -> dict[str, Any]:
+    keep = ("cpu", "cpu_count", "gpu", "cuda", "onnxruntime", "torch", "tensorrt", "jetson")
+    flat: dict[str, Any] = {}
+    for key, value in env.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if k in keep and v is not None})
+        elif key in keep and value is not None:
+            flat[key] = value
+    return flat
+
+
+@app.command()
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Model A (typically the unadapted export).")],
+    model_b: Annotated[Path, typer.Argument(help="Model B (typically the adapted export).")],
+    data: Annotated[str, typer.Option(help="Images both run on (folder, .npy/.npz, synthetic:...); class "
+                                      "subfolders give accuracy.")],
+    backend_a: Annotated[str, typer.Option(help="Backend for A: " + BACKEND_HELP)] = "auto",
+    backend_b: Annotated[str, typer.Option(help="Backend for B.")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for both.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size for the accuracy pass.")] = 32,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
+    latency_iters: Annotated[int, typer.Option(help="Interleaved A/B latency rounds (0: none).")] = 50,
+    latency_batch: Annotated[int, typer.Option(help="Batch size of the latency rounds.")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write reliability diagrams and bars (PNG) here.")] = None,
+) -> None:
+    """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
+    accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
+    from gprebn_edge.runtime.compare import write_json
+    from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
+
+    with cli_errors():
+        check_outputs(json_out, plot)
+        options = [RunnerOptions(backend=b, device=device, threads=threads) for b in (backend_a, backend_b)]
+        with progress() as update:
+            result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
+                                    limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,
+                                    progress=update)
+        console.print(result.to_markdown(), soft_wrap=True)
+        if json_out is not None:
+            write_json(result, json_out)
+            console.print(f"json: {json_out}")
+        if plot is not None:
+            from gprebn_edge.runtime.compare_plot import plot_compare
+
+            plot_compare(result, plot)
+            console.print(f"plot: {plot}")
