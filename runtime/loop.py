@@ -396,7 +396,8 @@ class _Loop:
                 ms = (time.perf_counter() - t0) * 1e3
                 frames += 1
                 segment = names[int(batch.segment[0])] if names and hasattr(batch, "segment") else None
-                window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment)
+                window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment,
+                           frames - 1)
                 buffer.append(batch.images[0])
                 if window.n >= c.window:
                     self._flush(window, frames, served_round)
@@ -462,12 +463,15 @@ class _Window:
         self.busy: list[bool] = []
         self.labels: list[int | None] = []
         self.segments: list[str | None] = []
+        self.frames: list[int] = []
 
     @property
     def n(self) -> int:
         return len(self.ms)
 
-    def add(self, logits: np.ndarray, ms: float, busy: bool, label: int | None, segment: str | None) -> None:
+    def add(self, logits: np.ndarray, ms: float, busy: bool, label: int | None, segment: str | None,
+            frame: int) -> None:
+        self.frames.append(frame)
         self.logits.append(logits)
         self.ms.append(ms)
         self.busy.append(busy)
@@ -483,6 +487,11 @@ class _Window:
         busy = np.asarray(self.busy)
         labeled = [i for i, y in enumerate(self.labels) if y is not None]
         correct = [int(pred[i] == self.labels[i]) for i in labeled]
+        segment_frames: dict[str, list[int]] = {}  # name -> [first frame, last frame + 1] within this window
+        for name, frame in zip(self.segments, self.frames, strict=True):
+            if name is not None:
+                span = segment_frames.setdefault(name, [frame, frame + 1])
+                span[1] = frame + 1
         by_segment: dict[str, list[int]] = {}
         for i, c in zip(labeled, correct, strict=True):
             name = self.segments[i]
@@ -494,6 +503,7 @@ class _Window:
                 "latency_adapting_ms": _split(ms[busy]), "adapting_fraction": float(busy.mean()),
                 "mean_entropy": float(ent.mean()), "non_finite": int((~finite).sum()), "labeled": len(labeled),
                 "correct": sum(correct) if labeled else None, "by_segment": by_segment,
+                "segment_frames": segment_frames,
                 "idle_latencies_ms": [round(float(v), 4) for v in ms[~busy]],
                 "adapting_latencies_ms": [round(float(v), 4) for v in ms[busy]]}
 

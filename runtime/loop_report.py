@@ -316,10 +316,12 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
 
 
 def _segment_spans(windows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Frames each segment covers: exact where windows record `segment_frames`, else the windows' extents."""
     spans: dict[str, tuple[int, int]] = {}
     for w in windows:
-        lo, hi = int(w["frames"]) - int(w["n"]), int(w["frames"])
+        exact = w.get("segment_frames") or {}
         for name in w.get("by_segment") or {}:
+            lo, hi = exact.get(name) or (int(w["frames"]) - int(w["n"]), int(w["frames"]))
             a, b = spans.get(name, (lo, hi))
             spans[name] = (min(a, lo), max(b, hi))
     return spans

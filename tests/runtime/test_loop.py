@@ -37,6 +37,10 @@ def test_loop_adapts_swaps_and_persists(tmp_path, start):
     assert summary["served_only_passed"] and summary["frames"] == 700 and summary["swaps"] == result.swaps
     segments = {s["name"]: s for s in summary["segments"]}
     assert segments["clean#0"]["labeled"] == 200 and segments["gaussian_noise-5#1"]["labeled"] == 500
+    from gprebn_edge.runtime.loop_report import _segment_spans
+
+    windows = [r for r in read_log(result.log).records if r["event"] == "window"]
+    assert _segment_spans(windows) == {"clean#0": (0, 200), "gaussian_noise-5#1": (200, 700)}  # exact, not windows
     state = StateDir(tmp_path / "state").read()
     # the model serving at the end was adapted on noisy frames: on held-out noisy images it beats the start
     from gprebn_edge.export.pipeline import export_artifact
