@@ -163,6 +163,7 @@ class _Loop:
         if c.model is None and c.onnx is None and c.engine is None:
             raise InputError("give --model (to adapt) and/or --onnx/--engine (what serves)")
         self._check_inputs()
+        self.dir.create()
         checkpoint = ""
         if c.model is not None:
             checkpoint = self.dir.round_path(0, ".safetensors").name
@@ -190,6 +191,8 @@ class _Loop:
             from gprebn_edge.checkpoint import load_checkpoint  # torch: adapting needs it anyway
 
             _, meta = load_checkpoint(c.model)
+            if served is None and meta.get("preprocess"):  # a bad --source fails before the state is made
+                self._frames(c.source, Preprocess.from_dict(meta["preprocess"]), None)
             classes = meta.get("num_classes")
             if served_meta is not None and served_meta.get("num_classes") not in (None, classes):
                 raise InputError(f"{served} has {served_meta['num_classes']} classes but --model {c.model} has "
@@ -366,7 +369,8 @@ class _Loop:
             worker.start()
         buffer: deque[np.ndarray] = deque(maxlen=c.buffer)
         served_round, swaps, frames = state.round, 0, state.frames
-        skip = state.frames if resumed else 0
+        live = c.source.startswith("camera:")  # a camera has no past frames to skip on resume
+        skip = state.frames if resumed and not live else 0
         next_round_id = state.rounds_tried + 1
         last_trigger_frames, last_trigger_time = frames, time.perf_counter()
         window = _Window()
@@ -433,13 +437,17 @@ class _Loop:
                           served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
                           stop_reason=reason, log=self.dir.log_file, skipped=len(getattr(source, "skipped", [])))
 
-    def _frames(self, spec: str, preprocess: Preprocess, runner: Runner) -> Any:
-        """The frame source, in order: a video file or camera (OpenCV), else any image source."""
+    def _frames(self, spec: str, preprocess: Preprocess, runner: Runner | None) -> Any:
+        """The frame source, in order: a video file or camera (OpenCV), sized to the runner's input where the
+        preprocessing sets no size, else any image source."""
         from gprebn_edge.data.video import VideoFrames, is_video_spec
 
         if is_video_spec(spec):
-            shape = runner.inputs()[0].shape
-            size = (int(shape[2]), int(shape[3])) if all(isinstance(d, int) for d in shape[2:4]) else None
+            size = None
+            if runner is not None:
+                shape = list(runner.inputs()[0].shape)
+                if len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
+                    size = (shape[2], shape[3])
             return VideoFrames(spec, preprocess, size=size)
         return open_source(spec, preprocess, shuffle=False)
 

@@ -58,7 +58,13 @@ class StateDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise GprebnError(f"--state {self.path} is a file: give a folder (it is created if missing)")
-        self.path.mkdir(parents=True, exist_ok=True)
+
+    def create(self) -> None:
+        """Make the folder (only once the loop's inputs have been checked: a failed start leaves nothing)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GprebnError(f"cannot create --state {self.path}: {e.strerror or e}") from None
 
     @property
     def state_file(self) -> Path:
@@ -95,6 +101,8 @@ class StateDir:
 
     def clean(self, state: LoopState | None) -> list[str]:
         """Remove round files that `state` does not reference and leftover temporary files; return their names."""
+        if not self.path.is_dir():
+            return []
         keep = set() if state is None else {state.checkpoint, state.onnx, state.engine,
                                             Path(state.onnx).stem + ".manifest.json"}
         removed = []

@@ -100,7 +100,7 @@ def test_serve_only_with_an_onnx_file(tmp_path, start):
 def test_bad_configs_fail_before_any_work(tmp_path, start, kw, message):
     with pytest.raises(InputError, match=message):
         run_loop(_config(tmp_path, start, **kw))
-    assert not (tmp_path / "state" / "state.json").exists()
+    assert not (tmp_path / "state").exists()
 
 
 def test_unreadable_state_is_a_clear_error(tmp_path, start):
@@ -146,3 +146,9 @@ def test_loop_and_loop_report_commands(tmp_path, start):
     assert r.exit_code == 1 and "--every" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = runner.invoke(app, ["loop-report", str(tmp_path / "none.jsonl")])
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_source_fails_before_the_state_folder_is_made(tmp_path, start):
+    with pytest.raises(InputError, match="no such file"):
+        run_loop(_config(tmp_path, start, source=str(tmp_path / "missing_folder")))
+    assert not (tmp_path / "state").exists()
