@@ -29,7 +29,6 @@ source)."""
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import sys
@@ -37,7 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +46,16 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.io import atomic_path
-from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.gates import GateConfig, RecoveryPolicy, evaluate_gates
+from gprebn_edge.runtime.gates import GateConfig
 from gprebn_edge.runtime.loading import model_metadata, open_runner
 from gprebn_edge.runtime.loop_state import LoopState, MetricsLog, StateDir
+from gprebn_edge.runtime.loop_window import Window, segment_names
+from gprebn_edge.runtime.loop_worker import Job, Shared, Worker
 
 __all__ = ["LoopConfig", "LoopResult", "run_loop"]
 
 SERVING_SWITCH_INTERVAL = 0.0005  # seconds: how long serving may wait for the GIL while a round runs
-WORKER_NICE = 10                  # the worker thread's nice increment
 
 
 @dataclass
@@ -124,24 +123,6 @@ class LoopResult:
     stop_reason: str
     log: Path
     skipped: int = 0                 # unreadable frames skipped (image folders)
-
-
-@dataclass
-class _Job:
-    round_id: int
-    frames: np.ndarray
-    served_frames: int
-
-
-class _Shared:
-    """State the serving thread and the worker share, behind one lock."""
-
-    def __init__(self, state: LoopState) -> None:
-        self.lock = threading.Lock()
-        self.state = state
-        self.pending: tuple[Runner, int] | None = None   # a passed candidate waiting to be swapped in
-        self.busy = False
-        self.rounds = self.passed = self.rollbacks = 0
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -218,114 +199,6 @@ class _Loop:
         return self.dir.path / (state.engine or state.onnx)
 
     # -- the worker -----------------------------------------------------------------------------------
-    def _worker(self, jobs: queue.Queue[_Job | None]) -> None:
-        from gprebn_edge.readapt import ReadaptConfig, Readapter
-
-        _lower_priority()
-        c = self.config
-        with self.shared.lock:
-            start_ckpt = self.dir.path / self.shared.state.checkpoint
-        try:
-            readapter = Readapter(start_ckpt, ReadaptConfig(batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-                                                            threads=c.adapt_threads))
-        except Exception as e:  # the loop keeps serving the current model; the failure is in the log
-            self.log.write("worker_error", error=_one_line(e))
-            return
-        policy = RecoveryPolicy(max_failures=c.recovery)
-        while (job := jobs.get()) is not None:
-            try:
-                self._round(job, readapter, policy)
-            except Exception as e:  # never let a worker crash silently: log it, keep serving
-                self.log.write("worker_error", error=_one_line(e), round=job.round_id)
-            finally:
-                with self.shared.lock:
-                    self.shared.busy = False
-
-    def _round(self, job: _Job, readapter: Any, policy: RecoveryPolicy) -> None:
-        c = self.config
-        start = time.perf_counter()
-        held = max(8, int(round(len(job.frames) * c.holdout)))
-        adapt, holdout = job.frames[:-held], job.frames[-held:]
-        with self.shared.lock:
-            serving = replace(self.shared.state)
-        files: list[Path] = []
-        record: dict[str, Any] = {"round": job.round_id, "frames": job.served_frames, "buffer": len(job.frames),
-                                  "holdout": held, "error": None}
-        result = None
-        candidate_runner: Runner | None = None
-        try:
-            candidate = readapter.round(adapt)
-            record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
-            onnx = self.dir.round_path(job.round_id, ".onnx")
-            files += [onnx, onnx.with_name(onnx.stem + ".manifest.json")]
-            from gprebn_edge.export.pipeline import export_model
-
-            export_model(candidate.model, readapter.meta, onnx, [holdout], data="loop buffer (held-back frames)")
-            engine = None
-            if serving.engine:
-                engine = self._refit(serving, onnx, job.round_id)
-                files.append(engine)
-            candidate_runner = (open_runner(engine, "tensorrt") if engine else
-                                open_runner(onnx, "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
-            candidate_runner.activate()
-            with self._open(serving) as current:
-                cand_logits, cur_logits = candidate_runner.infer(holdout), current.infer(holdout)
-                probe = None
-                if self.probe is not None:
-                    images, labels = self.probe
-                    probe = (candidate_runner.infer(images), current.infer(images), labels)
-            result = evaluate_gates(cand_logits, cur_logits, c.gates, probe=probe)
-            record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
-                          mean_entropy=float(metrics.entropy(cand_logits).mean()))
-        except Exception as e:
-            record.update(passed=False, reasons=[f"error: {_one_line(e)}"], gates=None, error=_one_line(e))
-        record["seconds"] = round(time.perf_counter() - start, 3)
-        with self.shared.lock:
-            self.shared.rounds += 1
-        self.log.write("round", **record)
-        if record["passed"] and candidate_runner is not None:
-            ckpt = self.dir.round_path(job.round_id, ".safetensors")
-            readapter.save(candidate, ckpt, job.round_id, job.served_frames)
-            with self.shared.lock:
-                new = replace(self.shared.state, round=job.round_id, checkpoint=ckpt.name, onnx=files[0].name,
-                              engine=files[2].name if len(files) > 2 else None, failures=0)
-                self.dir.write(new)
-                self.dir.clean(new)  # the previous round's files: state.json no longer names them
-                self.shared.state = new
-                self.shared.pending = (candidate_runner, job.round_id)
-                self.shared.passed += 1
-            readapter.accept(candidate)
-            policy.record(True)
-            return
-        if candidate_runner is not None:
-            candidate_runner.deactivate()
-        for f in files:
-            f.unlink(missing_ok=True)
-        policy.record(False)
-        with self.shared.lock:
-            self.shared.state.failures = policy.consecutive_failures
-            self.dir.write(self.shared.state)
-            current_ckpt = self.dir.path / self.shared.state.checkpoint
-        if policy.should_reset():
-            readapter.reset_to(current_ckpt)
-            self.log.write("rollback", to_round=serving.round, failures=policy.consecutive_failures,
-                           frames=job.served_frames)
-            policy.reset()
-            with self.shared.lock:
-                self.shared.rollbacks += 1
-                self.shared.state.failures = 0
-                self.dir.write(self.shared.state)
-
-    def _refit(self, serving: LoopState, onnx: Path, round_id: int) -> Path:
-        from gprebn_edge.export.tensorrt_build import folded_weights, refit_engine
-
-        assert serving.engine is not None
-        refitted = refit_engine((self.dir.path / serving.engine).read_bytes(), folded_weights(onnx))
-        out = self.dir.round_path(round_id, ".engine")
-        with atomic_path(out) as tmp:
-            tmp.write_bytes(refitted)
-        return out
-
     # -- serving ----------------------------------------------------------------------------------------
     def run(self) -> LoopResult:
         c = self.config
@@ -339,7 +212,7 @@ class _Loop:
             self.dir.clean(state)
         if self.adapting and not state.checkpoint:
             raise InputError(f"{self.dir.state_file} was written by a loop without --model; use a new --state")
-        self.shared = _Shared(state)
+        self.shared = Shared(state)
         self.log = MetricsLog(self.dir.log_file)
         meta = model_metadata(self.dir.path / state.onnx) if state.onnx else model_metadata(self._model_file(state))
         if not meta.get("preprocess"):
@@ -355,17 +228,18 @@ class _Loop:
         runner = self._open(state)
         runner.activate()
         source = self.source = self._frames(c.source, preprocess, runner)
-        names = _segment_names(source)
+        names = segment_names(source)
         self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
                        config=_config_record(c), adapting=self.adapting)
-        jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
+        jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
         worker = None
         switch_interval = sys.getswitchinterval()
         if self.adapting:
+            work = Worker(c, self.dir, self.shared, self.log, self.probe, self._open)
             # the worker runs Python between its kernels while holding the GIL; the default 5 ms switch
             # interval would let it keep serving waiting that long, which is what a frame's p99 then shows
             sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
-            worker = threading.Thread(target=self._worker, args=(jobs,), name="gprebn-readapt", daemon=True)
+            worker = threading.Thread(target=work.run, args=(jobs,), name="gprebn-readapt", daemon=True)
             worker.start()
         buffer: deque[np.ndarray] = deque(maxlen=c.buffer)
         served_round, swaps, frames = state.round, 0, state.frames
@@ -373,7 +247,7 @@ class _Loop:
         skip = state.frames if resumed and not live else 0
         next_round_id = state.rounds_tried + 1
         last_trigger_frames, last_trigger_time = frames, time.perf_counter()
-        window = _Window()
+        window = Window()
         reason = "source exhausted"
         next_frame_time = time.perf_counter()
         try:
@@ -405,14 +279,14 @@ class _Loop:
                 buffer.append(batch.images[0])
                 if window.n >= c.window:
                     self._flush(window, frames, served_round)
-                    window = _Window()
+                    window = Window()
                 due = (frames - last_trigger_frames >= c.every if c.every is not None
                        else time.perf_counter() - last_trigger_time >= (c.interval or 0))
                 if worker is not None and due and not busy and len(buffer) >= c.min_frames:
                     with self.shared.lock:
                         self.shared.busy = True
                         self.shared.state.rounds_tried = next_round_id
-                    jobs.put(_Job(next_round_id, np.stack(buffer), frames))
+                    jobs.put(Job(next_round_id, np.stack(buffer), frames))
                     next_round_id += 1
                     last_trigger_frames, last_trigger_time = frames, time.perf_counter()
         except KeyboardInterrupt:
@@ -451,7 +325,7 @@ class _Loop:
             return VideoFrames(spec, preprocess, size=size)
         return open_source(spec, preprocess, shuffle=False)
 
-    def _flush(self, window: _Window, frames: int, served_round: int) -> None:
+    def _flush(self, window: Window, frames: int, served_round: int) -> None:
         skipped = len(getattr(self.source, "skipped", []))
         record = self.log.write("window", frames=frames, served_round=served_round, skipped=skipped,
                                 **window.record())
@@ -462,98 +336,10 @@ class _Loop:
             self.on_window(record)
 
 
-class _Window:
-    """Per-frame figures of one metrics window."""
-
-    def __init__(self) -> None:
-        self.logits: list[np.ndarray] = []
-        self.ms: list[float] = []
-        self.busy: list[bool] = []
-        self.labels: list[int | None] = []
-        self.segments: list[str | None] = []
-        self.frames: list[int] = []
-
-    @property
-    def n(self) -> int:
-        return len(self.ms)
-
-    def add(self, logits: np.ndarray, ms: float, busy: bool, label: int | None, segment: str | None,
-            frame: int) -> None:
-        self.frames.append(frame)
-        self.logits.append(logits)
-        self.ms.append(ms)
-        self.busy.append(busy)
-        self.labels.append(label)
-        self.segments.append(segment)
-
-    def record(self) -> dict[str, Any]:
-        logits = np.stack(self.logits)
-        finite = np.isfinite(logits).all(1)
-        pred = np.where(finite, np.nan_to_num(logits).argmax(1), -1)
-        ent = metrics.entropy(logits[finite]) if finite.any() else np.array([np.nan])
-        ms = np.asarray(self.ms)
-        busy = np.asarray(self.busy)
-        labeled = [i for i, y in enumerate(self.labels) if y is not None]
-        correct = [int(pred[i] == self.labels[i]) for i in labeled]
-        segment_frames: dict[str, list[int]] = {}  # name -> [first frame, last frame + 1] within this window
-        for name, frame in zip(self.segments, self.frames, strict=True):
-            if name is not None:
-                span = segment_frames.setdefault(name, [frame, frame + 1])
-                span[1] = frame + 1
-        by_segment: dict[str, list[int]] = {}
-        for i, c in zip(labeled, correct, strict=True):
-            name = self.segments[i]
-            if name is not None:
-                by_segment.setdefault(name, [0, 0])
-                by_segment[name][0] += c
-                by_segment[name][1] += 1
-        return {"n": self.n, "latency_ms": _percentiles(ms), "latency_idle_ms": _split(ms[~busy]),
-                "latency_adapting_ms": _split(ms[busy]), "adapting_fraction": float(busy.mean()),
-                "mean_entropy": float(ent.mean()), "non_finite": int((~finite).sum()), "labeled": len(labeled),
-                "correct": sum(correct) if labeled else None, "by_segment": by_segment,
-                "segment_frames": segment_frames,
-                "idle_latencies_ms": [round(float(v), 4) for v in ms[~busy]],
-                "adapting_latencies_ms": [round(float(v), 4) for v in ms[busy]]}
-
-
-def _percentiles(ms: np.ndarray) -> dict[str, float]:
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
-
-
-def _split(ms: np.ndarray) -> dict[str, float] | None:
-    if not len(ms):
-        return None
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": int(len(ms))}
-
-
-def _segment_names(source: Any) -> list[str] | None:
-    """Unique names per segment of a shifting stream ("clean#0", "fog-5#1", ...), else None."""
-    segments = getattr(source, "segments", None)
-    if segments is None:
-        return None
-    return [f"{s.name}#{k}" for k, s in enumerate(segments())]
-
-
 def _config_record(c: LoopConfig) -> dict[str, Any]:
     out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items() if k != "gates"}
     out["gates"] = c.gates.__dict__
     return out
-
-
-def _lower_priority() -> None:
-    """Give the calling (worker) thread a lower CPU priority than serving, where the OS allows it (Linux:
-    a thread's nice value is per thread). Best effort: nothing happens elsewhere or without permission."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
-    except (AttributeError, OSError):
-        pass
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:300]
 
 
 def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None = None) -> LoopResult:

@@ -1,0 +1,86 @@
+"""One metrics window of the device loop: the per-frame figures of the frames served since the last record
+(latency split by whether a round was running, entropy, accuracy and per-segment counts when labels exist).
+numpy only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gprebn_edge.runtime import metrics
+
+__all__ = ["Window", "segment_names"]
+
+
+class Window:
+    """Per-frame figures of one metrics window."""
+
+    def __init__(self) -> None:
+        self.logits: list[np.ndarray] = []
+        self.ms: list[float] = []
+        self.busy: list[bool] = []
+        self.labels: list[int | None] = []
+        self.segments: list[str | None] = []
+        self.frames: list[int] = []
+
+    @property
+    def n(self) -> int:
+        return len(self.ms)
+
+    def add(self, logits: np.ndarray, ms: float, busy: bool, label: int | None, segment: str | None,
+            frame: int) -> None:
+        self.frames.append(frame)
+        self.logits.append(logits)
+        self.ms.append(ms)
+        self.busy.append(busy)
+        self.labels.append(label)
+        self.segments.append(segment)
+
+    def record(self) -> dict[str, Any]:
+        logits = np.stack(self.logits)
+        finite = np.isfinite(logits).all(1)
+        pred = np.where(finite, np.nan_to_num(logits).argmax(1), -1)
+        ent = metrics.entropy(logits[finite]) if finite.any() else np.array([np.nan])
+        ms = np.asarray(self.ms)
+        busy = np.asarray(self.busy)
+        labeled = [i for i, y in enumerate(self.labels) if y is not None]
+        correct = [int(pred[i] == self.labels[i]) for i in labeled]
+        segment_frames: dict[str, list[int]] = {}  # name -> [first frame, last frame + 1] within this window
+        for name, frame in zip(self.segments, self.frames, strict=True):
+            if name is not None:
+                span = segment_frames.setdefault(name, [frame, frame + 1])
+                span[1] = frame + 1
+        by_segment: dict[str, list[int]] = {}
+        for i, c in zip(labeled, correct, strict=True):
+            name = self.segments[i]
+            if name is not None:
+                by_segment.setdefault(name, [0, 0])
+                by_segment[name][0] += c
+                by_segment[name][1] += 1
+        return {"n": self.n, "latency_ms": _percentiles(ms), "latency_idle_ms": _split(ms[~busy]),
+                "latency_adapting_ms": _split(ms[busy]), "adapting_fraction": float(busy.mean()),
+                "mean_entropy": float(ent.mean()), "non_finite": int((~finite).sum()), "labeled": len(labeled),
+                "correct": sum(correct) if labeled else None, "by_segment": by_segment,
+                "segment_frames": segment_frames,
+                "idle_latencies_ms": [round(float(v), 4) for v in ms[~busy]],
+                "adapting_latencies_ms": [round(float(v), 4) for v in ms[busy]]}
+
+
+def _percentiles(ms: np.ndarray) -> dict[str, float]:
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
+
+
+def _split(ms: np.ndarray) -> dict[str, float] | None:
+    if not len(ms):
+        return None
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": int(len(ms))}
+
+
+def segment_names(source: Any) -> list[str] | None:
+    """Unique names per segment of a shifting stream ("clean#0", "fog-5#1", ...), else None."""
+    segments = getattr(source, "segments", None)
+    if segments is None:
+        return None
+    return [f"{s.name}#{k}" for k, s in enumerate(segments())]
