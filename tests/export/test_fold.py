@@ -8,6 +8,7 @@ import pytest
 import torch
 from bn_zoo import TORCHVISION_ZOO, ZOO, ConvBnRelu, Untraceable, far_from_defaults, far_from_defaults_deep
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision_beside_cpu_torch import torchvision_or_skip
 
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold import fold_batchnorm
@@ -65,7 +66,7 @@ def _max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", list(TORCHVISION_ZOO))
 def test_torchvision_models_fold_every_bn_and_export(name, tmp_path):
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = torchvision_or_skip()
     torch.manual_seed(0)
     model = far_from_defaults_deep(getattr(torchvision.models, name)(weights=None))
     bns = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
