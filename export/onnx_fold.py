@@ -1,5 +1,7 @@
-"""Fold BatchNorm in an ONNX graph: the fallback for models torch.fx cannot trace (fold.py, which folds in
-PyTorch, stays the first choice).
+"""Fold BatchNorm in an ONNX graph: the second level of folding. The export folds in PyTorch first
+(fold.py, torch.fx); the BNs it cannot prove foldable stay BatchNormalization nodes in the export, and this
+module folds those it can prove foldable in the graph. A model torch.fx cannot trace at all is folded here
+entirely.
 
 Getting a graph that still has its BatchNorms (facts seen with torch 2.13, TorchScript exporter, opset 17):
 
@@ -28,10 +30,15 @@ Getting a graph that still has its BatchNorms (facts seen with torch 2.13, Torch
   the trace to be incorrect"). Folding keeps exactly what the unfolded ONNX computes, the traced path; the
   parity check against the eval-mode PyTorch model on real inputs shows whether the data takes that path.
 
-A BN folds into the Conv, ConvTranspose or Gemm whose output only it consumes, when the producer's weight
-(and bias) are constants used by no other node; other BNs stay and are reported, as in fold.py. The folded
-producer gets a bias named after its weight (`conv1.weight` -> `conv1.bias`), inserted next to it. The maths is
-done in float64 and cast back to the weight's dtype.
+A BN folds into the Conv, ConvTranspose or Gemm whose output only it consumes, possibly through Identity
+nodes and Pad nodes of mode reflect, edge or wrap (they copy values within a channel, so they commute with
+BN's per-channel affine; the Pad stays), when the producer's weight (and bias) are constants used by no other
+node. A constant Pad in between keeps the BN (BN maps the pad value to a different value per channel); other
+BNs stay and are reported, as in fold.py. The folded producer gets a bias named after its weight
+(`conv1.weight` -> `conv1.bias`), inserted next to it. The maths is fold_math.fold_bn, as in fold.py: float64,
+cast once to the weight's dtype. The BN's epsilon is stored as a float32 attribute; it is read back as the
+shortest decimal that float32 rounds to it (1e-05, not 9.99999974738e-06), the value PyTorch held, so that
+both levels fold to bit-identical weights.
 """
 
 from __future__ import annotations
@@ -60,12 +67,16 @@ _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 _VALUE_NODES = ("Identity", "Constant")
 
 
-# --- maths: fold_math.py's, on numpy arrays (float64 in, float64 out) ----------------------------------
+# --- maths: fold_math.py's, on numpy arrays ---------------------------------------------------------
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(a))  # a writable copy: torch warns on read-only arrays
+
 
 def bn_scale_shift_np(mean: np.ndarray, var: np.ndarray, weight: np.ndarray, bias: np.ndarray,
                       eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(s, t) with BN(z) = s * z + t per channel."""
-    t = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (mean, var, weight, bias)]
+    """(s, t) with BN(z) = s * z + t per channel, in float64."""
+    t = [_tensor(np.asarray(a, dtype=np.float64)) for a in (mean, var, weight, bias)]
     scale, shift = bn_scale_shift(*t, eps)
     return scale.numpy(), shift.numpy()
 
@@ -73,13 +84,17 @@ def bn_scale_shift_np(mean: np.ndarray, var: np.ndarray, weight: np.ndarray, bia
 def fold_bn_np(weight: np.ndarray, bias: np.ndarray | None, mean: np.ndarray, var: np.ndarray,
                bn_weight: np.ndarray, bn_bias: np.ndarray, eps: float, *, transposed: bool = False,
                groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """fold_math.fold_bn on numpy arrays, computed in float64: (weight, bias) of the op with the BN folded."""
-    def f64(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(a, dtype=np.float64))
-
-    w, b = fold_bn(f64(weight), None if bias is None else f64(bias), f64(mean), f64(var), f64(bn_weight),
-                   f64(bn_bias), eps, transposed=transposed, groups=groups)
+    """fold_math.fold_bn on numpy arrays: (weight, bias) of the op with the BN folded, computed in float64
+    and returned in `weight`'s dtype."""
+    w, b = fold_bn(_tensor(weight), None if bias is None else _tensor(bias), _tensor(mean), _tensor(var),
+                   _tensor(bn_weight), _tensor(bn_bias), eps, transposed=transposed, groups=groups)
     return w.numpy(), b.numpy()
+
+
+def _epsilon(bn: onnx.NodeProto) -> float:
+    """The BN's epsilon as PyTorch held it: the attribute is float32, so 1e-5 reads back as 9.99999974738e-06;
+    the shortest decimal that rounds to it in float32 is the value that was written."""
+    return float(str(np.float32(_attr(bn, "epsilon", 1e-5))))
 
 
 # --- graph plumbing -------------------------------------------------------------------------------------
@@ -186,6 +201,26 @@ def _gemm_bias(c: np.ndarray, n_out: int) -> np.ndarray:
     raise _Skip(f"Gemm bias of shape {c.shape} is not one value per output channel")
 
 
+_COMMUTING_PADS = ("reflect", "edge", "wrap")
+
+
+def _through_passthroughs(g: _Graph, x: str) -> str:
+    """The tensor a BN input comes from, looking through Identity nodes and reflect/edge/wrap Pads that only
+    the BN path uses; a constant Pad raises _Skip."""
+    while (node := g.producer.get(x)) is not None and node.op_type in ("Identity", "Pad"):
+        what = f"{node.op_type} `{node.name or x}`"
+        if node.op_type == "Pad":
+            mode = _attr(node, "mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+            if mode not in _COMMUTING_PADS:
+                raise _Skip(f"a constant pad ({what}) comes before it: BN maps the pad value to a different value "
+                            "per channel, so folding would change the border")
+        if g.uses[x] != 1:
+            raise _Skip(f"{what} before it has other consumers")
+        x = node.input[0]
+    return x
+
+
 def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, set[str]]:
     """Fold `bn` into its producer and return (producer name, names that may have become unused)."""
     if _attr(bn, "training_mode", 0) or any(bn.output[1:]):
@@ -193,8 +228,8 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, set[str]]:
     params = [g.constant(n) for n in bn.input[1:5]]
     if any(p is None for p in params):
         raise _Skip("no constant running statistics or affine parameters")
-    gamma, beta, mean, var = (np.asarray(p, dtype=np.float64) for p in params if p is not None)
-    x = bn.input[0]
+    gamma, beta, mean, var = (np.asarray(p) for p in params if p is not None)
+    x = _through_passthroughs(g, bn.input[0])
     src = g.producer.get(x)
     if src is None:
         raise _Skip("no foldable producer (its input comes from the model input)" if x in g.inputs
@@ -214,44 +249,44 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, set[str]]:
     w = g.constant(w_name)
     assert w is not None
     b = g.constant(b_name) if b_name else None
-    eps = float(_attr(bn, "epsilon", 1e-5))
-    stats = (mean, var, gamma, beta, eps)
+    stats = (mean, var, gamma, beta, _epsilon(bn))
     try:
         if src.op_type == "Gemm":
             trans_b = bool(_attr(src, "transB", 0))
-            w64 = w.astype(np.float64) if trans_b else w.astype(np.float64).T  # (out, in)
-            bias = None if b is None else _gemm_bias(b, w64.shape[0]).astype(np.float64) * _attr(src, "beta", 1.0)
-            new_w, new_b = fold_bn_np(w64, bias, *stats)
+            w_out_in = w if trans_b else w.T  # (out, in)
+            beta_c = float(_attr(src, "beta", 1.0))
+            bias = None if b is None else _gemm_bias(b, w_out_in.shape[0]).astype(np.float64) * beta_c
+            new_w, new_b = fold_bn_np(w_out_in, bias, *stats)
             new_w = new_w if trans_b else new_w.T
         else:
-            new_w, new_b = fold_bn_np(w.astype(np.float64), None if b is None else b.astype(np.float64), *stats,
-                                      transposed=src.op_type == "ConvTranspose", groups=int(_attr(src, "group", 1)))
+            new_w, new_b = fold_bn_np(w, b, *stats, transposed=src.op_type == "ConvTranspose",
+                                      groups=int(_attr(src, "group", 1)))
     except ValueError as e:
         raise _Skip(str(e)) from None
     maybe_unused = set(bn.input[1:5]) | {w_name} | ({b_name} if b_name else set())
     maybe_unused.update([g.producer[n].input[0] for n in maybe_unused
                          if n in g.producer and g.producer[n].op_type == "Identity"])
-    g.write(w_name, new_w.astype(w.dtype))
+    g.write(w_name, np.ascontiguousarray(new_w))
     if b_name is None:
         b_name = g.fresh(f"{name}.bias")
-        g.write(b_name, new_b.astype(w.dtype), after=w_name)
+        g.write(b_name, new_b, after=w_name)
         while len(src.input) < 3:
             src.input.append("")
         src.input[2] = b_name
     else:
-        g.write(b_name, new_b.astype(w.dtype))
+        g.write(b_name, new_b)
     if src.op_type == "Gemm":  # the bias now holds beta * C
         for a in [a for a in src.attribute if a.name == "beta"]:
             src.attribute.remove(a)
         src.attribute.append(helper.make_attribute("beta", 1.0))
-    y = bn.output[0]
+    y, z = bn.output[0], bn.input[0]
     if y in {o.name for o in g.graph.output}:
-        src.output[0] = y  # keep the graph output's name
+        g.producer[z].output[0] = y  # keep the graph output's name
     else:
         for node in _all_nodes(g.graph):
             for i, n in enumerate(node.input):
                 if n == y:
-                    node.input[i] = x
+                    node.input[i] = z
     g.graph.node.remove(bn)
     return name, maybe_unused
 
@@ -291,7 +326,7 @@ def fold_onnx_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldRe
         except _Skip as e:
             report.skipped.append((_bn_name(bn), str(e)))
             continue
-        report.folded.append((_bn_name(bn), producer))
+        report.add(_bn_name(bn), producer, "onnx")
         unused |= names
     _prune(folded.graph, unused)
     g.order_initializers()
@@ -329,8 +364,9 @@ def export_bn_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT
 
 def export_folded_onnx_fallback(model: nn.Module, path: str | Path, example: torch.Tensor,
                                 opset: int = DEFAULT_OPSET) -> FoldReport:
-    """Export the unfolded model with its BatchNorms, fold them in the ONNX graph and save it to `path`.
-    Check parity against the original eval-mode model afterwards (onnx_export.onnx_parity)."""
+    """Export `model` with the BatchNorms it has, fold them in the ONNX graph and save it to `path`: a model
+    torch.fx cannot trace, or the fx-folded model with the BNs torch.fx left. Check parity against the
+    original eval-mode model afterwards (onnx_export.onnx_parity)."""
     folded, report = fold_onnx_batchnorm(export_bn_onnx(model, example, opset))
     onnx.save(folded, str(path))
     return report

@@ -1,7 +1,8 @@
 """The export stage as one library call: adapted checkpoint -> folded ONNX (+ TensorRT engine) + manifest.
 
-Folding happens in PyTorch (fold.py, torch.fx); a model torch.fx cannot trace is exported with its
-BatchNorms and folded in the ONNX graph instead (onnx_fold.py), and the manifest says so. Where an engine is
+Folding happens in PyTorch (fold.py, torch.fx) where it can be proven there, then in the exported ONNX graph
+for the BatchNorms left (onnx_fold.py); a model torch.fx cannot trace is exported with its BatchNorms and
+folded in the ONNX graph only. The manifest says, per BN, where it was folded or why it was kept. Where an engine is
 asked for, TensorRT is checked before any work, so a machine without it fails at once and writes nothing."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batchnorm
-from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx, torchscript_export
+from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
 from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
 from gprebn_edge.io import write_text_atomic
 from gprebn_edge.models.weights import sha256_file
@@ -66,18 +67,23 @@ def require_tensorrt() -> None:
 
 
 def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, Any, list[FoldReport], str]:
-    """(model to export, exporter, fold report holder, where folding happens): in PyTorch when torch.fx can
-    trace the model, else in the ONNX graph (the report is filled in when the exporter runs)."""
+    """(model to export, exporter, fold report holder, where folding happens). In PyTorch (torch.fx) what it
+    can prove foldable, then, in the exported graph, the BNs it left that the ONNX graph shows foldable; a
+    model torch.fx cannot trace is folded in the ONNX graph only. The report is filled in when the exporter
+    runs; each folded BN says where it was folded."""
+    reports: list[FoldReport] = []
     try:
-        folded, report = fold_batchnorm(model, example)
-        return folded, torchscript_export, [report], "pytorch (torch.fx)"
+        folded, fx_report = fold_batchnorm(model, example)
     except UntraceableModelError:
-        reports: list[FoldReport] = []
-
         def exporter(m: torch.nn.Module, path: Path, x: torch.Tensor, opset: int) -> None:
             reports.append(export_folded_onnx_fallback(m, path, x, opset))
 
         return model, exporter, reports, "onnx (torch.fx cannot trace the model)"
+
+    def fx_then_onnx(m: torch.nn.Module, path: Path, x: torch.Tensor, opset: int) -> None:
+        reports.append(fx_report.then(export_folded_onnx_fallback(m, path, x, opset)))
+
+    return folded, fx_then_onnx, reports, "pytorch (torch.fx), then onnx for the BNs left"
 
 
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
@@ -130,6 +136,9 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
     to_export, exporter, reports, fold_level = _fold(model, example)
     onnx_meta = {"gprebn_edge": __version__, "model": which, "artifact": artifact.name if artifact else "",
                  "preprocess": meta["preprocess"], "num_classes": str(meta["num_classes"])}
+    health = _adaptation_health(meta, which)
+    if health is not None:  # compare and the loop read it back and warn where it was not clean
+        onnx_meta["adaptation_health"] = json.dumps(health)
     say(f"exporting ONNX and checking it on {sum(len(b) for b in batches)} images")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
@@ -152,6 +161,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
         "seconds": round(time.perf_counter() - start, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tensorrt": None,
+        "adaptation_health": health,
     }
     try:
         write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
@@ -159,6 +169,16 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
         out.unlink(missing_ok=True)
         raise
     return manifest
+
+
+def _adaptation_health(meta: dict[str, Any], which: str) -> dict[str, Any] | None:
+    """The adapt stage's health verdict and signals, for the adapted model of an artifact that has them."""
+    summary = meta.get("summary")
+    health = summary.get("health") if which == "adapted" and isinstance(summary, dict) else None
+    if not isinstance(health, dict):
+        return None
+    return {"verdict": health.get("verdict"), "signals": health.get("signals", []),
+            **({"reason": health["reason"]} if "reason" in health else {})}
 
 
 def _build_engine(onnx_file: Path, options: EngineOptions, batches: list, say: Callable[[str], None]) -> dict:
