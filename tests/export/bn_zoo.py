@@ -1,16 +1,25 @@
 """A zoo of BatchNorm patterns, shared by the fold tests (torch.fx and ONNX level) and benchmarks/fold_zoo.py:
 what folds (conv with and without bias, grouped, depthwise, Linear+BN1d, ConvTranspose with groups 1 and 2,
-Conv3d+BN3d), what must be skipped (BN first, BN after an add, a conv feeding two BNs, a conv called twice),
-a model with no BN, and a model torch.fx cannot trace. Plain module, no tests: import it as `bn_zoo` (the
-tests find it on pytest's rootdir-inserted path, the benchmark inserts this folder on sys.path)."""
+Conv3d+BN3d; convolutions written as real models write them: a Conv2d subclass with static "same" padding
+calling F.conv2d, F.conv2d / F.conv_transpose2d / F.linear on a module's own parameters, with and without
+bias, depthwise, a pad before the conv, Identity/Dropout or a reflect pad between conv and BN), what must be
+skipped (BN first, BN after an add, a conv feeding two BNs, a conv called twice, a weight used by two calls,
+a constant pad between conv and BN), a model with no BN, and a model torch.fx cannot trace. Plain module, no
+tests: import it as `bn_zoo` (the tests find it on pytest's rootdir-inserted path, the benchmark inserts this
+folder on sys.path)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["ConvBnRelu", "LinearBn", "ConvTransposeBn", "Conv3dBn", "PreActivation", "SharedProducer", "NoBn",
+__all__ = ["SKIP_REASONS", "ONNX_FOLDS", "ContiguousBetween", "StaticSamePadConv2d", "SamePadBlock",
+           "FunctionalConv", "FunctionalConvBn", "ConvBnRelu", "LinearBn", "ConvTransposeBn", "Conv3dBn",
+           "PreActivation", "SharedProducer", "NoBn",
            "Untraceable", "TwoUses", "ZOO", "TORCHVISION_ZOO", "far_from_defaults", "far_from_defaults_deep"]
 
 
@@ -119,6 +128,160 @@ class TwoUses(nn.Module):
         return self.bn2(self.conv(torch.relu(self.bn1(self.conv(x)))))
 
 
+class StaticSamePadConv2d(nn.Conv2d):
+    """TensorFlow-style "same" padding computed once for a fixed image size, as EfficientNet ports write it:
+    an nn.Conv2d subclass whose forward pads, then calls F.conv2d on its own weight (torch.fx traces it as a
+    pad module, a get_attr and a call of torch.conv2d, not as one Conv2d call)."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, bias=False, image=6):
+        super().__init__(cin, cout, k, stride=stride, groups=groups, bias=bias)
+        out = math.ceil(image / stride)
+        pad = max((out - 1) * stride + k - image, 0)
+        self.static_padding = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+    def forward(self, x):
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SamePadBlock(nn.Module):
+    """Expand (1x1, no bias), depthwise 3x3 stride 2, project: each a StaticSamePadConv2d followed by a BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = StaticSamePadConv2d(4, 8, 1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.depthwise = StaticSamePadConv2d(8, 8, 3, stride=2, groups=8)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.project = StaticSamePadConv2d(8, 6, 1, bias=True, image=3)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.expand(x)))
+        x = torch.relu(self.bn1(self.depthwise(x)))
+        return self.bn2(self.project(x))
+
+
+class FunctionalConv(nn.Module):
+    """F.conv2d on the module's own parameters (weight and an optional bias), optionally after a constant
+    F.pad (a pad before the conv needs nothing) and with groups (depthwise at groups == cin == cout)."""
+
+    def __init__(self, cin=4, cout=8, bias=True, groups=1, pad_first=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin // groups, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(cout)) if bias else None
+        self.groups, self.pad_first = groups, pad_first
+
+    def forward(self, x):
+        if self.pad_first:
+            return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, groups=self.groups)
+        return F.conv2d(x, self.weight, self.bias, padding=1, groups=self.groups)
+
+
+class FunctionalConvBn(nn.Module):
+    """A FunctionalConv, then `between` (Identity, Dropout, a pad, ...), then a BN."""
+
+    def __init__(self, between=None, cin=4, cout=8, **conv):
+        super().__init__()
+        self.conv = FunctionalConv(cin, cout, **conv)
+        self.between = between if between is not None else nn.Identity()
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.between(self.conv(x))))
+
+
+class DropoutsBetween(nn.Module):
+    """nn.Dropout and F.dropout(training=False) between a functional conv and its BN: no-ops in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = FunctionalConv(bias=False)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(F.dropout(self.drop(self.conv(x)), 0.3, training=self.training))
+
+
+class ReflectPadBetween(nn.Module):
+    """Conv, then a reflect pad (module) and a replicate pad (F.pad), then BN: the pads copy values within
+    each channel, so BN commutes with them and folds into the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = FunctionalConv(bias=False)
+        self.pad = nn.ReflectionPad2d(1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(F.pad(self.pad(self.conv(x)), (1, 0, 0, 1), mode="replicate"))
+
+
+class ConstantPadBetween(nn.Module):
+    """Conv, zero pad, BN: BN(0) differs per channel, so the BN must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = FunctionalConv()
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(F.pad(self.conv(x), (1, 1, 1, 1), value=0.0))
+
+
+class FunctionalLinearBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Module()
+        self.fc.weight = nn.Parameter(torch.randn(10, 4 * 6 * 6) * 0.1)
+        self.fc.bias = nn.Parameter(torch.randn(10))
+        self.bn = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        return self.bn(F.linear(torch.flatten(x, 1), self.fc.weight, self.fc.bias))
+
+
+class FunctionalConvTransposeBn(nn.Module):
+    """F.conv_transpose2d with groups 2 and no bias, weight (C_in, C_out / groups, k, k), then BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Module()
+        self.up.weight = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(F.conv_transpose2d(x, self.up.weight, None, stride=2, groups=2))
+
+
+class SharedFunctionalWeight(nn.Module):
+    """One weight used by two F.conv2d calls, each followed by a BN: neither may fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = FunctionalConv(cin=4, cout=4)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv(x)))
+        return self.bn2(self.conv(y))
+
+
+class ContiguousBetween(nn.Module):
+    """`.contiguous()` between conv and BN: torch.fx sees a method call it does not know to be a no-op and
+    keeps the BN; the ONNX export drops the call, and the ONNX level folds the BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x).contiguous()))
+
+
 ZOO = {
     # name: (factory, input shape, folded BNs, skipped BNs)
     "conv-bn-relu": (lambda: ConvBnRelu(), (3, 4, 6, 6), ["bn"], []),
@@ -133,6 +296,32 @@ ZOO = {
     "shared-producer": (lambda: SharedProducer(), (3, 4, 6, 6), [], ["bn_a", "bn_b"]),
     "conv-used-twice": (lambda: TwoUses(), (3, 4, 6, 6), [], ["bn1", "bn2"]),
     "no-bn": (lambda: NoBn(), (3, 4, 6, 6), [], []),
+    "static-same-pad": (lambda: SamePadBlock(), (3, 4, 6, 6), ["bn0", "bn1", "bn2"], []),
+    "functional-conv": (lambda: FunctionalConvBn(), (3, 4, 6, 6), ["bn"], []),
+    "functional-conv-no-bias": (lambda: FunctionalConvBn(bias=False), (3, 4, 6, 6), ["bn"], []),
+    "functional-depthwise": (lambda: FunctionalConvBn(cin=8, groups=8, bias=False), (3, 8, 6, 6), ["bn"], []),
+    "functional-pad-first": (lambda: FunctionalConvBn(pad_first=True, bias=False), (3, 4, 6, 6), ["bn"], []),
+    "functional-linear": (lambda: FunctionalLinearBn(), (3, 4, 6, 6), ["bn"], []),
+    "functional-convtranspose-g2": (lambda: FunctionalConvTransposeBn(), (3, 4, 5, 5), ["bn"], []),
+    "identity-between": (lambda: FunctionalConvBn(nn.Identity(), bias=False), (3, 4, 6, 6), ["bn"], []),
+    "dropout-between": (lambda: DropoutsBetween(), (3, 4, 6, 6), ["bn"], []),
+    "reflect-pad-between": (lambda: ReflectPadBetween(), (3, 4, 6, 6), ["bn"], []),
+    "constant-pad-between": (lambda: ConstantPadBetween(), (3, 4, 6, 6), [], ["bn"]),
+    "functional-shared-weight": (lambda: SharedFunctionalWeight(), (3, 4, 6, 6), [], ["bn1", "bn2"]),
+    "contiguous-between": (lambda: ContiguousBetween(), (3, 4, 6, 6), [], ["bn"]),
+}
+
+# BNs torch.fx keeps that the ONNX graph shows foldable (the export's second level folds them), per zoo entry
+ONNX_FOLDS = {"contiguous-between": [("bn", "conv")]}
+
+# the reason each skipped BN of the zoo must give (a fragment of it), per zoo entry
+SKIP_REASONS = {
+    "pre-activation": ["the model input", "`relu`", "`add`"],
+    "shared-producer": ["other consumers", "other consumers"],
+    "conv-used-twice": ["called more than once", "called more than once"],
+    "constant-pad-between": ["constant pad"],
+    "functional-shared-weight": ["also used elsewhere", "also used elsewhere"],
+    "contiguous-between": ["`contiguous`"],
 }
 
 

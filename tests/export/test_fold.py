@@ -6,7 +6,15 @@ import copy
 
 import pytest
 import torch
-from bn_zoo import TORCHVISION_ZOO, ZOO, ConvBnRelu, Untraceable, far_from_defaults, far_from_defaults_deep
+from bn_zoo import (
+    SKIP_REASONS,
+    TORCHVISION_ZOO,
+    ZOO,
+    ConvBnRelu,
+    Untraceable,
+    far_from_defaults,
+    far_from_defaults_deep,
+)
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision_beside_cpu_torch import torchvision_or_skip
 
@@ -25,6 +33,9 @@ def test_zoo_folds_exactly_what_is_foldable(name):
     gm, report = fold_batchnorm(model, x)
     assert [b for b, _ in report.folded] == folded
     assert [b for b, _ in report.skipped] == skipped
+    assert len(SKIP_REASONS.get(name, [])) == len(skipped)
+    for (_, reason), fragment in zip(report.skipped, SKIP_REASONS.get(name, []), strict=True):
+        assert fragment in reason
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
     remaining = [n for n, m in gm.named_modules() if isinstance(m, _BatchNorm)]

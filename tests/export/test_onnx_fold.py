@@ -11,7 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from bn_zoo import ZOO, TwoUses, Untraceable, far_from_defaults  # the zoo of BN patterns, shared with fx folding
+from bn_zoo import (  # the zoo of BN patterns, shared with fx folding
+    ONNX_FOLDS,
+    ZOO,
+    TwoUses,
+    Untraceable,
+    far_from_defaults,
+)
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -43,19 +49,32 @@ def _ops(proto: onnx.ModelProto) -> list[str]:
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_folds_like_fx_and_matches_pytorch(name):
+    """The ONNX level folds what torch.fx folds (plus what only the graph shows foldable: ONNX_FOLDS), under
+    the same names and with bit-identical weights, and the result computes what PyTorch computes."""
     factory, shape, folded, skipped = ZOO[name]
+    extra = ONNX_FOLDS.get(name, [])
     torch.manual_seed(0)
     model = far_from_defaults(factory())
     x = torch.randn(shape)
     proto, report = fold_onnx_batchnorm(export_bn_onnx(model, x))
-    _, fx_report = fold_batchnorm(model, x)
-    assert report.folded == fx_report.folded and [b for b, _ in report.folded] == folded
-    assert [b for b, _ in report.skipped] == [b for b, _ in fx_report.skipped] == skipped
-    assert _ops(proto).count("BatchNormalization") == len(skipped)
+    gm, fx_report = fold_batchnorm(model, x)
+    assert [b for b, _ in fx_report.folded] == folded and [b for b, _ in fx_report.skipped] == skipped
+    assert report.folded == fx_report.folded + extra
+    assert [b for b, _ in report.skipped] == [b for b in skipped if b not in dict(extra)]
+    assert all(report.where[b] == "onnx" for b, _ in report.folded)
+    if name == "constant-pad-between":
+        assert "constant pad" in report.skipped[0][1]
+    assert _ops(proto).count("BatchNormalization") == len(report.skipped)
     names = {t.name for t in proto.graph.initializer}
     for bn, producer in report.folded:
         assert {f"{producer}.weight", f"{producer}.bias"} <= names
         assert not any(n.startswith(f"{bn}.") for n in names)
+    # one maths for both levels: the export of the fx-folded model holds the very same folded values
+    fx_values = {t.name: numpy_helper.to_array(t) for t in export_bn_onnx(gm, x).graph.initializer}
+    for _, producer in fx_report.folded:
+        for suffix in (".weight", ".bias"):
+            value = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == producer + suffix))
+            assert value.dtype == np.float32 and np.array_equal(value, fx_values[producer + suffix])
     xs = torch.randn(64, *shape[1:])
     with torch.no_grad():
         ref = model(xs).numpy()
@@ -221,8 +240,8 @@ def test_builtin_model_graph_equals_the_fx_folded_export(tmp_path):
     assert _ops(proto) == _ops(fx)
     assert [list(n.attribute) for n in proto.graph.node] == [list(n.attribute) for n in fx.graph.node]
     assert [t.name for t in proto.graph.initializer] == [t.name for t in fx.graph.initializer]
-    for a, b in zip(proto.graph.initializer, fx.graph.initializer, strict=True):  # same values up to rounding
-        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-4, atol=1e-5)
+    for a, b in zip(proto.graph.initializer, fx.graph.initializer, strict=True):  # one maths: the same bits
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
     with torch.no_grad():
         ref = model(x).numpy()
     got = _run(proto, x.numpy())

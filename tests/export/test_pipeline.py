@@ -4,9 +4,13 @@ import json
 
 import onnx
 import pytest
+import torch
+from bn_zoo import ConstantPadBetween, ContiguousBetween, FunctionalConvBn, far_from_defaults
 from typer.testing import CliRunner
 
 from gprebn_edge.cli import app
+from gprebn_edge.data.preprocess import Preprocess
+from gprebn_edge.export.pipeline import export_model
 
 runner = CliRunner()
 
@@ -98,3 +102,35 @@ def test_untraceable_model_is_folded_in_onnx(tmp_path):
     assert manifest["parity"]["top1_agreement"] == 1.0 and manifest["parity"]["max_rel"] <= 1e-5
     assert any("TracerWarning" in w for w in manifest["warnings"])
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(manifest["onnx"]).graph.node}
+
+
+class TwoLevels(torch.nn.Module):
+    """One BN of each kind: folded by torch.fx (functional conv), left by torch.fx but folded in the ONNX
+    graph (`.contiguous()` in between), and kept (constant pad in between)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = FunctionalConvBn(cin=3, cout=8, bias=False)
+        self.b = ContiguousBetween()
+        self.c = ConstantPadBetween()
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.c(self.b(self.a(x)[:, :4])[:, :4])
+        return self.head(x).mean((2, 3))
+
+
+def test_manifest_says_where_each_bn_was_folded_or_why_it_was_kept(tmp_path):
+    torch.manual_seed(0)
+    model = far_from_defaults(TwoLevels())
+    x = torch.randn(32, 3, 8, 8).numpy()
+    meta = {"preprocess": Preprocess().to_dict(), "num_classes": 4}
+    manifest = export_model(model, meta, tmp_path / "m.onnx", [x])
+    fold = manifest["fold"]
+    assert [(f["bn"], f["into"], f["where"]) for f in fold["folded"]] == [("a.bn", "a.conv", "pytorch"),
+                                                                          ("b.bn", "b.conv", "onnx")]
+    assert "`contiguous`" in fold["folded"][1]["pytorch_skipped"]
+    assert [s["bn"] for s in fold["skipped"]] == ["c.bn"] and "constant pad" in fold["skipped"][0]["reason"]
+    ops = [n.op_type for n in onnx.load(manifest["onnx"]).graph.node]
+    assert ops.count("BatchNormalization") == 1
+    assert manifest["parity"]["top1_agreement"] == 1.0 and manifest["parity"]["max_rel"] <= 1e-5
