@@ -140,10 +140,26 @@ def _build_builtin(name: str, num_classes: int | None) -> tuple[nn.Module, Prepr
     return model, pre
 
 
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
 def _build_torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
     try:
         import torchvision
     except Exception as e:  # a broken install can raise RuntimeError or OSError, not just ImportError
+        if "operator torchvision::" in str(e) and "does not exist" in str(e):
+            # installed, but its compiled operators were built for another torch (PyPI's CUDA torchvision
+            # beside a CPU torch): the extra is there, so naming it would not help
+            raise MissingDependencyError(
+                f"torchvision {_installed_version('torchvision')} was built for another torch than "
+                f"{torch.__version__} ({_oneline(e)}); install a matching pair, e.g. "
+                f"pip install torch==2.14.1 torchvision==0.29.1 on x86_64") from None
         raise MissingDependencyError(
             f"torchvision is not importable ({_oneline(e)}): pip install 'gprebn-edge[vision]'") from None
     kwargs = {"num_classes": num_classes} if num_classes else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torchvision_beside_cpu_torch import usable_torchvision
 
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, Preprocess
 from gprebn_edge.errors import ArtifactError, GprebnError, MissingDependencyError, ModelError
@@ -353,9 +355,7 @@ def test_model_spec_from_bad_dict() -> None:
 
 
 def test_torchvision() -> None:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
+    if usable_torchvision() is None:  # not installed (tests/conftest.py made an installed one usable)
         raises_one_line(MissingDependencyError, r"pip install 'gprebn-edge\[vision\]'", build_model,
                         "torchvision:resnet18")
     else:
@@ -365,14 +365,44 @@ def test_torchvision() -> None:
 
 
 def test_broken_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "torchvision.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')")
+    fake = tmp_path / "torchvision.py"
+    fake.write_text("raise RuntimeError('operator torchvision::nms does not exist')")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    # built for another torch: the cause and a matching pair, not the extra (it is installed)
+    msg = raises_one_line(MissingDependencyError, "was built for another torch than", build_model,
+                          "torchvision:resnet18")
+    assert torch.__version__ in msg and "pip install torch==2.14.1 torchvision==0.29.1" in msg
+    assert "gprebn-edge[vision]" not in msg and "torchvision::nms does not exist" in msg
+    fake.write_text("raise OSError('libc10.so: cannot open shared object file')")
     monkeypatch.delitem(sys.modules, "torchvision", raising=False)
     msg = raises_one_line(MissingDependencyError, "torchvision is not importable", build_model,
                           "torchvision:resnet18")
-    assert "RuntimeError: operator torchvision::nms" in msg
+    assert "OSError: libc10.so" in msg and "gprebn-edge[vision]" in msg
     monkeypatch.setitem(sys.modules, "torchvision", None)  # what an uninstalled package looks like
     raises_one_line(MissingDependencyError, "ModuleNotFoundError", build_model, "torchvision:resnet18")
+
+
+def test_torchvision_built_for_another_torch_is_named_in_one_line() -> None:
+    """The real installed torchvision, in a fresh process (no test shim): where its operators do not load
+    beside this torch, the user reads the cause and a matching pair to install."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed")
+    code = ("import importlib.metadata as m, torch\n"
+            "from gprebn_edge.errors import MissingDependencyError\n"
+            "from gprebn_edge.models.spec import build_model\n"
+            "try:\n    build_model('torchvision:resnet18')\n"
+            "except MissingDependencyError as e:\n    print('ERROR', e)\n"
+            "else:\n    print('OK')\n"
+            "print(m.version('torchvision'), torch.__version__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = out.stdout.strip().splitlines()
+    if lines[0] == "OK":
+        pytest.skip("the installed torchvision is built for this torch: no mismatch to report")
+    tv_version, torch_version = lines[-1].split()
+    assert len(lines) == 2 and lines[0].startswith("ERROR ")
+    assert f"torchvision {tv_version} was built for another torch than {torch_version}" in lines[0]
+    assert "pip install torch==2.14.1 torchvision==0.29.1" in lines[0] and "[vision]" not in lines[0]
 
 
 def test_import_does_not_pull_torchvision() -> None:
