@@ -41,3 +41,11 @@ test: $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The GPU check (docs/gpu.md): the machine's own Python with its CUDA build of torch, run from the working tree
+# (no install, no download); results in benchmarks/results/gpu/. The CPU dry run: make gpu-check PYTHON=.venv/bin/python
+# GPU_CHECK_ARGS="--device cpu --quick".
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
