@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import mean
 
@@ -25,26 +26,40 @@ from _common import RESULTS, command_line, environment, environment_line, write_
 
 from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
-from gprebn_edge.data.sources import open_source  # noqa: E402
+from gprebn_edge.data.sources import ImageSource, open_source  # noqa: E402
 from gprebn_edge.methods import METHODS, StatsConfig  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
 
 
-def domain_list(names: list[str], severities: list[int]) -> list[tuple[str, int | None]]:
+def domain_list(names: list[str], severities: list[int],
+                named: tuple[str, ...] = ("clean", "style")) -> list[tuple[str, int | None]]:
+    """(domain, severity) pairs: every severity of each corruption, None for the `named` domains."""
     out: list[tuple[str, int | None]] = []
     for name in names:
-        if name in ("clean", "style"):
+        if name in named:
             out.append((name, None))
         else:
             out.extend((name, s) for s in severities)
     return out
 
 
+# (domain, severity) -> (calibration source, disjoint test source) of that domain
+DataFactory = Callable[[str, int | None], tuple[ImageSource, ImageSource]]
+
+
+def synthetic_data(n_calib: int, n_test: int, preprocess, data_seed: int = 0) -> DataFactory:
+    """The built-in generated images: the calib and test splits of one domain."""
+    def data(domain: str, severity: int | None) -> tuple[ImageSource, ImageSource]:
+        sev = f":{severity}" if severity else ""
+        calib = open_source(f"synthetic:{domain}{sev}:n={n_calib}:split=calib:seed={data_seed}", preprocess)
+        test = open_source(f"synthetic:{domain}{sev}:n={n_test}:split=test:seed={data_seed}", preprocess)
+        return calib, test
+    return data
+
+
 def run_cell(model, method: str, domain: str, severity: int | None, batch: int, config: AdaptConfig,
-             n_calib: int, n_test: int, preprocess, data_seed: int = 0) -> dict:
-    sev = f":{severity}" if severity else ""
-    calib = open_source(f"synthetic:{domain}{sev}:n={n_calib}:split=calib:seed={data_seed}", preprocess)
-    test = open_source(f"synthetic:{domain}{sev}:n={n_test}:split=test:seed={data_seed}", preprocess)
+             data: DataFactory) -> dict:
+    calib, test = data(domain, severity)
     start = time.perf_counter()
     # a freeze mode the method lacks (e.g. --freeze direct for bn) falls back to the method's own
     freeze = config.freeze if config.freeze in METHODS[method].freeze_modes else None
@@ -57,8 +72,28 @@ def run_cell(model, method: str, domain: str, severity: int | None, batch: int, 
             "deployed_entropy": deployed["entropy"], "seconds": round(seconds, 2)}
 
 
-def summarize(cells: list[dict], methods: list[str], batches: list[int], severities: list[int]) -> dict:
-    """Mean over corruptions per (method, batch, severity), plus style and clean."""
+def run_grid(model, domains: list[tuple[str, int | None]], methods: list[str], batches: list[int],
+             config: AdaptConfig, data: DataFactory) -> list[dict]:
+    """Every (domain, method, batch) cell, printing each as it finishes."""
+    cells: list[dict] = []
+    start = time.perf_counter()
+    for domain, sev in domains:
+        for method in methods:
+            for b in batches:
+                if method == "source" and b != batches[0]:  # no adaptation: the same at every batch size
+                    cells.append({**cells[-1], "batch": b, "seconds": 0.0})
+                    continue
+                cells.append(run_cell(model, method, domain, sev, b, config, data))
+                c = cells[-1]
+                print(f"[{time.perf_counter() - start:6.0f}s] {domain}{'-' + str(sev) if sev else ''} {method} "
+                      f"@{b}: online {100 * c['online_error']:.2f} %, deployed {100 * c['deployed_error']:.2f} %",
+                      flush=True)
+    return cells
+
+
+def summarize(cells: list[dict], methods: list[str], batches: list[int], severities: list[int],
+              named: tuple[str, ...] = ("style", "clean")) -> dict:
+    """Mean over corruptions per (method, batch, severity), plus each of the `named` domains alone."""
     rows = {}
     for m in methods:
         for b in batches:
@@ -68,7 +103,7 @@ def summarize(cells: list[dict], methods: list[str], batches: list[int], severit
                 cs = [c for c in sel if c["severity"] == s]
                 if cs:
                     row[f"sev{s}"] = {k: mean(c[k] for c in cs) for k in ("online_error", "deployed_error")}
-            for d in ("style", "clean"):
+            for d in named:
                 cs = [c for c in sel if c["domain"] == d]
                 if cs:
                     row[d] = {k: cs[0][k] for k in ("online_error", "deployed_error")}
@@ -76,14 +111,15 @@ def summarize(cells: list[dict], methods: list[str], batches: list[int], severit
     return rows
 
 
-def markdown(payload: dict) -> str:
+def markdown(payload: dict, title: str = "Built-in shift benchmark", model: str = "builtin:small_resnet",
+             notes: tuple[str, ...] = ()) -> str:
     s, a = payload["summary"], payload["args"]
     cols = [k for k in next(iter(s.values()))]
-    lines = ["# Built-in shift benchmark", "", f"Command: `{payload['command']}`", "",
-             f"Model builtin:small_resnet; {a['n_calib']} calibration images per domain (one online pass), "
+    lines = [f"# {title}", "", f"Command: `{payload['command']}`", "",
+             f"Model {model}; {a['n_calib']} calibration images per domain (one online pass), "
              f"{a['n_test']} held-out test images; errors in %. Online = predictions made while adapting; "
              "deployed = the frozen static model on the held-out split. Means over the "
-             f"{len(a['corruptions'])} corruptions per severity.", "",
+             f"{len(a['corruptions'])} corruptions per severity.", "", *notes,
              "| method | batch | " + " | ".join(f"{c} online | {c} deployed" for c in cols) + " |",
              "|---|---:|" + "---:|---:|" * len(cols)]
     for key, row in s.items():
@@ -112,14 +148,11 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_args(ap: argparse.ArgumentParser) -> None:
+    """The grid and adaptation options every accuracy benchmark takes (domains and sizes are its own)."""
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--domains", default=",".join(["clean", "style", *CORRUPTIONS]))
     ap.add_argument("--severities", default="5,3")
     ap.add_argument("--batch-sizes", default="64,16,4,1")
-    ap.add_argument("--n-calib", type=int, default=2000)
-    ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=AdaptConfig.lr)
     ap.add_argument("--optimizer", default=AdaptConfig.optimizer)
     ap.add_argument("--lr-scaling", default=AdaptConfig.lr_scaling)
@@ -128,41 +161,45 @@ def main() -> None:
     ap.add_argument("--stats-init", default="first")
     ap.add_argument("--stats-order", default="before")
     ap.add_argument("--freeze", default=None, help="refresh or direct (default: each method's own)")
-    ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated images (a replicate)")
     ap.add_argument("--threads", type=int, default=2)
+
+
+def config_from_args(args: argparse.Namespace) -> AdaptConfig:
+    momentum = None if args.momentum == "cumulative" else float(args.momentum)
+    return AdaptConfig(lr=args.lr, optimizer=args.optimizer, lr_scaling=args.lr_scaling, freeze=args.freeze,
+                       stats=StatsConfig(momentum, args.theta, args.stats_init, args.stats_order))
+
+
+def config_dict(config: AdaptConfig) -> dict:
+    return {**{k: v for k, v in vars(config).items() if k != "stats"}, "stats": config.stats.to_dict()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domains", default=",".join(["clean", "style", *CORRUPTIONS]))
+    ap.add_argument("--n-calib", type=int, default=2000)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated images (a replicate)")
     ap.add_argument("--out", type=Path, default=RESULTS / "accuracy")
+    add_config_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     methods = args.methods.split(",")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     severities = [int(s) for s in args.severities.split(",")]
-    momentum = None if args.momentum == "cumulative" else float(args.momentum)
-    config = AdaptConfig(lr=args.lr, optimizer=args.optimizer, lr_scaling=args.lr_scaling, freeze=args.freeze,
-                         stats=StatsConfig(momentum, args.theta, args.stats_init, args.stats_order))
+    config = config_from_args(args)
     loaded = load_model("builtin:small_resnet")
     domains = domain_list(args.domains.split(","), severities)
-    cells: list[dict] = []
     start = time.perf_counter()
-    for domain, sev in domains:
-        for method in methods:
-            for b in batches:
-                if method == "source" and b != batches[0]:  # no adaptation: the same at every batch size
-                    cells.append({**cells[-1], "batch": b, "seconds": 0.0})
-                    continue
-                cells.append(run_cell(loaded.model, method, domain, sev, b, config, args.n_calib, args.n_test,
-                                      loaded.preprocess, args.data_seed))
-                c = cells[-1]
-                print(f"[{time.perf_counter() - start:6.0f}s] {domain}{'-' + str(sev) if sev else ''} {method} "
-                      f"@{b}: online {100 * c['online_error']:.2f} %, deployed {100 * c['deployed_error']:.2f} %",
-                      flush=True)
+    data = synthetic_data(args.n_calib, args.n_test, loaded.preprocess, args.data_seed)
+    cells = run_grid(loaded.model, domains, methods, batches, config, data)
     payload = {
         "command": command_line(),
         "args": {"methods": methods, "batch_sizes": batches, "severities": severities,
                  "corruptions": [d for d in args.domains.split(",") if d not in ("clean", "style")],
                  "n_calib": args.n_calib, "n_test": args.n_test, "data_seed": args.data_seed,
-                 "config": {**{k: v for k, v in vars(config).items() if k != "stats"},
-                            "stats": config.stats.to_dict()}},
+                 "config": config_dict(config)},
         "environment": environment(),
         "seconds": round(time.perf_counter() - start, 1),
         "summary": summarize(cells, methods, batches, severities),
