@@ -15,14 +15,16 @@ from torch import nn
 
 from gprebn_edge import __version__
 from gprebn_edge.checkpoint import encode_tensors, save_checkpoint
+from gprebn_edge.data.holdout import split_holdout
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import ImageSource, open_source
 from gprebn_edge.errors import GprebnError, InputError
+from gprebn_edge.health import COLLAPSED, NON_FINITE, advice, assess, holdout_size, profile
 from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
 from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
 
-__all__ = ["AdaptConfig", "AdaptResult", "adapt_and_freeze", "adapt_model", "adapt_to_file", "calibration_tensors",
-           "evaluate", "probe", "run_online", "statistics_shift"]
+__all__ = ["AdaptConfig", "AdaptResult", "AdaptationRefused", "adapt_and_freeze", "adapt_model", "adapt_to_file",
+           "calibration_tensors", "check_health", "evaluate", "probe", "run_online", "statistics_shift"]
 
 Progress = Callable[[int, int], None]
 
@@ -40,14 +42,21 @@ class AdaptConfig:
     freeze: str | None = None          # None: the method's default
     refresh_batch: int = 64
     eval_limit: int = 1024              # calibration images scored before/after (entropy)
+    holdout: float = 0.1                # fraction of calibration images held back for the health check
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise GprebnError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.holdout <= 0.5:  # also refuses NaN
+            raise GprebnError(f"--holdout must be a fraction in [0, 0.5], got {self.holdout}")
 
     def adapter_kwargs(self) -> dict[str, Any]:
         return {"lr": self.lr, "optimizer": self.optimizer, "lr_scaling": self.lr_scaling, "stats": self.stats}
+
+
+class AdaptationRefused(GprebnError):
+    """The health check says the adapted model must not be written (non-finite, or collapsed unless forced)."""
 
 
 @dataclass
@@ -163,20 +172,24 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
                 progress: Progress | None = None) -> AdaptResult:
     """Adapt `loaded.model` on `source` with `config.method`, freeze it, and describe what happened."""
     num_classes = probe(loaded.model, source, loaded.spec.spec)
+    calib, held = split_holdout(source, holdout_size(len(source), config.holdout))
     start = time.perf_counter()
-    static, online, adapter = adapt_and_freeze(loaded.model, source, config, progress)
+    static, online, adapter = adapt_and_freeze(loaded.model, calib, config, progress)
     freeze = online["freeze"]
     elapsed = time.perf_counter() - start
 
-    limit = min(config.eval_limit, len(source)) if config.eval_limit else None
-    before = evaluate(loaded.model, source, limit)
-    after = evaluate(static, source, limit)
+    health = check_health(loaded.model, static, held, len(source))
+    limit = min(config.eval_limit, len(calib)) if config.eval_limit else None
+    before = evaluate(loaded.model, calib, limit)
+    after = evaluate(static, calib, limit) if health["verdict"] != NON_FINITE else None
     summary = {
         **online,
         "seconds": round(elapsed, 3),
         "skipped": len(source.skipped),
+        "held_back": sum(len(b.images) for b in held),
         "calibration_before": before,
         "calibration_after": after,
+        "health": health,
     }
     source_bn = {k: v for k, v in loaded.model.state_dict().items()
                  if k.rsplit(".", 1)[0] in dict(batchnorm_layers(loaded.model))}
@@ -188,7 +201,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
         "method": {**adapter.hparams(), "batch_size": config.batch_size, "freeze": freeze,
                    "refresh_batch": config.refresh_batch if freeze == "refresh" else None,
                    "seed": config.seed},
-        "calibration": {**source.describe(), "fingerprint": source.fingerprint(),
+        "calibration": {**calib.describe(), "fingerprint": source.fingerprint(),
                         "skipped_items": [list(s) for s in source.skipped[:20]]},
         "summary": summary,
         "statistics_shift": statistics_shift(loaded.model, static),
@@ -201,9 +214,11 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
 def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig, *,
                   weights: str | None = None, num_classes: int | None = None,
                   preprocess: dict[str, Any] | None = None, shuffle: bool = True, limit: int | None = None,
-                  progress: Progress | None = None) -> AdaptResult:
+                  force: bool = False, progress: Progress | None = None) -> AdaptResult:
     """Load the model and data, adapt, write the checkpoint atomically. `preprocess` overrides the model's
-    default preprocessing field by field (resize, crop, mean, std)."""
+    default preprocessing field by field (resize, crop, mean, std). The health check decides what is written:
+    a non-finite model never, a collapsed one only with `force` (AdaptationRefused otherwise, and an existing
+    file at `output` is left as it was); a suspect one is written with its verdict in the metadata."""
     output = Path(output)
     if output.suffix != ".safetensors":
         raise GprebnError(f"-o/--output must end in .safetensors, got {output.name}")
@@ -215,8 +230,21 @@ def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig
         loaded.preprocess = Preprocess.from_dict(fields)
     source = open_source(data, loaded.preprocess, shuffle=shuffle, seed=config.seed, limit=limit)
     result = adapt_model(loaded, source, config, progress)
+    health = result.summary["health"]
+    if health["verdict"] == NON_FINITE or (health["verdict"] == COLLAPSED and not force):
+        override = "" if health["verdict"] == NON_FINITE else " (--force writes it anyway)"
+        raise AdaptationRefused(f"not written: {advice(health)}{override}")
     save_checkpoint(output, result.model.state_dict(), result.metadata)
     return result
+
+
+def check_health(unadapted: nn.Module, adapted: nn.Module, held: list, calibration_images: int) -> dict[str, Any]:
+    """The health record of an adaptation (health.py) on the held-back batches, or why there is none."""
+    if not held:
+        return {"verdict": "unchecked", "signals": [], "images": 0,
+                "reason": f"{calibration_images} calibration images: too few to hold any back (or --holdout 0)"}
+    tensors = [torch.from_numpy(b.images) for b in held]
+    return assess(profile(unadapted, tensors), profile(adapted, tensors))
 
 
 def probe(model: nn.Module, source: ImageSource, name: str) -> int:

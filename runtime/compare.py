@@ -19,6 +19,7 @@ from gprebn_edge.errors import InputError
 from gprebn_edge.io import write_text_atomic
 from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner, TensorInfo
+from gprebn_edge.runtime.loading import health_note
 
 __all__ = ["ModelReport", "CompareResult", "compare", "write_json", "Progress"]
 
@@ -92,6 +93,10 @@ class CompareResult:
                      ("latency p90 (ms)", lambda m: _ms(m, "p90")), ("latency mean (ms)", lambda m: _ms(m, "mean"))]
         lines = head + [f"| {label} | {fmt(a)} | {fmt(b)} |" for label, fmt in rows]
         lines += ["", f"Agreement (same top-1 class): {_pct(self.agreement)} of {self.images} images."]
+        for name, health in (self.data.get("health") or {}).items():
+            note = health_note(health)
+            if note is not None:
+                lines.append(f"Warning: {_md(name)}: {_md(note)}.")
         if self.latency is not None:
             lo, hi = self.latency["ratio_ci95"]
             lines.append(f"Latency {_md(b.name)} / {_md(a.name)} (median of paired ratios): "

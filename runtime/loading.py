@@ -11,7 +11,7 @@ from gprebn_edge.errors import ArtifactError, InputError
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 
-__all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata"]
+__all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata", "health_note"]
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 SUFFIXES = {".onnx": "onnxruntime", **dict.fromkeys(ENGINE_SUFFIXES, "tensorrt"), ".safetensors": "torch"}
@@ -107,8 +107,27 @@ def _parsed(raw: dict[str, Any], fmt: str, path: Path) -> dict[str, Any]:
         num_classes = int(num_classes) if num_classes is not None else None
     except (TypeError, ValueError):
         raise ArtifactError(f"{path}: num_classes metadata {num_classes!r} is not a number") from None
+    health = raw.get("adaptation_health")
+    if isinstance(health, str):
+        try:
+            health = json.loads(health)
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{path}: its adaptation_health metadata is not valid JSON") from None
+    if health is not None and not (isinstance(health, dict) and isinstance(health.get("verdict"), str)):
+        raise ArtifactError(f"{path}: its adaptation_health metadata has no verdict")
     return {"format": fmt, "model": raw.get("model"), "preprocess": preprocess, "num_classes": num_classes,
-            "raw": raw}
+            "health": health, "raw": raw}
+
+
+def health_note(health: dict[str, Any] | None) -> str | None:
+    """One line for a model whose adaptation health check was not clean (None when it was, or for a model
+    that was not adapted): the verdict and the signals, as `adapt` recorded them."""
+    if not health or health.get("verdict") in ("ok", None):
+        return None
+    if health["verdict"] == "unchecked":
+        return f"adaptation health unchecked: {health.get('reason', 'no held-back images')}"
+    signals = "; ".join(str(s) for s in health.get("signals") or [])
+    return f"adaptation health {health['verdict']}: {signals}"
 
 
 def model_metadata(path: str | Path) -> dict[str, Any]:
@@ -124,7 +143,10 @@ def model_metadata(path: str | Path) -> dict[str, Any]:
 
         _, meta = load_checkpoint(path)
         meta = {k: v for k, v in meta.items() if k != "source_bn"}
-        return _parsed({**meta, "model": "adapted", "model_spec": meta.get("model")}, "checkpoint", path)
+        summary = meta.get("summary")
+        health = summary.get("health") if isinstance(summary, dict) else None
+        return _parsed({**meta, "model": "adapted", "model_spec": meta.get("model"), "adaptation_health": health},
+                       "checkpoint", path)
     manifest = path.with_name(path.stem + ".manifest.json")
     if manifest.is_file():
         try:

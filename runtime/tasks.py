@@ -129,6 +129,7 @@ def compare_models(path_a: str | Path, path_b: str | Path, data: str, *, options
     finally:
         a.deactivate()
         b.deactivate()
-    result.data = {**result.data, "spec": data, "limit": limit}
+    health = {name: model_metadata(p).get("health") for name, p in zip(names, (path_a, path_b), strict=True)}
+    result.data = {**result.data, "spec": data, "limit": limit, "health": health}
     return result
 

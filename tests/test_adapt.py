@@ -29,7 +29,11 @@ def test_adapt_model_metadata_and_state(loaded):
     assert meta["calibration"]["count"] == 128 and meta["calibration"]["fingerprint"].startswith("sha256:")
     assert len(meta["source_bn"]) == 5 * len(batchnorm_layers(loaded.model))  # weight, bias, mean, var, count
     s = result.summary
-    assert s["images"] == 128 and s["steps"] == 4
+    # 16 of the 128 images are held back for the health check (at least 16 are), never adapted on
+    assert s["held_back"] == 16 and meta["calibration"]["held_back"] == 16
+    assert s["images"] == 112 and s["steps"] == 4
+    assert s["health"]["images"] == 16 and s["health"]["verdict"] == "ok"
+    assert s["health"]["after"]["classes_predicted"] > s["health"]["before"]["classes_predicted"]
     # on heavy noise the source model is wrong most of the time and adaptation helps a lot
     assert s["calibration_before"]["error"] > 0.5
     assert s["calibration_after"]["error"] < 0.6 * s["calibration_before"]["error"]
@@ -104,3 +108,25 @@ def test_batch_statistics_methods_explain_batch_1_with_batchnorm1d(tmp_path):
 
     with pytest.raises(GprebnError, match="larger --batch-size"):
         adapt_and_freeze(_mlp(), _mlp_source(tmp_path), AdaptConfig(method="tent", batch_size=1))
+
+
+def test_collapsed_adaptation_is_refused_and_keeps_the_previous_file(tmp_path):
+    from gprebn_edge.adapt import AdaptationRefused, adapt_to_file
+
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"good artifact")
+    data = "synthetic:fog:5:n=256"
+    with pytest.raises(AdaptationRefused, match="collapsed.*--force"):
+        adapt_to_file("builtin:small_resnet", data, out, AdaptConfig(lr=1.0))
+    assert out.read_bytes() == b"good artifact"
+    result = adapt_to_file("builtin:small_resnet", data, out, AdaptConfig(lr=1.0), force=True)
+    assert result.summary["health"]["verdict"] == "collapsed"
+    from gprebn_edge.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out)[1]["summary"]["health"]["verdict"] == "collapsed"
+
+
+def test_too_few_images_are_not_checked(loaded):
+    result = adapt_model(loaded, open_source("synthetic:clean:n=30", loaded.preprocess), AdaptConfig(batch_size=8))
+    assert result.summary["health"]["verdict"] == "unchecked" and result.summary["images"] == 30
+    assert "too few" in result.summary["health"]["reason"]

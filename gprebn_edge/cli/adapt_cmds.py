@@ -13,11 +13,14 @@ from gprebn_edge.cli._app import (
     app,
     cli_errors,
     console,
+    err_console,
+    error_line,
     key_value_table,
     pct,
     progress,
 )
 from gprebn_edge.errors import ArtifactError, GprebnError
+from gprebn_edge.runtime.loading import health_note
 
 
 @app.command()
@@ -53,25 +56,35 @@ def adapt(
                                           "file order, as a live stream).")] = True,
     limit: Annotated[int | None, typer.Option(help="Use at most N calibration images.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffling and adaptation.")] = 0,
+    holdout: Annotated[float, typer.Option(help="Fraction of the calibration images held back (never adapted "
+                                           "on) to check the adapted model against the unadapted one; 0: "
+                                           "no check.")] = 0.1,
+    force: Annotated[bool, typer.Option("--force", help="Write the model even when the health check says it "
+                                        "collapsed (a non-finite model is never written).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Adapt a BatchNorm model to unlabeled target images and write the adapted checkpoint."""
     from gprebn_edge.adapt import AdaptConfig, adapt_to_file
     from gprebn_edge.data.preprocess import parse_triple
+    from gprebn_edge.health import advice
     from gprebn_edge.methods import StatsConfig
 
     with cli_errors():
         stats = StatsConfig(momentum=_parse_momentum(momentum), theta=theta, init=stats_init, order=stats_order)
         config = AdaptConfig(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                             lr_scaling=lr_scaling, stats=stats, freeze=freeze, seed=seed)
+                             lr_scaling=lr_scaling, stats=stats, freeze=freeze, holdout=holdout, seed=seed)
         preprocess = {"resize": resize, "crop": crop,
                       "mean": parse_triple(mean, "mean") if mean else None,
                       "std": parse_triple(std, "std") if std else None}
         with progress(enabled=not as_json) as update:
             result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,
-                                   preprocess=preprocess, shuffle=shuffle, limit=limit,
+                                   preprocess=preprocess, shuffle=shuffle, limit=limit, force=force,
                                    progress=lambda done, total: update(f"adapting ({method})", done, total))
         s = result.summary
+        note = health_note(s["health"])
+        if note is not None:
+            err_console.print(error_line("warning:", advice(s["health"]) if s["health"]["verdict"] != "unchecked"
+                                         else note), soft_wrap=True)
         if as_json:
             typer.echo(json.dumps({"output": str(output), **s}, indent=2))
             return
@@ -83,8 +96,25 @@ def adapt(
         table.add_row("mean entropy before -> after", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
         if before["error"] is not None:
             table.add_row("calibration error before -> after", f"{pct(before['error'])} -> {pct(after['error'])}")
+        _health_rows(table, s["health"])
         table.add_row("time", f"{s['seconds']:.1f} s")
         console.print(table)
+
+
+def _health_rows(table: Table, health: dict[str, Any]) -> None:
+    """The health check's rows: held-back images, before -> after, and the verdict."""
+    if health.get("verdict") == "unchecked":
+        table.add_row("health check", f"unchecked: {health.get('reason', '')}")
+        return
+    b, a = health["before"], health["after"]
+    table.add_row("held-back images", f"{health['images']} (not adapted on)")
+    if a.get("finite"):
+        table.add_row("  entropy (nats)", f"{b['entropy']:.3f} -> {a['entropy']:.3f}")
+        table.add_row("  confidence", f"{b['confidence']:.3f} -> {a['confidence']:.3f}")
+        table.add_row("  classes predicted", f"{b['classes_predicted']} -> {a['classes_predicted']} (histogram "
+                      f"entropy {b['histogram_entropy']:.2f} -> {a['histogram_entropy']:.2f})")
+        table.add_row("  agreement with unadapted", pct(health["agreement"]))
+    table.add_row("health verdict", health["verdict"] + "".join(f"\n  {sig}" for sig in health["signals"]))
 
 
 def _parse_momentum(text: str) -> float | None:
@@ -132,6 +162,9 @@ def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:
     before, after = s["calibration_before"], s["calibration_after"]
     table.add_row("entropy before -> after", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
     shift = sorted(meta["statistics_shift"], key=lambda r: -r["mean_shift"])[:3]
+    health = s.get("health")
+    table.add_row("adaptation health",
+                  (health_note(health) or "ok") if health else "not recorded (made before the check)")
     table.add_row("largest statistics shift", "; ".join(
         f"{r['layer']}: mean {r['mean_shift']:.2f} sd, std x{r['std_ratio']:.2f}" for r in shift))
     table.add_row("created", f"{meta['created']} by gprebn-edge {meta['gprebn_edge_version']}")

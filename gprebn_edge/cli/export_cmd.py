@@ -12,10 +12,13 @@ from gprebn_edge.cli._app import (
     app,
     cli_errors,
     console,
+    err_console,
+    error_line,
     key_value_table,
     status,
 )
 from gprebn_edge.errors import GprebnError
+from gprebn_edge.runtime.loading import health_note
 
 
 @app.command()
@@ -71,6 +74,11 @@ def export(
                       f"{p['max_rel']:.2e} (limit {p['limit']:.0e}), top-1 agreement {100 * p['top1_agreement']:.2f} %")
         for w in manifest["warnings"]:
             table.add_row("warning", w)
+        note = health_note(manifest.get("adaptation_health"))
+        if note is not None:
+            table.add_row("warning", note)
+            err_console.print(error_line("warning:", f"{note} (recorded by adapt; see `gprebn-edge info`)"),
+                              soft_wrap=True)
         if manifest["tensorrt"]:
             t = manifest["tensorrt"]
             table.add_row("engine", f"{t['engine']} ({t.get('precision')}, TensorRT {t.get('tensorrt')}, "

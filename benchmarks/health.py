@@ -1,0 +1,187 @@
+"""Adaptation health check: its false alarms on adaptations that help, and its catches on ones that hurt.
+
+Each case adapts the built-in model with `adapt_model` (GpreBN defaults, batch 64, 10 % of the calibration
+images held back) and records the health verdict next to the truth: the unadapted and the adapted model's
+error on the domain's disjoint labeled test split (`split=test`, all classes). An adaptation "hurt" when
+the adapted error is above the unadapted error.
+
+- representative calibration sets: every corruption at severities 5 and 3, the style shift and the clean
+  domain (`--n-calib` images of `split=calib`);
+- unrepresentative ones: a single class of a domain (the calibration split filtered to one label), and
+  one scene (one image of the domain seen `--n-calib` times under fresh noise: a camera watching one still
+  scene); both are tested on the domain's full test split;
+- a learning rate 1000x the default (collapse): must be refused by adapt_to_file.
+
+Also records, per case, the mean statistics shift of the first and the last third of the BN layers (in
+source standard deviations): a label-shifted calibration set moves the deep layers, a changed camera the
+early ones.
+
+    python benchmarks/health.py                    # ~15 min on 2 cores
+    python benchmarks/health.py --quick            # 4 cases, for a smoke test
+Writes benchmarks/results/health.json and .md (or --out STEM)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, environment, environment_line, write_results  # noqa: E402
+
+from gprebn_edge.adapt import AdaptationRefused, AdaptConfig, adapt_model, adapt_to_file, evaluate  # noqa: E402
+from gprebn_edge.data.corruptions import CORRUPTIONS, corrupt  # noqa: E402
+from gprebn_edge.data.domains import load_domain  # noqa: E402
+from gprebn_edge.data.sources import open_source  # noqa: E402
+from gprebn_edge.models.spec import load_model  # noqa: E402
+
+MODEL = "builtin:small_resnet"
+
+
+def _spec(domain: str, severity: int | None, split: str, n: int) -> str:
+    sev = f":{severity}" if severity else ""
+    return f"synthetic:{domain}{sev}:n={n}:split={split}"
+
+
+def single_class(domain: str, severity: int | None, label: int, n: int, folder: Path) -> str:
+    """The calibration split of a domain, only the images of one class, as an .npz."""
+    images, labels = load_domain(domain, severity=severity or 5, split="calib", n=n)
+    keep = labels == label
+    path = folder / f"{domain}{severity or ''}-class{label}.npz"
+    np.savez(path, images=images[keep], labels=labels[keep])
+    return str(path)
+
+
+def one_scene(domain: str, severity: int | None, noise: int, n: int, folder: Path) -> str:
+    """One clean calibration image shown `n` times under fresh gaussian noise of severity `noise` (after the
+    domain's own corruption, applied once)."""
+    images, labels = load_domain(domain, severity=severity or 5, split="calib", n=1)
+    scene = np.repeat(images[:1], n, axis=0)
+    noisy = corrupt(scene, "gaussian_noise", noise, seed=1)
+    path = folder / f"{domain}{severity or ''}-one-scene.npz"
+    np.savez(path, images=noisy, labels=np.repeat(labels[:1], n))
+    return str(path)
+
+
+def run_case(name: str, kind: str, calib: str, test: str, config: AdaptConfig) -> dict:
+    loaded = load_model(MODEL)
+    source = open_source(calib, loaded.preprocess)
+    result = adapt_model(loaded, source, config)
+    health = result.summary["health"]
+    test_source = open_source(test, loaded.preprocess)
+    before = evaluate(loaded.model, test_source)["error"]
+    after = evaluate(result.model, test_source)["error"]
+    shifts = [r["mean_shift"] for r in result.metadata["statistics_shift"]]
+    third = max(len(shifts) // 3, 1)
+    row = {"case": name, "kind": kind, "calibration": calib, "images": len(source),
+           "verdict": health["verdict"], "signals": health["signals"],
+           "entropy_before": health["before"]["entropy"], "entropy_after": health["after"]["entropy"],
+           "diversity_before": health["before"]["histogram_entropy"],
+           "diversity_after": health["after"]["histogram_entropy"],
+           "classes_before": health["before"]["classes_predicted"],
+           "classes_after": health["after"]["classes_predicted"], "agreement": health["agreement"],
+           "early_shift": mean(shifts[:third]), "late_shift": mean(shifts[-third:]),
+           "test_error_unadapted": before, "test_error_adapted": after, "hurt": after > before}
+    print(f"{name:34s} {row['verdict']:9s} hurt={row['hurt']!s:5s} error {before:6.1%} -> {after:6.1%}  "
+          f"entropy {row['entropy_before']:.2f} -> {row['entropy_after']:.2f}  diversity "
+          f"{row['diversity_before']:.2f} -> {row['diversity_after']:.2f}  shift early {row['early_shift']:.2f} "
+          f"late {row['late_shift']:.2f}", flush=True)
+    return row
+
+
+def collapse_case(config: AdaptConfig, folder: Path) -> dict:
+    """lr x 1000: adapt_to_file must refuse, and leave an existing file as it was."""
+    out = folder / "collapse.safetensors"
+    out.write_bytes(b"previous good artifact")
+    lr = config.lr * 1000
+    try:
+        adapt_to_file(MODEL, _spec("fog", 5, "calib", 1000), out, AdaptConfig(lr=lr))
+        refused, message = False, ""
+    except AdaptationRefused as e:
+        refused, message = True, str(e)
+    kept = out.read_bytes() == b"previous good artifact"
+    print(f"lr x1000 ({lr:g}): refused={refused} previous file kept={kept}: {message[:160]}", flush=True)
+    return {"lr": lr, "refused": refused, "previous_file_kept": kept, "message": message}
+
+
+def cases(args: argparse.Namespace, folder: Path) -> list[tuple[str, str, str, str]]:
+    """(name, kind, calibration spec, test spec)."""
+    n, t = args.n_calib, args.n_test
+    out = []
+    domains = [(c, s) for c in args.corruptions for s in (5, 3)] + [("style", None), ("clean", None)]
+    for domain, sev in domains:
+        name = f"{domain}-{sev}" if sev else domain
+        out.append((name, "representative", _spec(domain, sev, "calib", n), _spec(domain, sev, "test", t)))
+    for domain, sev, label in [("clean", None, 0), ("clean", None, 7), ("fog", 5, 3), ("gaussian_noise", 5, 1),
+                               ("contrast", 5, 5)][: args.bad_cases]:
+        name = f"{domain}{'-' + str(sev) if sev else ''} class {label} only"
+        out.append((name, "single class", single_class(domain, sev, label, 10 * n, folder),
+                    _spec(domain, sev, "test", t)))
+    for domain, sev in [("clean", None), ("fog", 5)][: max(args.bad_cases - 3, 0)]:
+        name = f"{domain}{'-' + str(sev) if sev else ''} one scene"
+        out.append((name, "one scene", one_scene(domain, sev, 3, 100, folder), _spec(domain, sev, "test", t)))
+    return out
+
+
+def confusion(rows: list[dict]) -> dict:
+    flagged = [r for r in rows if r["verdict"] not in ("ok", "unchecked")]
+    hurt = [r for r in rows if r["hurt"]]
+    return {"cases": len(rows), "hurt": len(hurt), "flagged": len(flagged),
+            "caught": sum(1 for r in flagged if r["hurt"]), "missed": sum(1 for r in hurt if r not in flagged),
+            "false_alarms": sum(1 for r in flagged if not r["hurt"])}
+
+
+def markdown(payload: dict) -> str:
+    lines = ["# Adaptation health check: false alarms and catches", "",
+             f"`{payload['command']}`  ", environment_line(payload["environment"]), "",
+             "Built-in model, GpreBN defaults (batch 64), 10 % of the calibration images held back. *hurt*: the "
+             "adapted model's error on the domain's labeled test split (all classes) is above the unadapted "
+             "model's. Entropy and class-histogram entropy (diversity) are on the held-back images, in nats.",
+             "", "| kind | cases | hurt | flagged | caught | missed | false alarms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, c in payload["confusion"].items():
+        lines.append(f"| {kind} | {c['cases']} | {c['hurt']} | {c['flagged']} | {c['caught']} | {c['missed']} | "
+                     f"{c['false_alarms']} |")
+    lines += ["", "| case | kind | verdict | test error unadapted -> adapted | entropy | diversity | agreement | "
+              "shift early / late |", "|---|---|---|---|---|---|---:|---|"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['case']} | {r['kind']} | {r['verdict']} | {r['test_error_unadapted']:.1%} -> "
+                     f"{r['test_error_adapted']:.1%} | {r['entropy_before']:.2f} -> {r['entropy_after']:.2f} | "
+                     f"{r['diversity_before']:.2f} -> {r['diversity_after']:.2f} | {r['agreement']:.2f} | "
+                     f"{r['early_shift']:.2f} / {r['late_shift']:.2f} |")
+    c = payload["collapse"]
+    lines += ["", f"lr x1000 ({c['lr']:g}): refused = {c['refused']}, previous file kept = "
+              f"{c['previous_file_kept']}. Message: `{c['message']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corruptions", default=",".join(CORRUPTIONS))
+    parser.add_argument("--n-calib", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--bad-cases", type=int, default=7, help="how many unrepresentative sets (0-7)")
+    parser.add_argument("--quick", action="store_true", help="two shifts, two bad sets, 300 images")
+    parser.add_argument("--out", type=Path, default=RESULTS / "health")
+    args = parser.parse_args()
+    args.corruptions = args.corruptions.split(",")
+    if args.quick:
+        args.corruptions, args.n_calib, args.n_test, args.bad_cases = ["gaussian_noise"], 300, 300, 4
+    config = AdaptConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [run_case(*case, config) for case in cases(args, Path(tmp))]
+        collapse = collapse_case(config, Path(tmp))
+    kinds = sorted({r["kind"] for r in rows}, key=lambda k: k != "representative")
+    payload = {"command": command_line(), "environment": environment(), "rows": rows, "collapse": collapse,
+               "confusion": {**{k: confusion([r for r in rows if r["kind"] == k]) for k in kinds},
+                             "all": confusion(rows)}}
+    write_results(args.out, payload, markdown(payload))
+    print(markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
