@@ -170,6 +170,24 @@ def config_from_args(args: argparse.Namespace) -> AdaptConfig:
                        stats=StatsConfig(momentum, args.theta, args.stats_init, args.stats_order))
 
 
+def grid_lists(args: argparse.Namespace) -> tuple[list[str], list[int], list[int]]:
+    """--methods, --batch-sizes and --severities as lists."""
+    return (args.methods.split(","), [int(b) for b in args.batch_sizes.split(",")],
+            [int(s) for s in args.severities.split(",")])
+
+
+def grid_payload(run_args: dict, start: float, cells: list[dict], named: tuple[str, ...] = ("style", "clean")) -> dict:
+    """What a grid run writes: the command, its arguments, the environment, the summary and every cell."""
+    return {
+        "command": command_line(),
+        "args": run_args,
+        "environment": environment(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "summary": summarize(cells, run_args["methods"], run_args["batch_sizes"], run_args["severities"], named),
+        "cells": cells,
+    }
+
+
 def config_dict(config: AdaptConfig) -> dict:
     return {**{k: v for k, v in vars(config).items() if k != "stats"}, "stats": config.stats.to_dict()}
 
@@ -185,26 +203,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    methods = args.methods.split(",")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    severities = [int(s) for s in args.severities.split(",")]
+    methods, batches, severities = grid_lists(args)
     config = config_from_args(args)
     loaded = load_model("builtin:small_resnet")
     domains = domain_list(args.domains.split(","), severities)
     start = time.perf_counter()
     data = synthetic_data(args.n_calib, args.n_test, loaded.preprocess, args.data_seed)
     cells = run_grid(loaded.model, domains, methods, batches, config, data)
-    payload = {
-        "command": command_line(),
-        "args": {"methods": methods, "batch_sizes": batches, "severities": severities,
-                 "corruptions": [d for d in args.domains.split(",") if d not in ("clean", "style")],
-                 "n_calib": args.n_calib, "n_test": args.n_test, "data_seed": args.data_seed,
-                 "config": config_dict(config)},
-        "environment": environment(),
-        "seconds": round(time.perf_counter() - start, 1),
-        "summary": summarize(cells, methods, batches, severities),
-        "cells": cells,
-    }
+    payload = grid_payload({"methods": methods, "batch_sizes": batches, "severities": severities,
+                            "corruptions": [d for d in args.domains.split(",") if d not in ("clean", "style")],
+                            "n_calib": args.n_calib, "n_test": args.n_test, "data_seed": args.data_seed,
+                            "config": config_dict(config)}, start, cells)
     md = markdown(payload)
     write_results(args.out, payload, md)
     print(md)

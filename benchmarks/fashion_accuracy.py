@@ -24,16 +24,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, environment, write_results  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 from accuracy import (  # noqa: E402
     DataFactory,
     add_config_args,
     config_dict,
     config_from_args,
     domain_list,
+    grid_lists,
+    grid_payload,
     markdown,
     run_grid,
-    summarize,
 )
 
 from gprebn_edge.data.arrays import ArraySource  # noqa: E402
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [d for d in names if d not in (*NAMED, *CORRUPTIONS)]
     if unknown:
         ap.error(f"unknown domain {unknown[0]!r}: use {', '.join(NAMED)} or a corruption")
-    methods = args.methods.split(",")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    severities = [int(s) for s in args.severities.split(",")]
+    methods, batches, severities = grid_lists(args)
     try:
         config = config_from_args(args)
         images, labels = load_fashion_mnist("t10k", args.data)
@@ -127,19 +126,13 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     cells = run_grid(loaded.model, domain_list(names, severities, NAMED), methods, batches, config, data)
-    payload = {
-        "command": command_line(),
-        "args": {"methods": methods, "batch_sizes": batches, "severities": severities,
-                 "corruptions": [d for d in names if d not in NAMED], "shifts": [d for d in names if d in NAMED],
-                 "n_calib": args.n_calib, "n_test": args.n_test, "data_seed": args.data_seed,
-                 "data": "Fashion-MNIST t10k: calibration images 0..n_calib-1, test images 5000..5000+n_test-1",
-                 "weights": str(args.weights.name), "weights_sha256": loaded.spec.weights_sha256,
-                 "config": config_dict(config)},
-        "environment": environment(),
-        "seconds": round(time.perf_counter() - start, 1),
-        "summary": summarize(cells, methods, batches, severities, named=NAMED),
-        "cells": cells,
-    }
+    payload = grid_payload({
+        "methods": methods, "batch_sizes": batches, "severities": severities,
+        "corruptions": [d for d in names if d not in NAMED], "shifts": [d for d in names if d in NAMED],
+        "n_calib": args.n_calib, "n_test": args.n_test, "data_seed": args.data_seed,
+        "data": "Fashion-MNIST t10k: calibration images 0..n_calib-1, test images 5000..5000+n_test-1",
+        "weights": args.weights.name, "weights_sha256": loaded.spec.weights_sha256,
+        "config": config_dict(config)}, start, cells, named=NAMED)
     notes = ("Fashion-MNIST t10k as 32x32 RGB (zero-padded, gray replicated): calibration images 0.."
              f"{args.n_calib - 1}, test images 5000..{5000 + args.n_test - 1}. `invert`: inverted polarity "
              "(white background); `texture`: items in front of a gray fractal texture; neither is a "
