@@ -3,7 +3,7 @@
 Each case adapts the built-in model with `adapt_model` (GpreBN defaults, batch 64, 10 % of the calibration
 images held back) and records the health verdict next to the truth: the unadapted and the adapted model's
 error on the domain's disjoint labeled test split (`split=test`, all classes). An adaptation "hurt" when
-the adapted error is above the unadapted error.
+the adapted error is more than half a point (5 of 1000 test images) above the unadapted error.
 
 - representative calibration sets: every corruption at severities 5 and 3, the style shift and the clean
   domain (`--n-calib` images of `split=calib`);
@@ -40,6 +40,7 @@ from gprebn_edge.data.sources import open_source  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
 
 MODEL = "builtin:small_resnet"
+HURT_MARGIN = 0.005  # half a point: below that, a difference is a few test images
 
 
 def _spec(domain: str, severity: int | None, split: str, n: int) -> str:
@@ -85,7 +86,7 @@ def run_case(name: str, kind: str, calib: str, test: str, config: AdaptConfig) -
            "classes_before": health["before"]["classes_predicted"],
            "classes_after": health["after"]["classes_predicted"], "agreement": health["agreement"],
            "early_shift": mean(shifts[:third]), "late_shift": mean(shifts[-third:]),
-           "test_error_unadapted": before, "test_error_adapted": after, "hurt": after > before}
+           "test_error_unadapted": before, "test_error_adapted": after, "hurt": after > before + HURT_MARGIN}
     print(f"{name:34s} {row['verdict']:9s} hurt={row['hurt']!s:5s} error {before:6.1%} -> {after:6.1%}  "
           f"entropy {row['entropy_before']:.2f} -> {row['entropy_after']:.2f}  diversity "
           f"{row['diversity_before']:.2f} -> {row['diversity_after']:.2f}  shift early {row['early_shift']:.2f} "
@@ -139,8 +140,8 @@ def markdown(payload: dict) -> str:
     lines = ["# Adaptation health check: false alarms and catches", "",
              f"`{payload['command']}`  ", environment_line(payload["environment"]), "",
              "Built-in model, GpreBN defaults (batch 64), 10 % of the calibration images held back. *hurt*: the "
-             "adapted model's error on the domain's labeled test split (all classes) is above the unadapted "
-             "model's. Entropy and class-histogram entropy (diversity) are on the held-back images, in nats.",
+             "adapted model's error on the domain's labeled test split (all classes) is more than 0.5 points above "
+             "the unadapted model's. Entropy and class-histogram entropy (diversity) are on the held-back images, in nats.",
              "", "| kind | cases | hurt | flagged | caught | missed | false alarms |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, c in payload["confusion"].items():

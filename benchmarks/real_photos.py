@@ -41,7 +41,7 @@ from gprebn_edge.models.spec import load_model  # noqa: E402
 MODEL = "examples/efficientnet_lite0.py:make_model"
 PHOTO_DIRS = ("/usr/lib/python3/dist-packages/skimage/data", "/usr/share/doc/opencv-doc/examples/data",
               "/usr/share/matplotlib/mpl-data/sample_data")
-NOT_PHOTOS = ("logo", "pic", "detect_blob", "color.png", "ml.png", "imageText", "sudoku", "graf", "board")
+NOT_PHOTOS = ("logo", "pic", "detect_blob", "color.png", "ml.png", "imagetext", "sudoku", "graf", "board")
 SIZE = 224
 
 
@@ -50,7 +50,7 @@ def find_photos(limit: int) -> list[Path]:
     found = []
     for folder in map(Path, PHOTO_DIRS):
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-            if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or any(n in path.name for n in NOT_PHOTOS):
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or any(n in path.name.lower() for n in NOT_PHOTOS):
                 continue
             try:
                 with Image.open(path) as im:

@@ -19,7 +19,7 @@ from gprebn_edge.data.holdout import split_holdout
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import ImageSource, open_source
 from gprebn_edge.errors import GprebnError, InputError
-from gprebn_edge.health import COLLAPSED, NON_FINITE, advice, assess, holdout_size, profile
+from gprebn_edge.health import COLLAPSED, NON_FINITE, HealthThresholds, advice, assess, holdout_size, profile
 from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
 from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
 
@@ -178,7 +178,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
     freeze = online["freeze"]
     elapsed = time.perf_counter() - start
 
-    health = check_health(loaded.model, static, held, len(source))
+    health = check_health(loaded.model, static, held, len(source), config.holdout)
     limit = min(config.eval_limit, len(calib)) if config.eval_limit else None
     before = evaluate(loaded.model, calib, limit)
     after = evaluate(static, calib, limit) if health["verdict"] != NON_FINITE else None
@@ -238,11 +238,14 @@ def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig
     return result
 
 
-def check_health(unadapted: nn.Module, adapted: nn.Module, held: list, calibration_images: int) -> dict[str, Any]:
+def check_health(unadapted: nn.Module, adapted: nn.Module, held: list, calibration_images: int,
+                 holdout: float) -> dict[str, Any]:
     """The health record of an adaptation (health.py) on the held-back batches, or why there is none."""
     if not held:
-        return {"verdict": "unchecked", "signals": [], "images": 0,
-                "reason": f"{calibration_images} calibration images: too few to hold any back (or --holdout 0)"}
+        reason = "--holdout 0" if holdout == 0 else (
+            f"only {calibration_images} calibration images, too few to hold any back (at least "
+            f"{HealthThresholds().min_images} needed); statistics from so few images are unreliable: add images")
+        return {"verdict": "unchecked", "signals": [], "images": 0, "reason": reason}
     tensors = [torch.from_numpy(b.images) for b in held]
     return assess(profile(unadapted, tensors), profile(adapted, tensors))
 

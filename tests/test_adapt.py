@@ -129,4 +129,4 @@ def test_collapsed_adaptation_is_refused_and_keeps_the_previous_file(tmp_path):
 def test_too_few_images_are_not_checked(loaded):
     result = adapt_model(loaded, open_source("synthetic:clean:n=30", loaded.preprocess), AdaptConfig(batch_size=8))
     assert result.summary["health"]["verdict"] == "unchecked" and result.summary["images"] == 30
-    assert "too few" in result.summary["health"]["reason"]
+    assert "too few" in result.summary["health"]["reason"] and "add images" in result.summary["health"]["reason"]

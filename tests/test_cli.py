@@ -207,3 +207,31 @@ def test_errors_print_user_text_verbatim(tmp_path):
                             "-o", str(tmp_path / "a.safetensors")])
     if r.exit_code == 1:  # torchvision missing here: the message names the extra to install
         assert "gprebn-edge[vision]" in r.stderr
+
+
+def test_an_unrepresentative_calibration_set_is_flagged_everywhere(tmp_path):
+    """One class only: adapt warns and records `suspect`; info, export and compare repeat it."""
+    from gprebn_edge.data.domains import load_domain
+
+    images, labels = load_domain("clean", split="calib", n=800)
+    data = tmp_path / "one_class.npz"
+    np.savez(data, images=images[labels == 0], labels=labels[labels == 0])
+    out = tmp_path / "a.safetensors"
+    result = runner.invoke(app, ["adapt", "--model", "builtin:small_resnet", "--data", str(data), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "likely worse" in result.stderr and "--theta" in result.stderr
+    assert "health verdict" in result.stdout and "suspect" in result.stdout
+    meta = load_checkpoint(out)[1]
+    assert meta["summary"]["health"]["verdict"] == "suspect"
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "adaptation health suspect" in info.stdout
+    exported = runner.invoke(app, ["export", str(out), "--check-images", "64"])
+    assert exported.exit_code == 0, exported.output
+    assert "adaptation health suspect" in exported.stderr
+    source = runner.invoke(app, ["export", str(out), "--unadapted", "--check-images", "64"])
+    assert source.exit_code == 0 and "adaptation health" not in source.output
+    compared = runner.invoke(app, ["compare", str(tmp_path / "a-unadapted.onnx"), str(tmp_path / "a.onnx"),
+                                   "--data", "synthetic:clean:n=64", "--latency-iters", "0"])
+    assert compared.exit_code == 0, compared.output
+    assert "Warning: a.onnx: adaptation health suspect" in compared.stdout
+    assert "a-unadapted.onnx: adaptation" not in compared.stdout
