@@ -67,7 +67,7 @@ def require_tensorrt() -> None:
 
 
 def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, Any, list[FoldReport], str]:
-    """(model to export, exporter, fold report holder, where folding happens). In PyTorch (torch.fx) what it
+    """(reference model, exporter, fold report holder, where folding happens). In PyTorch (torch.fx) what it
     can prove foldable, then, in the exported graph, the BNs it left that the ONNX graph shows foldable; a
     model torch.fx cannot trace is folded in the ONNX graph only. The report is filled in when the exporter
     runs; each folded BN says where it was folded."""
@@ -80,10 +80,11 @@ def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Modul
 
         return model, exporter, reports, "onnx (torch.fx cannot trace the model)"
 
-    def fx_then_onnx(m: torch.nn.Module, path: Path, x: torch.Tensor, opset: int) -> None:
-        reports.append(fx_report.then(export_folded_onnx_fallback(m, path, x, opset)))
+    def fx_then_onnx(_: torch.nn.Module, path: Path, x: torch.Tensor, opset: int) -> None:
+        reports.append(fx_report.then(export_folded_onnx_fallback(folded, path, x, opset)))
 
-    return folded, fx_then_onnx, reports, "pytorch (torch.fx), then onnx for the BNs left"
+    # the exporter writes the folded model; parity is checked against the original, so it covers the fold
+    return model, fx_then_onnx, reports, "pytorch (torch.fx), then onnx for the BNs left"
 
 
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
@@ -133,7 +134,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
     start = time.perf_counter()
     example = torch.from_numpy(batches[0][:2])
     say("folding BatchNorm")
-    to_export, exporter, reports, fold_level = _fold(model, example)
+    reference, exporter, reports, fold_level = _fold(model, example)
     onnx_meta = {"gprebn_edge": __version__, "model": which, "artifact": artifact.name if artifact else "",
                  "preprocess": meta["preprocess"], "num_classes": str(meta["num_classes"])}
     health = _adaptation_health(meta, which)
@@ -142,7 +143,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
     say(f"exporting ONNX and checking it on {sum(len(b) for b in batches)} images")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
-        parity = export_onnx(to_export, out, example, check_batches=batches, metadata=onnx_meta, opset=opset,
+        parity = export_onnx(reference, out, example, check_batches=batches, metadata=onnx_meta, opset=opset,
                              exporter=exporter)
     traced = sorted({str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
     import onnxruntime

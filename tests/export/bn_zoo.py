@@ -20,7 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["SKIP_REASONS", "ONNX_FOLDS", "ContiguousBetween", "StaticSamePadConv2d", "SamePadBlock",
            "FunctionalConv", "FunctionalConvBn", "ConvBnRelu", "LinearBn", "ConvTransposeBn", "Conv3dBn",
            "PreActivation", "SharedProducer", "NoBn",
-           "Untraceable", "TwoUses", "ZOO", "TORCHVISION_ZOO", "far_from_defaults", "far_from_defaults_deep"]
+           "Untraceable", "TwoUses", "ZOO", "TORCHVISION_ZOO",
+           "CONCAT_REASON", "torchvision_expected", "far_from_defaults", "far_from_defaults_deep"]
 
 
 class ConvBnRelu(nn.Module):
@@ -359,6 +360,19 @@ def far_from_defaults_deep(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-# torchvision.models constructors (weights=None, 1000 classes) and their BN count: every BN follows a conv
-# that nothing else consumes (Conv2dNormActivation, BasicBlock, the downsample branches), so all fold.
-TORCHVISION_ZOO = {"resnet18": 20, "mobilenet_v2": 52, "efficientnet_b0": 49}
+# torchvision.models constructors (weights=None, 1000 classes) and their BN count. Every BN follows a conv
+# that nothing else consumes (Conv2dNormActivation, BasicBlock, Bottleneck, the downsample branches) and
+# folds, except DenseNet's BNs that read a concatenation (see torchvision_expected).
+TORCHVISION_ZOO = {"resnet18": 20, "resnet50": 53, "mobilenet_v2": 52, "mobilenet_v3_small": 34,
+                   "efficientnet_b0": 49, "regnet_x_400mf": 71, "densenet121": 121}
+CONCAT_REASON = "no foldable producer (its input comes from `cat`)"
+
+
+def torchvision_expected(name: str, bns: list[str]) -> tuple[set[str], set[str]]:
+    """(BNs that fold, BNs that stay with CONCAT_REASON) for a TORCHVISION_ZOO model with BN names `bns`.
+    DenseNet: the stem BN and each dense layer's second BN follow a conv; each dense layer's first BN, each
+    transition's BN and the final BN read a concatenation."""
+    if name.startswith("densenet"):
+        folded = {b for b in bns if b == "features.norm0" or b.endswith(".norm2")}
+        return folded, set(bns) - folded
+    return set(bns), set()
