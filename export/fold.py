@@ -192,6 +192,7 @@ class _Producer:
 def _module_producer(gm: fx.GraphModule, node: fx.Node, uses: Counter[int]) -> _Producer:
     target = str(node.target)
     module = gm.get_submodule(target)
+    assert isinstance(module, _ConvNd | nn.Linear)
     calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
     if calls > 1:  # one module applied twice: folding one BN into it would change the other call too
         raise _Skip(f"its producer `{target}` is called more than once (shared weights)")
@@ -201,7 +202,7 @@ def _module_producer(gm: fx.GraphModule, node: fx.Node, uses: Counter[int]) -> _
     def write(w: torch.Tensor, b: torch.Tensor) -> None:
         module.weight.copy_(w)
         if module.bias is None:
-            module.bias = nn.Parameter(b)
+            module.bias = nn.Parameter(b)  # type: ignore[assignment]  # registers it as a parameter
         else:
             module.bias.copy_(b)
 

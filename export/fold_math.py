@@ -36,8 +36,8 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
     computed in float64; the bias always exists.
 
     transposed: the op is a ConvTranspose (weight (C_in, C_out / groups, *k)) with `groups` groups."""
-    f64 = [t.detach().to(torch.float64) for t in (mean, var, bn_weight, bn_bias)]
-    scale, shift = bn_scale_shift(*f64, eps)
+    mu, sigma2, gamma, beta = (t.detach().to(torch.float64) for t in (mean, var, bn_weight, bn_bias))
+    scale, shift = bn_scale_shift(mu, sigma2, gamma, beta, eps)
     w = weight.detach().to(torch.float64)
     if transposed:
         c_in, c_out_per_group = w.shape[:2]
