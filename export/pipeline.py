@@ -28,6 +28,7 @@ from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batc
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
 from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
 from gprebn_edge.io import write_text_atomic
+from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.models.weights import sha256_file
 from gprebn_edge.optional import import_tensorrt
 
@@ -89,18 +90,20 @@ def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Modul
 
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
                     data: str | None = None, check_images: int = 1000, engine: EngineOptions | None = None,
-                    opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None,
+                    consent: CodeConsent | None = None) -> dict[str, Any]:
     """Fold the adapted (or, with `unadapted`, the source) model of `artifact`, export it to ONNX, check
     onnxruntime against PyTorch on up to `check_images` real images (`data`, default: the artifact's own
     calibration data) and write the ONNX file and its manifest atomically; with `engine`, also build a
-    TensorRT engine from that ONNX file. Returns the manifest."""
+    TensorRT engine from that ONNX file. Model code the artifact names is imported only with `consent`
+    (see gprebn_edge.models.consent). Returns the manifest."""
     say = progress or (lambda _: None)
     if engine is not None:
         require_tensorrt()
     artifact = Path(artifact)
     start = time.perf_counter()
     which = "source" if unadapted else "adapted"
-    model, meta = rebuild_model(artifact, which)
+    model, meta = rebuild_model(artifact, which, consent=consent)
     preprocess = Preprocess.from_dict(meta["preprocess"])
     spec = data or meta["calibration"]["spec"]
     try:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from gprebn_edge.errors import ArtifactError
 from gprebn_edge.io import atomic_path
+from gprebn_edge.models.consent import CodeConsent, require_consent
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "encode_tensors", "decode_tensors",
            "source_state_dict", "rebuild_model"]
@@ -102,14 +103,19 @@ def source_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return source
 
 
-def rebuild_model(path: str | Path, which: str = "adapted") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the eval-mode model from the artifact: `which` is "adapted" or "source" (unadapted)."""
+def rebuild_model(path: str | Path, which: str = "adapted", *,
+                  consent: CodeConsent | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the eval-mode model from the artifact: `which` is "adapted" or "source" (unadapted).
+
+    A model built by user code (file.py:factory, module:factory) is built only with the user's `consent`
+    to the code the artifact names: the artifact is data, and data never runs code (ModelError otherwise)."""
     from gprebn_edge.models.spec import ModelSpec, apply_state_dict, build_model
 
     if which not in ("adapted", "source"):
         raise ArtifactError(f"which must be 'adapted' or 'source', got {which!r}")
     state, meta = load_checkpoint(path)
     spec = ModelSpec.from_dict(meta.get("model"))  # ArtifactError when the metadata names no model
+    require_consent(spec.spec, consent, str(path))  # before anything is imported
     if which == "source" and not isinstance(meta.get("source_bn"), dict):
         raise ArtifactError(f"{path} holds no source BatchNorm tensors: the unadapted model cannot be rebuilt "
                             "from it")

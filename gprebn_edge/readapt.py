@@ -23,6 +23,7 @@ from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
+from gprebn_edge.models.consent import CodeConsent
 
 __all__ = ["ReadaptConfig", "Candidate", "Readapter", "stats_drift"]
 
@@ -33,6 +34,7 @@ class ReadaptConfig:
     lr: float = 1e-3
     momentum: float = 0.1   # EMA rate per 64 frames for the statistics while adapting
     threads: int = 1        # torch threads for the worker (the serving runner keeps the others)
+    consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Readapter:
 
     def reset_to(self, checkpoint: str | Path) -> None:
         """Restart adaptation from `checkpoint` (an adapted artifact: the round that serves)."""
-        model, meta = rebuild_model(checkpoint, "adapted")
+        model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
         self.meta = meta
         self.serving = model
         stats = StatsConfig(momentum=self.config.momentum, init="source")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gprebn_edge.errors import ArtifactError, InputError
+from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 
@@ -45,11 +46,13 @@ def _gpu_index(device: str) -> int:
 def open_runner(path: str | Path, backend: str = "auto", *, device: str | None = None, threads: int | None = None,
                 fp16: bool = False, cuda_graphs: bool = False, providers: tuple[str, ...] | None = None,
                 engine_cache: str | Path | None = None, which: str = "adapted",
-                input_shape: tuple[int, ...] | None = None, shared_cpu: bool = False) -> Runner:
+                input_shape: tuple[int, ...] | None = None, shared_cpu: bool = False,
+                consent: CodeConsent | None = None) -> Runner:
     """A (not yet activated) runner for `path`. `device` defaults to "cpu" for onnxruntime and torch and to
     "cuda" for TensorRT; for onnxruntime a CUDA device means the CUDA provider unless `providers` says
     otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints. `shared_cpu`:
-    other work runs beside this runner (a second model, adaptation), so onnxruntime must not busy-wait."""
+    other work runs beside this runner (a second model, adaptation), so onnxruntime must not busy-wait.
+    `consent`: to the model code a checkpoint names (ONNX files and engines run no code and need none)."""
     kind = backend_for(path, backend)
     if kind == "onnxruntime":
         from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
@@ -80,7 +83,7 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
         if dev != "cpu":
             dev = f"cuda:{_gpu_index(dev)}"
         return TorchRunner(path, device=dev, fp16=fp16, cuda_graphs=cuda_graphs, which=which,
-                           input_shape=input_shape, threads=threads)
+                           input_shape=input_shape, threads=threads, consent=consent)
     raise AssertionError(kind)
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.io import atomic_path
+from gprebn_edge.models.consent import CodeConsent, require_consent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.gates import GateConfig
 from gprebn_edge.runtime.loading import model_metadata, open_runner
@@ -84,6 +85,7 @@ class LoopConfig:
     momentum: float = 0.1
     adapt_threads: int = 1
     serve_threads: int | None = 1
+    consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
 
     def check(self) -> None:
         if (self.every is None) == (self.interval is None):
@@ -155,7 +157,7 @@ class _Loop:
         elif c.engine is None:
             from gprebn_edge.export.pipeline import export_artifact  # torch: only to export the first model
 
-            export_artifact(self.dir.path / checkpoint, onnx, check_images=256)
+            export_artifact(self.dir.path / checkpoint, onnx, check_images=256, consent=c.consent)
         engine = None
         if c.engine is not None:
             engine = self.dir.round_path(0, ".engine").name
@@ -172,6 +174,7 @@ class _Loop:
             from gprebn_edge.checkpoint import load_checkpoint  # torch: adapting needs it anyway
 
             _, meta = load_checkpoint(c.model)
+            _require_consent(c.model, meta, c.consent)
             if served is None and meta.get("preprocess"):  # a bad --source fails before the state is made
                 self._frames(c.source, Preprocess.from_dict(meta["preprocess"]), None)
             classes = meta.get("num_classes")
@@ -212,6 +215,11 @@ class _Loop:
             self.dir.clean(state)
         if self.adapting and not state.checkpoint:
             raise InputError(f"{self.dir.state_file} was written by a loop without --model; use a new --state")
+        if self.adapting and resumed:  # the state folder's checkpoint names the code adaptation rebuilds
+            from gprebn_edge.checkpoint import load_checkpoint
+
+            checkpoint = self.dir.path / state.checkpoint
+            _require_consent(checkpoint, load_checkpoint(checkpoint)[1], c.consent)
         self.shared = Shared(state)
         self.log = MetricsLog(self.dir.log_file)
         meta = model_metadata(self.dir.path / state.onnx) if state.onnx else model_metadata(self._model_file(state))
@@ -336,9 +344,17 @@ class _Loop:
             self.on_window(record)
 
 
+def _require_consent(checkpoint: Path, meta: dict[str, Any], consent: CodeConsent | None) -> None:
+    """Refuse, before anything is written or served, a checkpoint naming model code without consent."""
+    from gprebn_edge.models.spec import ModelSpec
+
+    require_consent(ModelSpec.from_dict(meta.get("model")).spec, consent, str(checkpoint))
+
+
 def _config_record(c: LoopConfig) -> dict[str, Any]:
-    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items() if k != "gates"}
+    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items() if k not in ("gates", "consent")}
     out["gates"] = c.gates.__dict__
+    out["consent"] = None if c.consent is None else asdict(c.consent)
     return out
 
 

@@ -69,7 +69,7 @@ class Worker:
             start_ckpt = self.dir.path / self.shared.state.checkpoint
         try:
             readapter = Readapter(start_ckpt, ReadaptConfig(batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-                                                            threads=c.adapt_threads))
+                                                            threads=c.adapt_threads, consent=c.consent))
         except Exception as e:  # the loop keeps serving the current model; the failure is in the log
             self.log.write("worker_error", error=one_line(e))
             return

@@ -12,6 +12,7 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.source_base import ImageSource
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import InputError
+from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.runtime.bench import BenchResult, benchmark
 from gprebn_edge.runtime.compare import CompareResult, compare
 from gprebn_edge.runtime.loading import model_metadata, open_runner
@@ -32,10 +33,12 @@ class RunnerOptions:
     cuda_graphs: bool = False
     input_shape: tuple[int, ...] | None = None
     shared_cpu: bool = False         # another runner or other work shares the CPU: no busy-waiting threads
+    consent: CodeConsent | None = None  # to the model code a checkpoint names (see models/consent.py)
 
     def open(self, path: str | Path) -> Any:
         return open_runner(path, self.backend, device=self.device, threads=self.threads, fp16=self.fp16,
-                           cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu)
+                           cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu,
+                           consent=self.consent)
 
 
 def parse_warmup(text: str) -> tuple[int, float | None]:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gprebn_edge.errors import InputError, MissingDependencyError
 from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
+
+if TYPE_CHECKING:
+    from gprebn_edge.models.consent import CodeConsent
 
 __all__ = ["TorchRunner", "import_torch"]
 
@@ -32,13 +35,15 @@ class TorchRunner(Runner):
     ONNX/TensorRT runs. Folding traces the model on an example batch: of `input_shape` (C, H, W) when given,
     else of the checkpoint's crop size, else of the first batch passed to `infer` (then the first call also
     pays for the fold). `cuda_graphs` (CUDA only) captures the forward pass once per batch shape and replays
-    it, re-capturing when the shape changes. `threads` sets torch's intra-op threads while active."""
+    it, re-capturing when the shape changes. `threads` sets torch's intra-op threads while active. `consent`:
+    to the model code a checkpoint names (user code is not imported without it)."""
 
     name = "torch"
 
     def __init__(self, module_or_checkpoint: Any, *, device: str = "cpu", fp16: bool = False,
                  cuda_graphs: bool = False, folded: bool = True, which: str = "adapted",
-                 input_shape: tuple[int, ...] | None = None, threads: int | None = None) -> None:
+                 input_shape: tuple[int, ...] | None = None, threads: int | None = None,
+                 consent: CodeConsent | None = None) -> None:
         super().__init__()
         torch = import_torch()
         if isinstance(module_or_checkpoint, str | Path):
@@ -67,6 +72,7 @@ class TorchRunner(Runner):
         self.folded = folded
         self.which = which
         self.threads = threads
+        self.consent = consent
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self._model: Any = None
         self._meta: dict[str, Any] = {}
@@ -85,7 +91,7 @@ class TorchRunner(Runner):
 
             if not self.path.is_file():
                 raise InputError(f"no such checkpoint: {self.path}")
-            model, self._meta = rebuild_model(self.path, self.which)
+            model, self._meta = rebuild_model(self.path, self.which, consent=self.consent)
             self._num_classes = self._meta.get("num_classes")
             crop = (self._meta.get("preprocess") or {}).get("crop")
             if self.input_shape is None and crop:

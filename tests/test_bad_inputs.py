@@ -297,7 +297,7 @@ def test_untraceable_model_adapts_and_exports(out):
     artifact = out / "u.safetensors"
     r = invoke("adapt", "--model", f"{c('models/untraceable.py')}:make", "--data", SMALL, "-o", artifact)
     assert r.exit_code == 0, r.output
-    r = invoke("export", artifact, "--json")
+    r = invoke("export", artifact, "--json", "--trust-model-code")
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout)
     assert manifest["fold"]["where"].startswith("onnx") and manifest["parity"]["top1_agreement"] == 1.0
@@ -310,10 +310,12 @@ def test_artifact_whose_model_file_changed(out, tmp_path):
     artifact = tmp_path / "a.safetensors"
     assert invoke("adapt", "--model", f"{net}:make", "--data", SMALL, "-o", artifact).exit_code == 0
     net.write_text(net.read_text().replace("nn.Conv2d(3, 8, 3", "nn.Conv2d(3, 8, 5"))
-    assert_fails(invoke("export", artifact, "--onnx", out / "x.onnx"), "do not match", "shape mismatch", out=out)
+    assert_fails(invoke("export", artifact, "--onnx", out / "x.onnx", "--model", f"{net}:make"), "do not match",
+                 "shape mismatch", out=out)
     net.unlink()
-    assert_fails(invoke("export", artifact, "--onnx", out / "x.onnx"), "does not exist", out=out)
-    assert_fails(invoke("bench", artifact, "--iters", "2", "--json", out / "b.json"), "does not exist", out=out)
+    assert_fails(invoke("export", artifact, "--onnx", out / "x.onnx", "--trust-model-code"), "does not exist", out=out)
+    assert_fails(invoke("bench", artifact, "--iters", "2", "--json", out / "b.json", "--trust-model-code"),
+                 "does not exist", out=out)
 
 
 # -- artifacts: info, export, bench, compare ---------------------------------------------------------------------

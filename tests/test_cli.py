@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from gprebn_edge.checkpoint import load_checkpoint, rebuild_model
 from gprebn_edge.cli import app
+from gprebn_edge.models.consent import TRUST_ALL
 
 runner = CliRunner()
 
@@ -96,7 +97,7 @@ def test_adapt_user_model_file_with_weights_and_folder(user_project, tmp_path):
     # the BN statistics moved away from the source ones, and the source model can be rebuilt
     source = torch.load(user_project / "w.pt")
     assert not torch.allclose(state["body.1.running_mean"], source["body.1.running_mean"])
-    rebuilt, _ = rebuild_model(out, "source")
+    rebuilt, _ = rebuild_model(out, "source", consent=TRUST_ALL)  # the user's own net.py
     for k, v in source.items():
         assert torch.equal(rebuilt.state_dict()[k], v), k
 

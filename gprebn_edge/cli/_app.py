@@ -16,7 +16,7 @@ from rich.text import Text
 from gprebn_edge.errors import GprebnError
 
 __all__ = ["app", "console", "err_console", "cli_errors", "progress", "status", "key_value_table", "pct",
-           "check_outputs", "error_line", "BACKEND_HELP"]
+           "check_outputs", "error_line", "BACKEND_HELP", "TRUST_HELP"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GpreBN test-time adaptation of BatchNorm CNNs, folded for edge GPUs.")
@@ -125,6 +125,10 @@ def check_outputs(*paths: Path | None) -> None:
         if path is not None and (path.is_dir() or not (path.parent if str(path.parent) else Path(".")).is_dir()):
             raise GprebnError(f"cannot write {path}: give a file in an existing folder")
 
+
+TRUST_HELP = ("Import whatever model code (file.py:factory, module:factory) a checkpoint names: only for "
+              "checkpoints you trust, since that code runs. builtin: and torchvision: models, ONNX files and "
+              "engines need no consent.")
 
 BACKEND_HELP = "auto (by suffix: .onnx onnxruntime, .engine/.plan tensorrt, .safetensors torch), onnxruntime, " \
                 "torch or tensorrt."

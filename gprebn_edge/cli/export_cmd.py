@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from gprebn_edge.cli._app import (
+    TRUST_HELP,
     app,
     cli_errors,
     console,
@@ -39,11 +40,16 @@ def export(
     batch: Annotated[str, typer.Option(help="Engine batch profile MIN:OPT:MAX (or N).")] = "1:1:32",
     workspace_mb: Annotated[int, typer.Option(help="TensorRT workspace memory limit in MiB.")] = 1024,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    model: Annotated[str | None, typer.Option(help="The model code the artifact names (file.py:factory or "
+                                              "module:factory), given to consent to importing exactly that "
+                                              "code; builtin: and torchvision: models need none.")] = None,
+    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Fold BatchNorm into the convs and export ONNX, checked against PyTorch with onnxruntime; with --trt,
     also build a TensorRT engine from it."""
     from gprebn_edge.export.pipeline import EngineOptions, export_artifact
     from gprebn_edge.export.tensorrt_build import parse_batch_range
+    from gprebn_edge.models.consent import CodeConsent
 
     with cli_errors():
         if check_images < 1:
@@ -60,7 +66,8 @@ def export(
                                     batch=parse_batch_range(batch), refittable=refittable, workspace_mb=workspace_mb)
         with status() as say:
             manifest = export_artifact(artifact, onnx, unadapted=unadapted, data=data, check_images=check_images,
-                                       engine=options, progress=say)
+                                       engine=options, progress=say,
+                                       consent=CodeConsent(spec=model, any_code=trust_model_code, flag="--model"))
         if as_json:
             typer.echo(json.dumps(manifest, indent=2))
             return

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from gprebn_edge.cli._app import (
+    TRUST_HELP,
     app,
     check_outputs,
     cli_errors,
@@ -40,16 +41,19 @@ def loop(
     lr: Annotated[float, typer.Option(help="GpreBN learning rate (at batch 64).")] = 1e-3,
     adapt_threads: Annotated[int, typer.Option(help="torch threads for the background adaptation.")] = 1,
     serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = 1,
+    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
+    from gprebn_edge.models.consent import CodeConsent
     from gprebn_edge.runtime.loop import LoopConfig, run_loop
 
     with cli_errors(f"interrupted: the state in {state} is servable; run the same command again to resume"):
         config = LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
-                            fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads)
+                            fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
+                            consent=CodeConsent(any_code=trust_model_code))
         with status() as say:
             def on_window(r: dict[str, Any]) -> None:
                 acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"

@@ -10,6 +10,7 @@ import typer
 
 from gprebn_edge.cli._app import (
     BACKEND_HELP,
+    TRUST_HELP,
     app,
     check_outputs,
     cli_errors,
@@ -45,8 +46,10 @@ def bench(
     data: Annotated[str | None, typer.Option(help="Time on these images instead of random inputs.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a latency plot (PNG) here.")] = None,
+    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Latency of one model: first call, percentiles, throughput, memory and the environment."""
+    from gprebn_edge.models.consent import CodeConsent
     from gprebn_edge.runtime.bench import format_table
     from gprebn_edge.runtime.tasks import RunnerOptions, bench_model, parse_shape
 
@@ -56,7 +59,8 @@ def bench(
         if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
             raise GprebnError("--iters must be at least 1 and --duration positive")
         options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
-                                input_shape=parse_shape(input_shape) if input_shape else None)
+                                input_shape=parse_shape(input_shape) if input_shape else None,
+                                consent=CodeConsent(any_code=trust_model_code))
         batches = _batch_list(batch)
         check_outputs(json_out, plot)
         with progress() as update:
@@ -109,15 +113,19 @@ def compare(
     latency_batch: Annotated[int, typer.Option(help="Batch size of the latency rounds.")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write reliability diagrams and bars (PNG) here.")] = None,
+    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
 ) -> None:
     """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
     accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
+    from gprebn_edge.models.consent import CodeConsent
     from gprebn_edge.runtime.compare import write_json
     from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
 
     with cli_errors():
         check_outputs(json_out, plot)
-        options = [RunnerOptions(backend=b, device=device, threads=threads) for b in (backend_a, backend_b)]
+        consent = CodeConsent(any_code=trust_model_code)
+        options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent)
+                   for b in (backend_a, backend_b)]
         with progress() as update:
             result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
                                     limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,

@@ -10,7 +10,6 @@ import importlib
 import importlib.util
 import inspect
 import itertools
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from gprebn_edge.errors import ArtifactError, MissingDependencyError, ModelError
 from gprebn_edge.models.builtin import BUILTIN_MODELS
+from gprebn_edge.models.consent import FORMS as _FORMS
+from gprebn_edge.models.consent import split_spec as _split
 from gprebn_edge.models.weights import _oneline, apply_state_dict, read_state_dict, sha256_file
 
 __all__ = [
@@ -48,8 +49,6 @@ _BUILTIN_PREPROCESS = {
     "small_resnet": Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
     "resnet50_like": _IMAGENET,
 }
-_FORMS = "builtin:NAME, torchvision:NAME, path/to/file.py:factory or package.module:factory"
-_MODULE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _counter = itertools.count()
 
 
@@ -94,30 +93,6 @@ def _preprocess_attr(factory: Any, where: str) -> Preprocess | None:
             raise ModelError(f"{where}.preprocess is not a valid preprocessing dict ({_oneline(e)}): "
                              "give resize, crop, mean and std") from None
     return None
-
-
-def _split(spec: str) -> tuple[str, str, str]:
-    """-> (kind, target, factory name) with kind one of builtin, torchvision, file, module."""
-    head, sep, rest = spec.partition(":")
-    if not sep:
-        raise ModelError(f"model spec {spec!r} has no ':': use {_FORMS}")
-    if head in ("builtin", "torchvision"):
-        if not rest:
-            raise ModelError(f"model spec {spec!r} names no model: use {head}:NAME")
-        return head, rest, ""
-    # rsplit so that a Windows drive letter ("C:\\net.py:make") stays in the path.
-    target, _, factory = spec.rpartition(":")
-    if target.endswith(".py"):
-        kind = "file"
-    elif _MODULE_RE.match(target):
-        kind = "module"
-    elif "/" in target or "\\" in target:
-        raise ModelError(f"model file {target!r} must be a Python file ending in .py: use {_FORMS}")
-    else:
-        raise ModelError(f"model spec {spec!r} is not understood: use {_FORMS}")
-    if not factory.isidentifier():
-        raise ModelError(f"model spec {spec!r} needs a factory function name after the last ':'")
-    return kind, target, factory
 
 
 def _canonical(spec: str) -> str:

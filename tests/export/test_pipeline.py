@@ -95,7 +95,7 @@ def test_untraceable_model_is_folded_in_onnx(tmp_path):
     r = runner.invoke(app, ["adapt", "--model", f"{tmp_path / 'net.py'}:make", "--data", "synthetic:fog:5:n=64",
                             "--batch-size", "32", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["export", str(out), "--json"])
+    r = runner.invoke(app, ["export", str(out), "--json", "--model", f"{tmp_path / 'net.py'}:make"])
     assert r.exit_code == 0, r.output
     manifest = json.loads(r.stdout)
     assert manifest["fold"]["where"].startswith("onnx") and [f["bn"] for f in manifest["fold"]["folded"]] == ["bn"]
