@@ -7,7 +7,6 @@ asked for, TensorRT is checked before any work, so a machine without it fails at
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from gprebn_edge.errors import GprebnError
 from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batchnorm
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
 from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
-from gprebn_edge.io import write_text_atomic
+from gprebn_edge.io import strict_json, write_text_atomic
 from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.models.weights import sha256_file
 from gprebn_edge.optional import import_tensorrt
@@ -123,7 +122,7 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     if engine is not None:
         manifest["tensorrt"] = _build_engine(out, engine, batches, say)
         manifest["seconds"] = round(time.perf_counter() - start, 2)
-        write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+        write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -142,7 +141,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
                  "preprocess": meta["preprocess"], "num_classes": str(meta["num_classes"])}
     health = _adaptation_health(meta, which)
     if health is not None:  # compare and the loop read it back and warn where it was not clean
-        onnx_meta["adaptation_health"] = json.dumps(health)
+        onnx_meta["adaptation_health"] = strict_json(health)
     say(f"exporting ONNX and checking it on {sum(len(b) for b in batches)} images")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
@@ -168,7 +167,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
         "adaptation_health": health,
     }
     try:
-        write_text_atomic(manifest_path(out), json.dumps(manifest, indent=1) + "\n")
+        write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
     except BaseException:  # an ONNX file without its manifest is a partial export: remove it
         out.unlink(missing_ok=True)
         raise

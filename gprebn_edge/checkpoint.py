@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gprebn_edge.errors import ArtifactError
-from gprebn_edge.io import atomic_path
+from gprebn_edge.io import atomic_path, strict_json
 from gprebn_edge.models.consent import CodeConsent, require_consent
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "encode_tensors", "decode_tensors",
@@ -57,7 +57,7 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], metadata: 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
         try:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+            save_file(tensors, str(tmp), metadata={_META_KEY: strict_json(meta, sort_keys=True)})
         except SafetensorError as e:  # safetensors reports a full disk as its own error, not OSError
             raise ArtifactError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     return path

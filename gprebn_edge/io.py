@@ -1,17 +1,21 @@
-"""Atomic file writes: a crash at any point leaves either the previous file or the complete new one."""
+"""Atomic file writes: a crash at any point leaves either the previous file or the complete new one. Strict
+JSON: what the tool writes parses anywhere (no NaN or Infinity, which JSON does not have)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from gprebn_edge.errors import GprebnError
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["atomic_path", "write_text_atomic", "finite_json", "strict_json"]
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _UMASK = os.umask(0o022)  # read once, at import (setting it is process-wide: not from a worker thread)
@@ -61,3 +65,21 @@ def _mode_for(path: Path) -> int:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN and infinity replaced by None (null); dicts, lists and tuples are walked."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """json.dumps of `value` as strict JSON: non-finite numbers become null (a `default` hook's results too)."""
+    default = kwargs.pop("default", None)
+    hook = None if default is None else (lambda v: finite_json(default(v)))
+    return json.dumps(finite_json(value), allow_nan=False, default=hook, **kwargs)

@@ -3,6 +3,7 @@ how to preprocess its inputs. Imports without torch (checkpoints import it when 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 
-__all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata", "health_note"]
+__all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata", "health_note", "verify_file",
+           "manifest_beside"]
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 SUFFIXES = {".onnx": "onnxruntime", **dict.fromkeys(ENGINE_SUFFIXES, "tensorrt"), ".safetensors": "torch"}
@@ -35,6 +37,52 @@ def backend_for(path: str | Path, backend: str = "auto") -> str:
     return SUFFIXES[suffix]
 
 
+def manifest_beside(path: str | Path) -> Path:
+    """NAME.manifest.json beside NAME.onnx or NAME.engine: where export writes the manifest."""
+    path = Path(path)
+    return path.with_name(path.stem + ".manifest.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def verify_file(path: str | Path) -> bool:
+    """Check an ONNX file or engine against the hash its export manifest (NAME.manifest.json beside it)
+    records; ArtifactError, in one line naming both files and --no-verify, when they differ or the manifest
+    is unreadable. True when checked; False when there is nothing to check against (no manifest, or a
+    manifest that records no hash for this file)."""
+    path = Path(path)
+    manifest = manifest_beside(path)
+    if not manifest.is_file():
+        return False
+    override = "re-export it, or pass --no-verify to run it anyway"
+    try:
+        raw = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {manifest}, the manifest of {path.name} ({str(e).splitlines()[0]}): "
+                            f"{override}") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{manifest}, the manifest of {path.name}, is not a JSON object: {override}")
+    if path.suffix.lower() == ".onnx":
+        expected = raw.get("onnx_sha256")
+    else:  # an engine: export --trt records its hash, where the engine is the manifest's own
+        trt = raw.get("tensorrt")
+        named = isinstance(trt, dict) and Path(str(trt.get("engine", ""))).name == path.name
+        expected = trt.get("engine_sha256") if named and isinstance(trt, dict) else None
+    if expected is None:
+        return False
+    actual = _sha256(path)
+    if actual != expected:
+        raise ArtifactError(f"{path} does not match its manifest {manifest} ({actual[:19]}... vs {str(expected)[:19]}"
+                            f"...): it changed after export; {override}")
+    return True
+
+
 def _gpu_index(device: str) -> int:
     if device in ("cuda", "gpu"):
         return 0
@@ -47,13 +95,16 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
                 fp16: bool = False, cuda_graphs: bool = False, providers: tuple[str, ...] | None = None,
                 engine_cache: str | Path | None = None, which: str = "adapted",
                 input_shape: tuple[int, ...] | None = None, shared_cpu: bool = False,
-                consent: CodeConsent | None = None) -> Runner:
+                consent: CodeConsent | None = None, verify: bool = True) -> Runner:
     """A (not yet activated) runner for `path`. `device` defaults to "cpu" for onnxruntime and torch and to
     "cuda" for TensorRT; for onnxruntime a CUDA device means the CUDA provider unless `providers` says
     otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints. `shared_cpu`:
     other work runs beside this runner (a second model, adaptation), so onnxruntime must not busy-wait.
-    `consent`: to the model code a checkpoint names (ONNX files and engines run no code and need none)."""
+    `consent`: to the model code a checkpoint names (ONNX files and engines run no code and need none).
+    `verify`: check an ONNX file or engine against the hash in its manifest (see verify_file) first."""
     kind = backend_for(path, backend)
+    if verify and kind in ("onnxruntime", "tensorrt"):
+        verify_file(path)
     if kind == "onnxruntime":
         from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 

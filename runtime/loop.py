@@ -49,7 +49,7 @@ from gprebn_edge.io import atomic_path
 from gprebn_edge.models.consent import CodeConsent, require_consent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.gates import GateConfig
-from gprebn_edge.runtime.loading import model_metadata, open_runner
+from gprebn_edge.runtime.loading import model_metadata, open_runner, verify_file
 from gprebn_edge.runtime.loop_state import LoopState, MetricsLog, StateDir
 from gprebn_edge.runtime.loop_window import Window, segment_names
 from gprebn_edge.runtime.loop_worker import Job, Shared, Worker
@@ -86,6 +86,7 @@ class LoopConfig:
     adapt_threads: int = 1
     serve_threads: int | None = 1
     consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
+    verify: bool = True              # check --onnx/--engine (and the state's files) against their manifest hash
 
     def check(self) -> None:
         if (self.every is None) == (self.interval is None):
@@ -169,6 +170,8 @@ class _Loop:
         """Refuse a bad --model/--onnx/--engine before anything is copied into the state folder."""
         c = self.config
         served = c.onnx or c.engine
+        if c.engine is not None and c.verify:
+            verify_file(c.engine)
         served_meta = model_metadata(served) if served is not None else None
         if c.model is not None:
             from gprebn_edge.checkpoint import load_checkpoint  # torch: adapting needs it anyway
@@ -182,21 +185,22 @@ class _Loop:
                 raise InputError(f"{served} has {served_meta['num_classes']} classes but --model {c.model} has "
                                  f"{classes}: serve an export of that checkpoint")
         if c.onnx is not None:
-            with open_runner(c.onnx, "onnxruntime") as probe:  # a file onnxruntime cannot load fails here
+            # a file onnxruntime cannot load, or that differs from its manifest, fails here
+            with open_runner(c.onnx, "onnxruntime", verify=c.verify) as probe:
                 if len(probe.inputs()) != 1:
                     raise InputError(f"{c.onnx} expects {len(probe.inputs())} inputs; the loop serves models with one "
                                      "image input")
                 if served_meta and served_meta.get("preprocess"):  # one frame through it: sizes must fit
                     frames = self._frames(c.source, Preprocess.from_dict(served_meta["preprocess"]), probe)
                     for batch in frames.batches(1):
-                        probe.infer(batch.images)
+                        _require_finite(probe.infer(batch.images), c.onnx)
                         break
 
     def _open(self, state: LoopState) -> Runner:
         if state.engine:
-            return open_runner(self.dir.path / state.engine, "tensorrt")
+            return open_runner(self.dir.path / state.engine, "tensorrt", verify=self.config.verify)
         return open_runner(self.dir.path / state.onnx, "onnxruntime", threads=self.config.serve_threads,
-                           shared_cpu=self.adapting)
+                           shared_cpu=self.adapting, verify=self.config.verify)
 
     def _model_file(self, state: LoopState) -> Path:
         return self.dir.path / (state.engine or state.onnx)
@@ -258,6 +262,7 @@ class _Loop:
         window = Window()
         reason = "source exhausted"
         next_frame_time = time.perf_counter()
+        first = True
         try:
             for batch in source.batches(1):
                 if skip:
@@ -280,6 +285,10 @@ class _Loop:
                 t0 = time.perf_counter()
                 logits = runner.infer(batch.images)
                 ms = (time.perf_counter() - t0) * 1e3
+                if first:  # this run's first frame: a model that gives NaN/Inf does not start serving
+                    first, reason = False, "non-finite model"
+                    _require_finite(logits, self._model_file(state))
+                    reason = "source exhausted"
                 frames += 1
                 segment = names[int(batch.segment[0])] if names and hasattr(batch, "segment") else None
                 window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment,
@@ -342,6 +351,13 @@ class _Loop:
             self.dir.write(self.shared.state)
         if self.on_window is not None:
             self.on_window(record)
+
+
+def _require_finite(logits: np.ndarray, model: Path) -> None:
+    """Refuse to start serving a model whose outputs on the first frame are NaN or infinite."""
+    if not np.isfinite(logits).all():
+        raise InputError(f"{model} gives non-finite outputs (NaN/Inf) on the first frame: the loop does not serve "
+                         "it; serve an export checked by `gprebn-edge export`, or adapt again")
 
 
 def _require_consent(checkpoint: Path, meta: dict[str, Any], consent: CodeConsent | None) -> None:

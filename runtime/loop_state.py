@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gprebn_edge.errors import ArtifactError, GprebnError
-from gprebn_edge.io import write_text_atomic
+from gprebn_edge.io import finite_json, strict_json, write_text_atomic
 
 __all__ = ["LoopState", "StateDir", "MetricsLog", "STATE_VERSION"]
 
@@ -97,7 +97,7 @@ class StateDir:
 
     def write(self, state: LoopState) -> None:
         state.updated = time.time()
-        write_text_atomic(self.state_file, json.dumps(state.to_dict(), indent=1) + "\n")
+        write_text_atomic(self.state_file, strict_json(state.to_dict(), indent=1) + "\n")
 
     def clean(self, state: LoopState | None) -> list[str]:
         """Remove round files that `state` does not reference and leftover temporary files; return their names."""
@@ -132,7 +132,7 @@ class MetricsLog:
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "t": round(time.time(), 3), **fields}
-        line = json.dumps(_finite(record), allow_nan=False, default=_jsonable) + "\n"
+        line = strict_json(record, default=_jsonable) + "\n"
         with self._lock:
             if self._file is None:  # closed at stop: a worker still finishing after Ctrl-C is not an error
                 return record
@@ -148,19 +148,8 @@ class MetricsLog:
                 self._file = None
 
 
-def _finite(value: Any) -> Any:
-    """NaN and infinities become None (strict JSON); containers are walked."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _jsonable(value: Any) -> Any:
     """numpy scalars and arrays in log records."""
     if hasattr(value, "tolist"):
-        return _finite(value.tolist())
+        return finite_json(value.tolist())
     raise TypeError(f"cannot log {type(value).__name__}")

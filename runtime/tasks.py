@@ -34,11 +34,12 @@ class RunnerOptions:
     input_shape: tuple[int, ...] | None = None
     shared_cpu: bool = False         # another runner or other work shares the CPU: no busy-waiting threads
     consent: CodeConsent | None = None  # to the model code a checkpoint names (see models/consent.py)
+    verify: bool = True              # check an ONNX file or engine against its manifest's hash
 
     def open(self, path: str | Path) -> Any:
         return open_runner(path, self.backend, device=self.device, threads=self.threads, fp16=self.fp16,
                            cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu,
-                           consent=self.consent)
+                           consent=self.consent, verify=self.verify)
 
 
 def parse_warmup(text: str) -> tuple[int, float | None]:

@@ -16,7 +16,7 @@ from rich.text import Text
 from gprebn_edge.errors import GprebnError
 
 __all__ = ["app", "console", "err_console", "cli_errors", "progress", "status", "key_value_table", "pct",
-           "check_outputs", "error_line", "BACKEND_HELP", "TRUST_HELP"]
+           "check_outputs", "error_line", "existing", "say_replaced", "BACKEND_HELP", "TRUST_HELP", "VERIFY_HELP"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GpreBN test-time adaptation of BatchNorm CNNs, folded for edge GPUs.")
@@ -129,6 +129,21 @@ def check_outputs(*paths: Path | None) -> None:
 TRUST_HELP = ("Import whatever model code (file.py:factory, module:factory) a checkpoint names: only for "
               "checkpoints you trust, since that code runs. builtin: and torchvision: models, ONNX files and "
               "engines need no consent.")
+
+VERIFY_HELP = ("Check an ONNX file or engine against the sha256 its export manifest (NAME.manifest.json beside "
+               "it) records, and refuse it when they differ; --no-verify runs it anyway.")
+
+
+def existing(*paths: Path | None) -> list[Path]:
+    """The outputs that exist before a run (checked before any work: `say_replaced` names them after it)."""
+    return [p for p in paths if p is not None and p.is_file()]
+
+
+def say_replaced(paths: list[Path]) -> None:
+    """One line on stderr naming the files a successful run replaced."""
+    if paths:
+        err_console.print(f"replaced existing {', '.join(map(str, paths))}", soft_wrap=True)
+
 
 BACKEND_HELP = "auto (by suffix: .onnx onnxruntime, .engine/.plan tensorrt, .safetensors torch), onnxruntime, " \
                 "torch or tensorrt."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,11 +14,14 @@ from gprebn_edge.cli._app import (
     console,
     err_console,
     error_line,
+    existing,
     key_value_table,
     pct,
     progress,
+    say_replaced,
 )
 from gprebn_edge.errors import ArtifactError, GprebnError
+from gprebn_edge.io import strict_json
 from gprebn_edge.runtime.loading import health_note
 
 
@@ -76,17 +78,19 @@ def adapt(
         preprocess = {"resize": resize, "crop": crop,
                       "mean": parse_triple(mean, "mean") if mean else None,
                       "std": parse_triple(std, "std") if std else None}
+        replaced = existing(output)
         with progress(enabled=not as_json) as update:
             result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,
                                    preprocess=preprocess, shuffle=shuffle, limit=limit, force=force,
                                    progress=lambda done, total: update(f"adapting ({method})", done, total))
+        say_replaced(replaced)
         s = result.summary
         note = health_note(s["health"])
         if note is not None:
             err_console.print(error_line("warning:", advice(s["health"]) if s["health"]["verdict"] != "unchecked"
                                          else note), soft_wrap=True)
         if as_json:
-            typer.echo(json.dumps({"output": str(output), **s}, indent=2))
+            typer.echo(strict_json({"output": str(output), **s}, indent=2))
             return
         table = key_value_table(f"adapted {model} with {method} -> {output}")
         table.add_row("calibration images", f"{s['images']} ({s['skipped']} unreadable, skipped)")
@@ -138,7 +142,7 @@ def info(
         state, meta = load_checkpoint(artifact)
         if as_json:
             meta = {k: v for k, v in meta.items() if k != "source_bn"}
-            typer.echo(json.dumps(meta, indent=2))
+            typer.echo(strict_json(meta, indent=2))
             return
         try:
             table = _info_table(artifact, state, meta)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -15,10 +14,13 @@ from gprebn_edge.cli._app import (
     console,
     err_console,
     error_line,
+    existing,
     key_value_table,
+    say_replaced,
     status,
 )
 from gprebn_edge.errors import GprebnError
+from gprebn_edge.io import strict_json
 from gprebn_edge.runtime.loading import health_note
 
 
@@ -47,7 +49,13 @@ def export(
 ) -> None:
     """Fold BatchNorm into the convs and export ONNX, checked against PyTorch with onnxruntime; with --trt,
     also build a TensorRT engine from it."""
-    from gprebn_edge.export.pipeline import EngineOptions, export_artifact
+    from gprebn_edge.export.pipeline import (
+        EngineOptions,
+        default_engine_path,
+        default_onnx_path,
+        export_artifact,
+        manifest_path,
+    )
     from gprebn_edge.export.tensorrt_build import parse_batch_range
     from gprebn_edge.models.consent import CodeConsent
 
@@ -64,12 +72,15 @@ def export(
         if trt:
             options = EngineOptions(engine=engine, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                                     batch=parse_batch_range(batch), refittable=refittable, workspace_mb=workspace_mb)
+        out = onnx or default_onnx_path(artifact, unadapted)
+        replaced = existing(out, manifest_path(out), (engine or default_engine_path(out)) if trt else None)
         with status() as say:
             manifest = export_artifact(artifact, onnx, unadapted=unadapted, data=data, check_images=check_images,
                                        engine=options, progress=say,
                                        consent=CodeConsent(spec=model, any_code=trust_model_code, flag="--model"))
+        say_replaced(replaced)
         if as_json:
-            typer.echo(json.dumps(manifest, indent=2))
+            typer.echo(strict_json(manifest, indent=2))
             return
         p, fold = manifest["parity"], manifest["fold"]
         table = key_value_table(f"exported {manifest['model']} model of {artifact}")

@@ -9,10 +9,13 @@ import typer
 
 from gprebn_edge.cli._app import (
     TRUST_HELP,
+    VERIFY_HELP,
     app,
     check_outputs,
     cli_errors,
     console,
+    existing,
+    say_replaced,
     status,
 )
 
@@ -42,6 +45,7 @@ def loop(
     adapt_threads: Annotated[int, typer.Option(help="torch threads for the background adaptation.")] = 1,
     serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = 1,
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
+    verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
 ) -> None:
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
@@ -53,7 +57,7 @@ def loop(
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
                             fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
-                            consent=CodeConsent(any_code=trust_model_code))
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify)
         with status() as say:
             def on_window(r: dict[str, Any]) -> None:
                 acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
@@ -80,6 +84,7 @@ def loop_report(
 
     with cli_errors():
         check_outputs(plot, json_out)
+        replaced = existing(json_out, plot)
         parsed = read_log(log)
         summary = summarize(parsed)
         console.print(format_summary(summary), soft_wrap=True)
@@ -91,3 +96,4 @@ def loop_report(
         if plot is not None:
             plot_loop(parsed, plot)
             console.print(f"plot: {plot}")
+        say_replaced(replaced)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,13 +10,17 @@ import typer
 from gprebn_edge.cli._app import (
     BACKEND_HELP,
     TRUST_HELP,
+    VERIFY_HELP,
     app,
     check_outputs,
     cli_errors,
     console,
+    existing,
     progress,
+    say_replaced,
 )
 from gprebn_edge.errors import GprebnError
+from gprebn_edge.io import strict_json, write_text_atomic
 
 
 def _batch_list(text: str) -> list[int]:
@@ -47,6 +50,7 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a latency plot (PNG) here.")] = None,
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
+    verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
 ) -> None:
     """Latency of one model: first call, percentiles, throughput, memory and the environment."""
     from gprebn_edge.models.consent import CodeConsent
@@ -60,9 +64,10 @@ def bench(
             raise GprebnError("--iters must be at least 1 and --duration positive")
         options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
                                 input_shape=parse_shape(input_shape) if input_shape else None,
-                                consent=CodeConsent(any_code=trust_model_code))
+                                consent=CodeConsent(any_code=trust_model_code), verify=verify)
         batches = _batch_list(batch)
         check_outputs(json_out, plot)
+        replaced = existing(json_out, plot)
         with progress() as update:
             results = bench_model(model, options, batches=batches, warmup=warmup, iters=iters, duration=duration,
                                   data=data, progress=update)
@@ -72,16 +77,15 @@ def bench(
         console.print("environment: " + ", ".join(f"{k} {v}" for k, v in _flat_environment(env).items()),
                       soft_wrap=True)
         if json_out is not None:
-            from gprebn_edge.io import write_text_atomic
-
             payload = {"model": str(model), "results": [r.to_dict() for r in results]}
-            write_text_atomic(json_out, json.dumps(payload, indent=1) + "\n")
+            write_text_atomic(json_out, strict_json(payload, indent=1) + "\n")
             console.print(f"json: {json_out}")
         if plot is not None:
             from gprebn_edge.runtime.latency_plot import plot_latency
 
             plot_latency(results, plot, labels=[r.label() for r in results], title=model.name)
             console.print(f"plot: {plot}")
+        say_replaced(replaced)
 
 
 
@@ -114,17 +118,18 @@ def compare(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write reliability diagrams and bars (PNG) here.")] = None,
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
+    verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
 ) -> None:
     """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
     accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
     from gprebn_edge.models.consent import CodeConsent
-    from gprebn_edge.runtime.compare import write_json
     from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
 
     with cli_errors():
         check_outputs(json_out, plot)
+        replaced = existing(json_out, plot)
         consent = CodeConsent(any_code=trust_model_code)
-        options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent)
+        options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify)
                    for b in (backend_a, backend_b)]
         with progress() as update:
             result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
@@ -132,10 +137,11 @@ def compare(
                                     progress=update)
         console.print(result.to_markdown(), soft_wrap=True)
         if json_out is not None:
-            write_json(result, json_out)
+            write_text_atomic(json_out, strict_json(result.to_dict(), indent=2, default=str) + "\n")
             console.print(f"json: {json_out}")
         if plot is not None:
             from gprebn_edge.runtime.compare_plot import plot_compare
 
             plot_compare(result, plot)
             console.print(f"plot: {plot}")
+        say_replaced(replaced)
