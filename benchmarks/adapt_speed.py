@@ -63,6 +63,15 @@ def time_modes(model: torch.nn.Module, size: int, batch: int, rounds: int, warmu
     for fn in steps.values():
         for _ in range(warmup):
             fn()
+    times = interleave(steps, rounds, device, seed)
+    ratios = step_ratios(times)
+    ratio = [g / t for g, t in zip(times["gprebn"], times["tent"], strict=True)]
+    return {**ratios, "gprebn_over_tent_range": [min(ratio), max(ratio)], "rounds": rounds}
+
+
+def interleave(steps: dict, rounds: int, device: torch.device, seed: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, over `rounds` rounds that each run every step once in a fresh random
+    order (drift and caches hit all steps alike), synchronized on a GPU."""
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in steps}
     order = list(steps)
@@ -75,17 +84,17 @@ def time_modes(model: torch.nn.Module, size: int, batch: int, rounds: int, warmu
             steps[k]()
             sync(device)
             times[k].append(time.perf_counter() - t0)
-    ratio = [g / t for g, t in zip(times["gprebn"], times["tent"], strict=True)]
-    per_eval = [g / e for g, e in zip(times["gprebn"], times["eval"], strict=True)]
-    tent_eval = [t / e for t, e in zip(times["tent"], times["eval"], strict=True)]
-    return {
-        "median_ms": {k: 1e3 * median(v) for k, v in times.items()},
-        "gprebn_over_tent": median(ratio),
-        "gprebn_over_tent_range": [min(ratio), max(ratio)],
-        "gprebn_over_eval": median(per_eval),
-        "tent_over_eval": median(tent_eval),
-        "rounds": rounds,
-    }
+    return times
+
+
+def step_ratios(times: dict[str, list[float]]) -> dict:
+    """Median ms per step, and the medians of the paired per-round ratios GpreBN/Tent, GpreBN/eval, Tent/eval."""
+    def paired(a: str, b: str) -> float:
+        return median([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    return {"median_ms": {k: 1e3 * median(v) for k, v in times.items()},
+            "gprebn_over_tent": paired("gprebn", "tent"), "gprebn_over_eval": paired("gprebn", "eval"),
+            "tent_over_eval": paired("tent", "eval")}
 
 
 def main() -> None:

@@ -646,7 +646,6 @@ def sec_step_compiled(c: Check) -> None:
 
 
 def _compiled(c: Check, case: Case, backend: str) -> None:
-    import random
 
     import torch
 
@@ -675,32 +674,18 @@ def _compiled(c: Check, case: Case, backend: str) -> None:
 
     fns: dict[str, Callable[[], Any]] = {"tent": lambda: adapters["tent"].step(x),
                                          "gprebn": lambda: adapters["gprebn"].step(x), "eval": forward}
+    from adapt_speed import interleave, step_ratios
+
     t0 = time.perf_counter()
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     compile_s = time.perf_counter() - t0
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order, rng = list(fns), random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for k in order:
-            _sync(device)
-            t = time.perf_counter()
-            fns[k]()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
+    times = interleave(fns, rounds, device, 0)
     c.note(f"{case.name}: compiling and {warmup} warm-up steps per mode took {compile_s:.1f} s ({backend} backend)")
     _step_row(c, case, f"torch.compile ({backend})", batch, {
-        "median_ms": {k: 1e3 * median(v) for k, v in times.items()},
-        "gprebn_over_tent": median([g / t for g, t in zip(times["gprebn"], times["tent"], strict=True)]),
-        "gprebn_over_eval": median([g / e for g, e in zip(times["gprebn"], times["eval"], strict=True)]),
-        "tent_over_eval": median([t / e for t, e in zip(times["tent"], times["eval"], strict=True)]),
+        **step_ratios(times),
         "rounds": rounds, "graphs": _dynamo_graphs()})
 
 

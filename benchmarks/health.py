@@ -141,7 +141,8 @@ def markdown(payload: dict) -> str:
              f"`{payload['command']}`  ", environment_line(payload["environment"]), "",
              "Built-in model, GpreBN defaults (batch 64), 10 % of the calibration images held back. *hurt*: the "
              "adapted model's error on the domain's labeled test split (all classes) is more than 0.5 points above "
-             "the unadapted model's. Entropy and class-histogram entropy (diversity) are on the held-back images, in nats.",
+             "the unadapted model's. Entropy and class-histogram entropy (diversity) are on the held-back images, "
+             "in nats.",
              "", "| kind | cases | hurt | flagged | caught | missed | false alarms |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, c in payload["confusion"].items():

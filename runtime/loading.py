@@ -149,24 +149,25 @@ def _onnx_metadata(path: Path) -> dict[str, Any]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def _parsed(raw: dict[str, Any], fmt: str, path: Path) -> dict[str, Any]:
-    preprocess = raw.get("preprocess")
-    if isinstance(preprocess, str):
+def _json_field(raw: dict[str, Any], key: str, path: Path) -> Any:
+    """raw[key], decoded where it is a JSON string (ONNX metadata values are strings)."""
+    value = raw.get(key)
+    if isinstance(value, str):
         try:
-            preprocess = json.loads(preprocess)
+            return json.loads(value)
         except json.JSONDecodeError:
-            raise ArtifactError(f"{path}: its preprocess metadata is not valid JSON") from None
+            raise ArtifactError(f"{path}: its {key} metadata is not valid JSON") from None
+    return value
+
+
+def _parsed(raw: dict[str, Any], fmt: str, path: Path) -> dict[str, Any]:
+    preprocess = _json_field(raw, "preprocess", path)
     num_classes = raw.get("num_classes")
     try:
         num_classes = int(num_classes) if num_classes is not None else None
     except (TypeError, ValueError):
         raise ArtifactError(f"{path}: num_classes metadata {num_classes!r} is not a number") from None
-    health = raw.get("adaptation_health")
-    if isinstance(health, str):
-        try:
-            health = json.loads(health)
-        except json.JSONDecodeError:
-            raise ArtifactError(f"{path}: its adaptation_health metadata is not valid JSON") from None
+    health = _json_field(raw, "adaptation_health", path)
     if health is not None and not (isinstance(health, dict) and isinstance(health.get("verdict"), str)):
         raise ArtifactError(f"{path}: its adaptation_health metadata has no verdict")
     return {"format": fmt, "model": raw.get("model"), "preprocess": preprocess, "num_classes": num_classes,
