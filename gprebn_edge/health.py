@@ -76,7 +76,7 @@ class Profile:
         ent = float(-(p * p.clamp_min(1e-300).log()).sum(1).mean())
         counts = np.bincount(self.predictions, minlength=k)
         freq = counts[counts > 0] / counts.sum()
-        diversity = max(float(-(freq * np.log(freq)).sum()), 0.0)  # no -0.0 for a single class
+        diversity = float(-(freq * np.log(freq)).sum()) + 0.0  # + 0.0: a single class gives 0.0, not -0.0
         return {"finite": True, "entropy": ent, "confidence": float(p.amax(1).mean()),
                 "classes_predicted": int((counts > 0).sum()), "histogram_entropy": diversity}
 
