@@ -66,6 +66,11 @@ def onnx_parity(path: str | Path, model: nn.Module, batches: Iterable[np.ndarray
     for x in batches:
         ref = model(torch.from_numpy(x)).numpy()
         got = session.run([OUTPUT], {INPUT: x})[0]
+        for side, out in (("PyTorch", ref), ("onnxruntime", got)):
+            if not np.isfinite(out).all():  # NaN == NaN would otherwise pass as "parity"
+                raise GprebnError(f"the model's {side} outputs are not finite (NaN or Inf) on image {n} or after; "
+                                  "nothing was written: check the artifact's weights (gprebn-edge info) and the "
+                                  "input preprocessing")
         max_abs = max(max_abs, float(np.abs(got - ref).max()))
         max_ref = max(max_ref, float(np.abs(ref).max()))
         agree += int((got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).sum())

@@ -132,3 +132,15 @@ def test_skipped_batchnorms_stay_batchnorm_nodes_with_their_names(tmp_path):
     names = {i.name for i in proto.graph.initializer}
     assert {"bn1.running_mean", "bn2.running_var", "conv.weight"} <= names
     assert not any(n.startswith("onnx::") for n in names) and parity.max_rel <= 1e-5
+
+
+def test_non_finite_outputs_fail_the_parity_check_and_write_nothing(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(-1.0)  # sqrt of a negative variance: NaN everywhere
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"previous good file")
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    with pytest.raises(GprebnError, match="not finite"):
+        export_onnx(model, out, torch.from_numpy(x[:2]), check_batches=[x], max_rel=1e-5)
+    assert out.read_bytes() == b"previous good file"
