@@ -3,6 +3,7 @@ metadata of its checkpoint. The CLI's `adapt` and the demo are thin callers of `
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -182,6 +183,10 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
     limit = min(config.eval_limit, len(calib)) if config.eval_limit else None
     before = evaluate(loaded.model, calib, limit)
     after = evaluate(static, calib, limit) if health["verdict"] != NON_FINITE else None
+    if after is not None and not math.isfinite(after["entropy"]):  # too few images to hold any back
+        health = {**health, "verdict": NON_FINITE,
+                  "signals": ["the adapted model's outputs on the calibration images are not finite (NaN or Inf)"]}
+        after = None
     summary = {
         **online,
         "seconds": round(elapsed, 3),

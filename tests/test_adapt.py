@@ -130,3 +130,23 @@ def test_too_few_images_are_not_checked(loaded):
     result = adapt_model(loaded, open_source("synthetic:clean:n=30", loaded.preprocess), AdaptConfig(batch_size=8))
     assert result.summary["health"]["verdict"] == "unchecked" and result.summary["images"] == 30
     assert "too few" in result.summary["health"]["reason"] and "add images" in result.summary["health"]["reason"]
+
+
+def test_a_non_finite_model_is_never_written_even_unchecked(tmp_path, loaded, monkeypatch):
+    from gprebn_edge import adapt as adapt_module
+    from gprebn_edge.adapt import AdaptationRefused, adapt_to_file
+
+    real = adapt_module.adapt_and_freeze
+
+    def poisoned(*args, **kwargs):
+        static, online, adapter = real(*args, **kwargs)
+        with torch.no_grad():
+            next(m for m in static.modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(float("nan"))
+        return static, online, adapter
+
+    monkeypatch.setattr(adapt_module, "adapt_and_freeze", poisoned)
+    out = tmp_path / "a.safetensors"
+    for n in (30, 200):  # 30: too few images to hold any back; 200: checked on the held-back images
+        with pytest.raises(AdaptationRefused, match="not finite"):
+            adapt_to_file("builtin:small_resnet", f"synthetic:clean:n={n}", out, AdaptConfig(batch_size=16))
+        assert not out.exists()
