@@ -1,3 +1,3 @@
-"""Export stage: adapted checkpoint -> folded ONNX / TensorRT engine (see DESIGN.md section 5)."""
+"""Export stage: adapted checkpoint -> folded ONNX / TensorRT engine (see docs/design.md, docs/folding.md)."""
 
 __all__: list[str] = []

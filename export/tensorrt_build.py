@@ -5,7 +5,7 @@ batch range, timing cache, REFIT for engines the loop updates) and refit by init
 is there and is 10.x, so this module imports (and `--help` works) without it. The plain `import tensorrt as
 trt` that follows the check is what lets mypy type every call against the stubs (scripts/fix_trt_stubs.py).
 Batch parsing, re-chunking of calibration data and error bookkeeping are plain functions, testable anywhere.
-Engines are specific to the GPU and the TensorRT version: build them on the device (DESIGN.md section 5)."""
+Engines are specific to the GPU and the TensorRT version: build them on the device (docs/design.md)."""
 
 from __future__ import annotations
 

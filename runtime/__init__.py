@@ -1,4 +1,4 @@
-"""Runtime stage: ONNX / engines -> predictions, latency, comparisons (see DESIGN.md section 6).
+"""Runtime stage: ONNX / engines -> predictions, latency, comparisons (see docs/design.md).
 Imports without torch."""
 
 __all__: list[str] = []

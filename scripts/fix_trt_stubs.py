@@ -1,5 +1,5 @@
 """Copy the TensorRT type stubs (`pip install --no-deps tensorrt-stubs`) to typings/tensorrt/__init__.pyi,
-mended so that they parse, for mypy to check our calls into TensorRT (DESIGN.md section 5).
+mended so that they parse, for mypy to check our calls into TensorRT.
 
 As shipped, tensorrt_bindings/tensorrt.pyi is not valid Python: a few plugin methods name parameters `in`
 and `out` (keywords), and `add_scale_nd` puts a parameter without a default after defaulted ones. The stub

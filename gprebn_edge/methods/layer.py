@@ -1,4 +1,4 @@
-"""The GpreBN layer (DESIGN section 2), in the fused form.
+"""The GpreBN layer (docs/method.md), in the fused form.
 
 Forward value: plain inference BN with the dataset-level statistics, y = gamma (x - mu) / sigma + beta.
 Backward: training-mode BN's gradient through the batch statistics, scaled per channel by sigma_B / sigma.

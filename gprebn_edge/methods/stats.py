@@ -1,5 +1,5 @@
 """Dataset-level BatchNorm statistics: a running estimate of the target mean and variance, mixed with the
-frozen source statistics (DESIGN section 2).
+frozen source statistics (docs/method.md).
 
 The variance update counts the spread of the batch means around the running mean (law of total variance):
 a plain EMA of per-batch variances converges to the *within-batch* variance, which at batch 1 is the

@@ -1,4 +1,4 @@
-"""Data never runs code (DESIGN section 7): an artifact, a manifest or a state file may *name* model code
+"""Data never runs code (docs/security.md): an artifact, a manifest or a state file may *name* model code
 (`path/to/file.py:factory`, `package.module:factory`), and that code is imported only when the user
 consented on the command line, by naming exactly that code (export's `--model`) or with
 `--trust-model-code`. `builtin:` and `torchvision:` specs run no user code and need no consent.

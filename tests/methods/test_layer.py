@@ -1,5 +1,5 @@
 """The GpreBN layer's maths, in float64: forward = eval BN with the dataset statistics; gradients = the
-literal formula of DESIGN section 2 = training BN's gradient scaled by sigma_B / sigma."""
+literal formula of docs/method.md = training BN's gradient scaled by sigma_B / sigma."""
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ def _view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _literal(x, gamma, beta, mu, var):
-    """DESIGN section 2 transcribed:
+    """docs/method.md transcribed:
     x_hat = (x - mu_B) / sigma_B;  y = gamma (x_hat sg(sigma_B) + sg(mu_B) - mu) / sigma + beta."""
     dims = [0] + list(range(2, x.dim()))
     mu_b = x.mean(dims)
@@ -78,7 +78,7 @@ def test_input_gradient_is_training_bn_gradient_times_sigma_ratio(dim):
 
 
 def test_equals_one_training_batch_norm_with_reparametrized_affine():
-    """DESIGN's implementation note: w = gamma sg(sigma_B)/sigma, b = beta + gamma (sg(mu_B) - mu)/sigma."""
+    """docs/method.md, the implementation: w = gamma sg(sigma_B)/sigma, b = beta + gamma (sg(mu_B) - mu)/sigma."""
     x, gamma, beta, mu, var, up = _inputs(2, seed=5)
     mu_b, var_b = batch_stats(x.detach())
     sigma_b, sigma = (var_b + EPS).sqrt(), (var + EPS).sqrt()
