@@ -9,7 +9,9 @@ rebuilt from the artifact alone (the other weights are unchanged by adaptation).
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from gprebn_edge.errors import ArtifactError
 from gprebn_edge.io import atomic_path, strict_json
 from gprebn_edge.models.consent import CodeConsent, require_consent
+from gprebn_edge.validate import check, check_size, field, int_list, number, number_list, optional, require
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "encode_tensors", "decode_tensors",
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "check_metadata", "encode_tensors", "decode_tensors",
            "source_state_dict", "rebuild_model"]
 
 FORMAT = "gprebn-edge/adapted-checkpoint"
@@ -40,11 +43,33 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]
     return out
 
 
-def decode_tensors(encoded: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+def decode_tensors(encoded: Any, where: object = "the artifact") -> dict[str, torch.Tensor]:
+    """The tensors encode_tensors wrote; ArtifactError naming `where` and the field for anything malformed."""
+    if not isinstance(encoded, dict):
+        require({"source_bn": encoded}, "source_bn", dict, where)
     out = {}
     for name, e in encoded.items():
-        a = np.frombuffer(base64.b64decode(e["data"]), dtype=np.dtype(e["dtype"]).newbyteorder("<"))
-        out[name] = torch.from_numpy(a.astype(e["dtype"]).reshape(e["shape"]).copy())
+        key = f"source_bn.{name}"
+        entry = check(e, key, dict, where)
+        dtype_name = require(entry, "dtype", str, where, prefix=f"{key}.")
+        shape = int_list(entry, "shape", where, prefix=f"{key}.") or []
+        data = require(entry, "data", str, where, prefix=f"{key}.")
+        try:
+            dtype = np.dtype(dtype_name)
+        except TypeError:
+            raise ArtifactError(f"{where}: its metadata field '{key}.dtype' is {dtype_name[:40]!r}, not a numeric "
+                                "dtype: re-create the artifact") from None
+        if dtype.kind not in "fiub" or any(n < 0 for n in shape):
+            raise ArtifactError(f"{where}: its metadata field '{key}' has dtype {dtype} and shape {shape}: expected "
+                                "a numeric tensor; re-create the artifact")
+        check_size(math.prod(shape) * dtype.itemsize, f"{where}: the tensor {key}", "re-create the artifact")
+        try:
+            raw = base64.b64decode(data, validate=True)
+            a = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+        except (binascii.Error, ValueError) as err:
+            raise ArtifactError(f"{where}: its metadata field '{key}.data' is not base64 of a {dtype} tensor of "
+                                f"shape {shape} ({str(err).splitlines()[0][:80]}): re-create the artifact") from None
+        out[name] = torch.from_numpy(a.astype(dtype).copy())
     return out
 
 
@@ -93,13 +118,57 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path} was written by a newer gprebn-edge (format {meta['format_version']}):"
                             " upgrade gprebn-edge")
+    check_metadata(meta, path)
     return state, meta
 
 
-def source_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def check_metadata(meta: dict[str, Any], path: object) -> None:
+    """The types of the fields this package reads, wherever they are present (a missing one is reported by
+    whoever needs it): one ArtifactError naming the file and the field."""
+    optional(meta, "model", dict, path)
+    optional(meta, "model.spec", str, path)
+    optional(meta, "num_classes", int, path)
+    if optional(meta, "preprocess", dict, path) is not None:
+        for key in ("resize", "crop"):
+            if optional(meta, f"preprocess.{key}", int, path) is not None:
+                number(meta, f"preprocess.{key}", path, positive=True, integer=True)
+        number_list(meta, "preprocess.mean", path, 3)
+        number_list(meta, "preprocess.std", path, 3)
+        if any(v <= 0 for v in meta["preprocess"]["std"]):
+            raise ArtifactError(f"{path}: its metadata field 'preprocess.std' holds a value <= 0: re-create it")
+    optional(meta, "method", dict, path)
+    if optional(meta, "method", dict, path) is not None:
+        optional(meta, "method.seed", int, path)
+    if optional(meta, "calibration", dict, path) is not None:
+        optional(meta, "calibration.spec", str, path)
+        optional(meta, "calibration.fingerprint", str, path)
+        optional(meta, "calibration.skipped", int, path)
+        optional(meta, "calibration.skipped_items", list, path)
+    if optional(meta, "summary", dict, path) is not None:
+        optional(meta, "summary.images", int, path)
+        optional(meta, "summary.online_error", float, path)
+        for key in ("calibration_before", "calibration_after"):
+            if optional(meta, f"summary.{key}", dict, path) is not None:
+                optional(meta, f"summary.{key}.entropy", float, path)
+        if optional(meta, "summary.health", dict, path) is not None:
+            optional(meta, "summary.health.verdict", str, path)
+            optional(meta, "summary.health.signals", list, path)
+    for i, row in enumerate(optional(meta, "statistics_shift", list, path) or []):
+        check(row, f"statistics_shift[{i}]", dict, path)
+        require(row, "layer", str, path, prefix=f"statistics_shift[{i}].")
+        require(row, "mean_shift", float, path, prefix=f"statistics_shift[{i}].")
+        require(row, "std_ratio", float, path, prefix=f"statistics_shift[{i}].")
+    optional(meta, "source_bn", dict, path)
+    optional(meta, "created", str, path)
+    optional(meta, "gprebn_edge_version", str, path)
+    field(meta, "format_version", int, path, default=0)
+
+
+def source_state_dict(state: dict[str, torch.Tensor], meta: dict[str, Any],
+                      where: object = "the artifact") -> dict[str, torch.Tensor]:
     """The unadapted model's state dict: the adapted one with the source BN tensors put back."""
     source = dict(state)
-    source.update(decode_tensors(meta["source_bn"]))
+    source.update(decode_tensors(meta["source_bn"], where))
     return source
 
 
@@ -121,6 +190,6 @@ def rebuild_model(path: str | Path, which: str = "adapted", *,
                             "from it")
     model, _ = build_model(spec.spec, spec.num_classes)
     if which == "source":
-        state = source_state_dict(state, meta)
+        state = source_state_dict(state, meta, path)
     apply_state_dict(model, state, str(path))
     return model.eval(), meta

@@ -10,13 +10,14 @@ reported as skipped otherwise. Everything lands in one report folder: JSON, mark
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.io import write_text_atomic
 
 __all__ = ["DEMO_DOMAINS", "run_demo"]
@@ -120,6 +121,19 @@ def _errors_plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
+def _output_folder(out: Path) -> Path:
+    """`out`, created if needed and checked to be a writable folder before any work."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder: give a folder (it is created if needed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to --out {out}: {e.strerror or e}; give a writable folder") from None
+    return out
+
+
 def run_demo(out: str | Path, *, quick: bool = False, domains: tuple[str, ...] | None = None,
              progress: DemoProgress | None = None) -> dict[str, Any]:
     """Run the demo into `out` (created if needed): one sub-folder per shift with the checkpoint, both ONNX
@@ -131,8 +145,7 @@ def run_demo(out: str | Path, *, quick: bool = False, domains: tuple[str, ...] |
     unknown = [d for d in domains if d not in DOMAINS]
     if not domains or unknown:
         raise GprebnError(f"unknown shift(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(DOMAINS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out))
     n_calib, n_test, latency_iters, bench_iters = (256, 256, 20, 20) if quick else (2000, 2000, 300, 200)
     start = time.perf_counter()
     steps = len(domains) + 1

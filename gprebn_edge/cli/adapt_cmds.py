@@ -20,9 +20,10 @@ from gprebn_edge.cli._app import (
     progress,
     say_replaced,
 )
-from gprebn_edge.errors import ArtifactError, GprebnError
+from gprebn_edge.errors import GprebnError
 from gprebn_edge.io import strict_json
 from gprebn_edge.runtime.loading import health_note
+from gprebn_edge.validate import flag_number, require
 
 
 @app.command()
@@ -72,6 +73,9 @@ def adapt(
     from gprebn_edge.methods import StatsConfig
 
     with cli_errors():
+        flag_number(lr, "--lr", low=0)
+        flag_number(batch_size, "--batch-size", low=1)
+        flag_number(limit, "--limit", low=1)
         stats = StatsConfig(momentum=_parse_momentum(momentum), theta=theta, init=stats_init, order=stats_order)
         config = AdaptConfig(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer,
                              lr_scaling=lr_scaling, stats=stats, freeze=freeze, holdout=holdout, seed=seed)
@@ -144,32 +148,35 @@ def info(
             meta = {k: v for k, v in meta.items() if k != "source_bn"}
             typer.echo(strict_json(meta, indent=2))
             return
-        try:
-            table = _info_table(artifact, state, meta)
-        except (KeyError, TypeError, IndexError) as e:
-            raise ArtifactError(f"{artifact} metadata lacks {e} or has it in the wrong form: it was not written "
-                                "by this version of gprebn-edge adapt (info --json shows what it holds)") from None
+        table = _info_table(artifact, state, meta)
         console.print(table)
 
 
 def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:
+    """load_checkpoint checked the types of the fields present; `need` says which one is missing."""
+    def need(name: str, kind: type | tuple[type, ...] = object) -> Any:
+        return require(meta, name, kind, path)
+
     table = key_value_table(str(path))
-    m, p, method, cal, s = meta["model"], meta["preprocess"], meta["method"], meta["calibration"], meta["summary"]
-    table.add_row("model", f"{m['spec']} ({meta['num_classes']} classes)")
+    m, p, method, cal, s = (need("model", dict), need("preprocess", dict), need("method", dict),
+                            need("calibration", dict), need("summary", dict))
+    table.add_row("model", f"{need('model.spec')} ({need('num_classes')} classes)")
     table.add_row("source weights", f"{m.get('weights') or '-'} {m.get('weights_sha256') or ''}")
     table.add_row("tensors", f"{len(state)} ({sum(t.numel() for t in state.values()):,} values)")
-    table.add_row("preprocess", f"resize {p['resize']}, crop {p['crop']}, mean {p['mean']}, std {p['std']}")
+    table.add_row("preprocess", f"resize {p.get('resize')}, crop {p.get('crop')}, mean {need('preprocess.mean')}, "
+                  f"std {need('preprocess.std')}")
     table.add_row("method", ", ".join(f"{k}={v}" for k, v in method.items()))
-    table.add_row("calibration", f"{cal['spec']}: {s['images']} images, {cal.get('skipped', 0)} skipped, "
-                  f"{cal['fingerprint'][:23]}...")
-    table.add_row("online error", pct(s["online_error"]))
-    before, after = s["calibration_before"], s["calibration_after"]
-    table.add_row("entropy before -> after", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
-    shift = sorted(meta["statistics_shift"], key=lambda r: -r["mean_shift"])[:3]
+    table.add_row("calibration", f"{need('calibration.spec')}: {need('summary.images')} images, "
+                  f"{cal.get('skipped', 0)} skipped, {str(cal.get('fingerprint', '-'))[:23]}...")
+    table.add_row("online error", pct(s.get("online_error")))
+    before, after = s.get("calibration_before"), s.get("calibration_after")
+    entropy = [f"{d['entropy']:.3f}" if isinstance(d, dict) and "entropy" in d else "-" for d in (before, after)]
+    table.add_row("entropy before -> after", " -> ".join(entropy))
+    shift = sorted(meta.get("statistics_shift") or [], key=lambda r: -r["mean_shift"])[:3]
     health = s.get("health")
     table.add_row("adaptation health",
                   (health_note(health) or "ok") if health else "not recorded (made before the check)")
     table.add_row("largest statistics shift", "; ".join(
         f"{r['layer']}: mean {r['mean_shift']:.2f} sd, std x{r['std_ratio']:.2f}" for r in shift))
-    table.add_row("created", f"{meta['created']} by gprebn-edge {meta['gprebn_edge_version']}")
+    table.add_row("created", f"{meta.get('created', '-')} by gprebn-edge {meta.get('gprebn_edge_version', '-')}")
     return table

@@ -22,6 +22,7 @@ from gprebn_edge.cli._app import (
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.io import strict_json
 from gprebn_edge.runtime.loading import health_note
+from gprebn_edge.validate import flag_number
 
 
 @app.command()
@@ -63,9 +64,11 @@ def export(
         if check_images < 1:
             raise GprebnError(f"--check-images must be at least 1, got {check_images}")
         engine_flags = [name for name, on in (("--engine", engine is not None), ("--fp16", fp16), ("--int8", int8),
-                                              ("--refittable", refittable)) if on]
+                                              ("--refittable", refittable), ("--batch", batch != "1:1:32"),
+                                              ("--workspace-mb", workspace_mb != 1024)) if on]
         if engine_flags and not trt:
             raise GprebnError(f"{', '.join(engine_flags)} only apply to engines: add --trt")
+        flag_number(workspace_mb, "--workspace-mb", low=1)
         if fp16 and int8:
             raise GprebnError("choose one of --fp16 and --int8 (int8 layers that cannot run in int8 run in fp32)")
         options = None

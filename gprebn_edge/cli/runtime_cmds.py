@@ -21,6 +21,7 @@ from gprebn_edge.cli._app import (
 )
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.io import strict_json, write_text_atomic
+from gprebn_edge.validate import flag_number
 
 
 def _batch_list(text: str) -> list[int]:
@@ -62,6 +63,8 @@ def bench(
             raise GprebnError("give --iters or --duration, not both")
         if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
             raise GprebnError("--iters must be at least 1 and --duration positive")
+        flag_number(duration, "--duration", positive=True)  # NaN passes the comparisons above
+        flag_number(threads, "--threads", low=1)
         options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
                                 input_shape=parse_shape(input_shape) if input_shape else None,
                                 consent=CodeConsent(any_code=trust_model_code), verify=verify)
@@ -129,6 +132,9 @@ def compare(
         check_outputs(json_out, plot)
         replaced = existing(json_out, plot)
         consent = CodeConsent(any_code=trust_model_code)
+        for value, flag, low in ((threads, "--threads", 1), (batch, "--batch", 1), (limit, "--limit", 1),
+                                 (latency_iters, "--latency-iters", 0), (latency_batch, "--latency-batch", 1)):
+            flag_number(value, flag, low=low)
         options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify)
                    for b in (backend_a, backend_b)]
         with progress() as update:

@@ -3,6 +3,8 @@ normalization. numpy and Pillow only, so the runtime can share it without torch.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,6 +28,8 @@ def parse_triple(text: str, what: str) -> tuple[float, float, float]:
         values *= 3
     if len(values) != 3:
         raise InputError(f"--{what} needs 1 or 3 comma-separated values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"--{what} must be finite numbers, got {text!r}")
     if what == "std" and min(values) <= 0:
         raise InputError(f"--std values must be positive, got {text!r}")
     return (values[0], values[1], values[2])
