@@ -29,6 +29,8 @@ source)."""
 
 from __future__ import annotations
 
+import math
+import os
 import queue
 import shutil
 import sys
@@ -57,6 +59,8 @@ from gprebn_edge.runtime.loop_worker import Job, Shared, Worker
 __all__ = ["LoopConfig", "LoopResult", "run_loop"]
 
 SERVING_SWITCH_INTERVAL = 0.0005  # seconds: how long serving may wait for the GIL while a round runs
+WORKER_FINISH_TIMEOUT = 600.0     # seconds the round in flight may take to finish when the source ends
+WORKER_STOP_TIMEOUT = 30.0        # seconds the worker may take to drop its round on Ctrl-C/SIGTERM or an error
 
 
 @dataclass
@@ -89,6 +93,21 @@ class LoopConfig:
     verify: bool = True              # check --onnx/--engine (and the state's files) against their manifest hash
 
     def check(self) -> None:
+        for name, flag in (("interval", "--interval"), ("fps", "--fps"), ("holdout", "--holdout"), ("lr", "--lr"),
+                           ("momentum", "momentum")):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"{flag} must be a finite number, got {value}")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.momentum <= 1:
+            raise InputError(f"momentum must be in (0, 1], got {self.momentum}")
+        if self.adapt_threads < 1:
+            raise InputError(f"--adapt-threads must be at least 1, got {self.adapt_threads}")
+        if self.serve_threads is not None and self.serve_threads < 1:
+            raise InputError(f"--serve-threads must be at least 1, got {self.serve_threads}")
+        if self.min_frames < 1 or self.probe_limit < 1:
+            raise InputError("min_frames and probe_limit must be at least 1")
         if (self.every is None) == (self.interval is None):
             raise InputError("give one of --every N (frames) and --interval S (seconds)")
         if self.every is not None and self.every < 1:
@@ -126,6 +145,7 @@ class LoopResult:
     stop_reason: str
     log: Path
     skipped: int = 0                 # unreadable frames skipped (image folders)
+    errors: list[str] = field(default_factory=list)  # worker failures, each reported when it happened
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -134,12 +154,32 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 class _Loop:
-    def __init__(self, config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None) -> None:
+    def __init__(self, config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None,
+                 on_notice: Callable[[str], None] | None) -> None:
         config.check()
         self.config = config
         self.on_window = on_window
+        self.on_notice = on_notice
         self.dir = StateDir(config.state)
         self.adapting = config.model is not None
+        self.log: MetricsLog | None = None
+        self._reported: set[str] = set()
+        self._report_lock = threading.Lock()
+
+    def report(self, message: str) -> None:
+        """One line on stderr (through `on_notice`) and in the log, once per distinct message; from any thread."""
+        with self._report_lock:
+            if message in self._reported:
+                return
+            self._reported.add(message)
+        if self.on_notice is not None:
+            self.on_notice(message)
+        if self.log is not None:
+            self.log.write("error", message=message)
+
+    def disk_error(self, e: OSError) -> None:
+        self.report(f"cannot write under --state {self.dir.path} ({e.strerror or e}): serving goes on; free space "
+                    "there so that rounds and metrics are saved again")
 
     # -- start / resume -----------------------------------------------------------------------------
     def _initial_state(self) -> LoopState:
@@ -209,8 +249,36 @@ class _Loop:
     # -- serving ----------------------------------------------------------------------------------------
     def run(self) -> LoopResult:
         c = self.config
-        started = time.perf_counter()
         state = self.dir.read()
+        if state is not None and state.source is not None and state.source != c.source:
+            # a finite source resumes by skipping the frames already served: another source would be skipped
+            # into (or past its end) and serve nothing
+            raise InputError(f"--state {self.dir.path} was serving --source {state.source}, not {c.source}: give "
+                             "the same --source to resume, or a new --state folder")
+        existed = self.dir.path.is_dir()
+        before = set(os.listdir(self.dir.path)) if existed else set()
+        self.serving_started = False
+        try:
+            return self._run(state)
+        except BaseException:
+            if state is None and not self.serving_started:  # a failed (or interrupted) start leaves nothing
+                self._undo_start(existed, before)
+            raise
+
+    def _undo_start(self, existed: bool, before: set[str]) -> None:
+        if self.log is not None:
+            self.log.close()
+        if not existed:
+            shutil.rmtree(self.dir.path, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.dir.path)) - before:
+            path = self.dir.path / name
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+    def _run(self, state: LoopState | None) -> LoopResult:
+        c = self.config
+        started = time.perf_counter()
         resumed = state is not None
         self.dir.clean(state)
         if state is None:
@@ -225,7 +293,10 @@ class _Loop:
             checkpoint = self.dir.path / state.checkpoint
             _require_consent(checkpoint, load_checkpoint(checkpoint)[1], c.consent)
         self.shared = Shared(state)
-        self.log = MetricsLog(self.dir.log_file)
+        try:
+            self.log = MetricsLog(self.dir.log_file, on_error=self.disk_error)
+        except OSError as e:
+            raise GprebnError(f"cannot open {self.dir.log_file} ({e.strerror or e})") from None
         meta = model_metadata(self.dir.path / state.onnx) if state.onnx else model_metadata(self._model_file(state))
         if not meta.get("preprocess"):
             raise InputError(f"{self._model_file(state)} does not record its preprocessing: serve an ONNX file "
@@ -239,20 +310,16 @@ class _Loop:
             self.probe = (images, labels)
         runner = self._open(state)
         runner.activate()
-        source = self.source = self._frames(c.source, preprocess, runner)
-        names = segment_names(source)
-        self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
-                       config=_config_record(c), adapting=self.adapting)
+        return self._serve(state, resumed, runner, preprocess, started)  # it deactivates the runner
+
+    def _serve(self, state: LoopState, resumed: bool, runner: Runner, preprocess: Preprocess,
+               started: float) -> LoopResult:
+        c = self.config
+        assert self.log is not None
+        source: Any = None
         jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
         worker = None
         switch_interval = sys.getswitchinterval()
-        if self.adapting:
-            work = Worker(c, self.dir, self.shared, self.log, self.probe, self._open)
-            # the worker runs Python between its kernels while holding the GIL; the default 5 ms switch
-            # interval would let it keep serving waiting that long, which is what a frame's p99 then shows
-            sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
-            worker = threading.Thread(target=work.run, args=(jobs,), name="gprebn-readapt", daemon=True)
-            worker.start()
         buffer: deque[np.ndarray] = deque(maxlen=c.buffer)
         served_round, swaps, frames = state.round, 0, state.frames
         live = c.source.startswith("camera:")  # a camera has no past frames to skip on resume
@@ -262,8 +329,19 @@ class _Loop:
         window = Window()
         reason = "source exhausted"
         next_frame_time = time.perf_counter()
-        first = True
+        first, finished = True, False
         try:
+            source = self.source = self._frames(c.source, preprocess, runner)
+            names = segment_names(source)
+            self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
+                           config=_config_record(c), adapting=self.adapting)
+            if self.adapting:
+                work = Worker(c, self.dir, self.shared, self.log, self.probe, self._open, self.report)
+                # the worker runs Python between its kernels while holding the GIL; the default 5 ms switch
+                # interval would let it keep serving waiting that long, which is what a frame's p99 then shows
+                sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
+                worker = threading.Thread(target=work.run, args=(jobs,), name="gprebn-readapt", daemon=True)
+                worker.start()
             for batch in source.batches(1):
                 if skip:
                     skip -= 1
@@ -289,6 +367,7 @@ class _Loop:
                     first, reason = False, "non-finite model"
                     _require_finite(logits, self._model_file(state))
                     reason = "source exhausted"
+                    self.serving_started = True
                 frames += 1
                 segment = names[int(batch.segment[0])] if names and hasattr(batch, "segment") else None
                 window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment,
@@ -299,34 +378,65 @@ class _Loop:
                     window = Window()
                 due = (frames - last_trigger_frames >= c.every if c.every is not None
                        else time.perf_counter() - last_trigger_time >= (c.interval or 0))
-                if worker is not None and due and not busy and len(buffer) >= c.min_frames:
+                # a worker that died (it reported why) gets no jobs: a put with no consumer would block forever
+                if worker is not None and worker.is_alive() and due and not busy and len(buffer) >= c.min_frames:
                     with self.shared.lock:
                         self.shared.busy = True
                         self.shared.state.rounds_tried = next_round_id
-                    jobs.put(Job(next_round_id, np.stack(buffer), frames))
+                    try:
+                        jobs.put_nowait(Job(next_round_id, np.stack(buffer), frames))
+                    except queue.Full:  # cannot happen while busy is honoured; never block serving on it
+                        with self.shared.lock:
+                            self.shared.busy = False
+                        continue
                     next_round_id += 1
                     last_trigger_frames, last_trigger_time = frames, time.perf_counter()
+            finished = True
         except KeyboardInterrupt:
             reason = "interrupted"
             raise
         finally:
             if window.n:
                 self._flush(window, frames, served_round)
-            if worker is not None and reason != "interrupted":
-                jobs.put(None)
-                worker.join()  # the round in flight finishes and is logged (its swap is not served)
-            runner.deactivate()
+            if worker is not None:
+                self._stop_worker(worker, jobs, finish=finished)
             sys.setswitchinterval(switch_interval)
+            runner.deactivate()
             with self.shared.lock:
                 if self.shared.pending is not None:
                     self.shared.pending[0].deactivate()  # passed and persisted: it serves after a restart
-                self.log.write("stop", frames=frames, reason=reason, served_round=served_round,
-                               skipped=len(getattr(source, "skipped", [])))
+                    self.shared.pending = None
                 rounds, passed, rollbacks = self.shared.rounds, self.shared.passed, self.shared.rollbacks
+                errors = list(self.shared.errors)
+            self.log.write("stop", frames=frames, reason=reason, served_round=served_round,
+                           skipped=len(getattr(source, "skipped", [])), errors=errors)
             self.log.close()
         return LoopResult(frames=frames, rounds=rounds, passed=passed, swaps=swaps, rollbacks=rollbacks,
                           served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
-                          stop_reason=reason, log=self.dir.log_file, skipped=len(getattr(source, "skipped", [])))
+                          stop_reason=reason, log=self.dir.log_file, skipped=len(getattr(source, "skipped", [])),
+                          errors=errors)
+
+    def _stop_worker(self, worker: threading.Thread, jobs: queue.Queue[Job | None], finish: bool) -> None:
+        """Stop the worker thread before returning: a thread still inside torch or onnxruntime when the
+        interpreter exits makes their native thread pools abort the process. At the source's end the round in
+        flight finishes and is logged (its swap is not served); on Ctrl-C, SIGTERM or an error it is dropped
+        at its next phase. Bounded either way: a worker that does not stop is reported, never waited for."""
+        if not finish:
+            self.shared.stop.set()
+        deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish else WORKER_STOP_TIMEOUT)
+        sent = not finish
+        while worker.is_alive() and time.monotonic() < deadline:
+            if not sent:
+                try:
+                    jobs.put(None, timeout=0.1)
+                    sent = True
+                except queue.Full:
+                    continue
+            worker.join(timeout=0.1)
+        if worker.is_alive():
+            self.shared.stop.set()
+            self.report(f"the adaptation worker did not stop within {deadline - time.monotonic():.0f} s; its "
+                        "round is dropped")
 
     def _frames(self, spec: str, preprocess: Preprocess, runner: Runner | None) -> Any:
         """The frame source, in order: a video file or camera (OpenCV), sized to the runner's input where the
@@ -344,11 +454,19 @@ class _Loop:
 
     def _flush(self, window: Window, frames: int, served_round: int) -> None:
         skipped = len(getattr(self.source, "skipped", []))
+        assert self.log is not None
         record = self.log.write("window", frames=frames, served_round=served_round, skipped=skipped,
                                 **window.record())
         with self.shared.lock:
             self.shared.state.frames = frames
-            self.dir.write(self.shared.state)
+            try:
+                self.dir.write(self.shared.state)
+            except OSError as e:  # a full disk: serving goes on; the state keeps its last good frame count
+                error: OSError | None = e
+            else:
+                error = None
+        if error is not None:
+            self.disk_error(error)
         if self.on_window is not None:
             self.on_window(record)
 
@@ -374,9 +492,12 @@ def _config_record(c: LoopConfig) -> dict[str, Any]:
     return out
 
 
-def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None = None) -> LoopResult:
+def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None = None,
+             on_notice: Callable[[str], None] | None = None) -> LoopResult:
     """Run the device loop until the source ends, `max_frames` frames were served, or Ctrl-C (which
-    leaves the state folder servable and resumable). `on_window` gets each window's metrics record."""
+    leaves the state folder servable and resumable). `on_window` gets each window's metrics record;
+    `on_notice` each problem serving survives (a worker failure, a full disk), as one line, when it happens.
+    Worker failures are also in `LoopResult.errors`. A start that fails leaves no state folder behind."""
     if not isinstance(config.state, Path):
         raise GprebnError("LoopConfig.state must be a Path")
-    return _Loop(config, on_window).run()
+    return _Loop(config, on_window, on_notice).run()

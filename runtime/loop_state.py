@@ -15,10 +15,12 @@ gates, so state.json never points at a candidate that failed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -82,10 +84,13 @@ class StateDir:
         if not self.state_file.exists():
             return None
         try:
-            raw = json.loads(self.state_file.read_text(encoding="utf-8"))
-            state = LoopState(**{k: v for k, v in raw.items() if k in LoopState.__dataclass_fields__})
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise ArtifactError(f"cannot read {self.state_file} ({e}): move the folder away to start afresh") from None
+            raw = json.loads(self.state_file.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not JSON" if isinstance(
+                e, ValueError) else str(e)
+            raise ArtifactError(f"cannot read {self.state_file} ({reason}): move the folder away to start "
+                                "afresh") from None
+        state = self._validate(raw)
         if state.version != STATE_VERSION:
             raise ArtifactError(f"{self.state_file} is version {state.version}, this gprebn-edge reads version "
                                 f"{STATE_VERSION}: use a new --state folder")
@@ -94,6 +99,36 @@ class StateDir:
                 raise ArtifactError(f"{self.state_file} names {name}, which is missing: move the folder away to "
                                     "start afresh")
         return state
+
+    def _validate(self, raw: Any) -> LoopState:
+        """Types, ranges, and file names that stay inside the state folder; one line naming the field."""
+        def bad(what: str) -> ArtifactError:
+            return ArtifactError(f"{self.state_file}: {what}: move the folder away to start afresh")
+
+        if not isinstance(raw, dict):
+            raise bad(f"expected a JSON object, got {type(raw).__name__}")
+        for key in ("round", "checkpoint", "onnx"):
+            if key not in raw:
+                raise bad(f"field `{key}` is missing")
+        fields = {k: v for k, v in raw.items() if k in LoopState.__dataclass_fields__}
+        for key in ("round", "frames", "failures", "rounds_tried", "version"):
+            value = fields.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+                raise bad(f"field `{key}` must be an integer >= 0, got {value!r:.60}")
+        updated = fields.get("updated", 0.0)
+        if isinstance(updated, bool) or not isinstance(updated, int | float) or not math.isfinite(updated):
+            raise bad(f"field `updated` must be a number, got {updated!r:.60}")
+        for key, optional in (("checkpoint", False), ("onnx", False), ("engine", True), ("source", True)):
+            value = fields.get(key)
+            if not (isinstance(value, str) or (optional and value is None)):
+                raise bad(f"field `{key}` must be a {'string or null' if optional else 'string'}, "
+                          f"got {type(value).__name__}")
+        root = self.path.resolve()
+        for key in ("checkpoint", "onnx", "engine"):
+            name = fields.get(key)
+            if name and (Path(name).name != name or (self.path / name).resolve().parent != root):
+                raise bad(f"field `{key}` names {name!r:.80}, which is not a file inside the state folder")
+        return LoopState(**fields)
 
     def write(self, state: LoopState) -> None:
         state.updated = time.time()
@@ -118,8 +153,9 @@ class MetricsLog:
     """Append-only JSON lines, flushed and fsynced per record: a kill loses at most the line being written
     (the reader skips a truncated last line). Safe to share between the serving thread and the worker."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, on_error: Callable[[OSError], None] | None = None) -> None:
         self.path = Path(path)
+        self.on_error = on_error     # a failed write (a full disk) is reported here; the record is dropped
         self._lock = threading.Lock()
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if self.path.stat().st_size and not self._ends_with_newline():
@@ -136,9 +172,15 @@ class MetricsLog:
         with self._lock:
             if self._file is None:  # closed at stop: a worker still finishing after Ctrl-C is not an error
                 return record
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                return record
+            except OSError as e:
+                error = e
+        if self.on_error is not None:  # outside the lock: the handler may log its own line
+            self.on_error(error)
         return record
 
     def close(self) -> None:

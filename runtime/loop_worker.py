@@ -25,7 +25,7 @@ from gprebn_edge.runtime.loop_state import LoopState, MetricsLog, StateDir
 if TYPE_CHECKING:
     from gprebn_edge.runtime.loop import LoopConfig
 
-__all__ = ["Job", "Shared", "Worker", "WORKER_NICE", "one_line"]
+__all__ = ["Job", "Shared", "Stopped", "Worker", "WORKER_NICE", "one_line"]
 
 WORKER_NICE = 10  # the worker thread's nice increment
 
@@ -46,19 +46,39 @@ class Shared:
         self.pending: tuple[Runner, int] | None = None   # a passed candidate waiting to be swapped in
         self.busy = False
         self.rounds = self.passed = self.rollbacks = 0
+        self.errors: list[str] = []      # worker failures (start or round): reported, and the command fails at the end
+        self.stop = threading.Event()    # set by the serving thread on Ctrl-C/SIGTERM: the round in flight is dropped
+
+
+class Stopped(Exception):
+    """The serving thread asked the worker to stop (raised between a round's phases)."""
 
 
 class Worker:
     """Runs in the background thread; shares `shared` (behind its lock) with the serving thread."""
 
     def __init__(self, config: LoopConfig, state_dir: StateDir, shared: Shared, log: MetricsLog,
-                 probe: tuple[np.ndarray, np.ndarray] | None, open_serving: Callable[[LoopState], Runner]) -> None:
+                 probe: tuple[np.ndarray, np.ndarray] | None, open_serving: Callable[[LoopState], Runner],
+                 report: Callable[[str], None]) -> None:
         self.config = config
         self.dir = state_dir
         self.shared = shared
         self.log = log
         self.probe = probe
         self.open = open_serving
+        self.report = report         # one line on stderr and in the log
+
+    def fail(self, message: str, error: BaseException | None = None) -> None:
+        if isinstance(error, OSError):  # a full disk fails every round alike: one line, not one per round
+            message = (f"adaptation rounds cannot write under --state {self.dir.path} ({error.strerror or error}); "
+                       "serving goes on with the current model")
+        with self.shared.lock:
+            self.shared.errors.append(message)
+        self.report(message)
+
+    def check_stop(self) -> None:
+        if self.shared.stop.is_set():
+            raise Stopped
 
     def run(self, jobs: queue.Queue[Job | None]) -> None:
         from gprebn_edge.readapt import ReadaptConfig, Readapter
@@ -70,15 +90,23 @@ class Worker:
         try:
             readapter = Readapter(start_ckpt, ReadaptConfig(batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
                                                             threads=c.adapt_threads, consent=c.consent))
-        except Exception as e:  # the loop keeps serving the current model; the failure is in the log
-            self.log.write("worker_error", error=one_line(e))
+        except Exception as e:  # the loop keeps serving the current model; the command fails at the end
+            self.fail(f"the adaptation worker failed to start ({one_line(e)}); serving goes on without adapting")
             return
         policy = RecoveryPolicy(max_failures=c.recovery)
-        while (job := jobs.get()) is not None:
+        while not self.shared.stop.is_set():
+            try:
+                job = jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
             try:
                 self.round(job, readapter, policy)
-            except Exception as e:  # never let a worker crash silently: log it, keep serving
-                self.log.write("worker_error", error=one_line(e), round=job.round_id)
+            except Stopped:
+                return
+            except Exception as e:  # never let a worker crash silently: report it, keep serving
+                self.fail(f"adaptation round {job.round_id} failed ({one_line(e)})", e)
             finally:
                 with self.shared.lock:
                     self.shared.busy = False
@@ -95,14 +123,18 @@ class Worker:
                                   "holdout": held, "error": None}
         result = None
         candidate_runner: Runner | None = None
+        failure: Exception | None = None
         try:
+            self.check_stop()
             candidate = readapter.round(adapt)
+            self.check_stop()
             record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
             onnx = self.dir.round_path(job.round_id, ".onnx")
             files += [onnx, onnx.with_name(onnx.stem + ".manifest.json")]
             from gprebn_edge.export.pipeline import export_model
 
             export_model(candidate.model, readapter.meta, onnx, [holdout], data="loop buffer (held-back frames)")
+            self.check_stop()
             engine = None
             if serving.engine:
                 engine = self.refit(serving, onnx, job.round_id)
@@ -119,8 +151,17 @@ class Worker:
             result = evaluate_gates(cand_logits, cur_logits, c.gates, probe=probe)
             record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
                           mean_entropy=float(metrics.entropy(cand_logits).mean()))
+        except Stopped:
+            if candidate_runner is not None:
+                candidate_runner.deactivate()
+            for f in files:
+                f.unlink(missing_ok=True)
+            raise
         except Exception as e:
             record.update(passed=False, reasons=[f"error: {one_line(e)}"], gates=None, error=one_line(e))
+            failure = e
+        if failure is not None:
+            self.fail(f"adaptation round {job.round_id} failed ({record['error']})", failure)
         record["seconds"] = round(time.perf_counter() - start, 3)
         with self.shared.lock:
             self.shared.rounds += 1

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +18,8 @@ from gprebn_edge.cli._app import (
     check_outputs,
     cli_errors,
     console,
+    err_console,
+    error_line,
     existing,
     say_replaced,
     status,
@@ -52,7 +58,8 @@ def loop(
     from gprebn_edge.models.consent import CodeConsent
     from gprebn_edge.runtime.loop import LoopConfig, run_loop
 
-    with cli_errors(f"interrupted: the state in {state} is servable; run the same command again to resume"):
+    stopped = f"the state in {state} is servable; run the same command again to resume"
+    with cli_errors(f"interrupted: {stopped}"), _stop_signals() as stop:
         config = LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
@@ -64,13 +71,53 @@ def loop(
                 say(f"{r['frames']} frames, serving round {r['served_round']}, p50 {r['latency_ms']['p50']:.2f} ms"
                     f"{acc}, entropy {r['mean_entropy']:.3f}")
 
-            result = run_loop(config, on_window=on_window)
+            def on_notice(message: str) -> None:
+                err_console.print(error_line("error:", message), soft_wrap=True)
+
+            try:
+                result = run_loop(config, on_window=on_window, on_notice=on_notice)
+            except KeyboardInterrupt:
+                if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to cli_errors: exit 130
+                    err_console.print(f"terminated: {stopped}", soft_wrap=True)
+                    raise typer.Exit(128 + signal.SIGTERM) from None
+                raise
         skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
         console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
                       f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
                       f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
                       soft_wrap=True)
         console.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
+        if result.errors:  # each was reported when it happened; serving went on, but the command failed
+            more = f" (and {len(result.errors) - 1} more, in the log)" if len(result.errors) > 1 else ""
+            err_console.print(error_line("error:", f"{result.errors[0]}{more}"), soft_wrap=True)
+            raise typer.Exit(1)
+
+
+class _Stop:
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[_Stop]:
+    """Ctrl-C and SIGTERM stop the loop the same way: the first raises KeyboardInterrupt in the serving thread
+    (which stops the worker and closes the runners before returning, so no native thread is left running at
+    exit); later ones are ignored while it stops. The old handlers come back afterwards."""
+    stop = _Stop()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is None:
+            stop.signum = signum
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield stop
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @app.command("loop-report")
