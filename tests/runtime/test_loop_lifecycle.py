@@ -71,7 +71,8 @@ def _run(config: LoopConfig, notices: list[str] | None = None) -> LoopResult:
 
 # -- flags ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, message", [
-    ({"lr": float("nan")}, "--lr"), ({"lr": -1.0}, "--lr"), ({"lr": 0.0}, "--lr"), ({"adapt_threads": 0}, "--adapt-threads"),
+    ({"lr": float("nan")}, "--lr"), ({"lr": -1.0}, "--lr"), ({"lr": 0.0}, "--lr"),
+    ({"adapt_threads": 0}, "--adapt-threads"),
     ({"serve_threads": -1}, "--serve-threads"), ({"fps": float("nan")}, "--fps"), ({"fps": float("inf")}, "--fps"),
     ({"every": None, "interval": float("nan")}, "--interval"), ({"holdout": float("nan")}, "--holdout")])
 def test_bad_flags_are_refused_before_any_work(tmp_path, start, kw, message):
