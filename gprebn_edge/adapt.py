@@ -255,6 +255,19 @@ def check_health(unadapted: nn.Module, adapted: nn.Module, held: list, calibrati
     return assess(profile(unadapted, tensors), profile(adapted, tensors))
 
 
+def _non_finite_cause(model: nn.Module, images: np.ndarray, name: str) -> str:
+    """Why a model's outputs are not finite: its inputs (the preprocessing), its weights, or the model itself."""
+    if not np.isfinite(images).all():
+        return (f"the preprocessed images are not finite (NaN or Inf) before {name} sees them: check the "
+                "preprocessing (--mean, --std, or the model's default)")
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return (f"the weights of {name} are not finite: {bad[0]}{more} hold NaN or Inf; check --weights or "
+                "the factory")
+    return f"{name} returned non-finite logits on finite images with finite weights: check the model's forward"
+
+
 def probe(model: nn.Module, source: ImageSource, name: str) -> int:
     """Run one image through the model before any work, so a wrong input size fails with a clear message.
     Returns the number of classes."""
@@ -266,7 +279,9 @@ def probe(model: nn.Module, source: ImageSource, name: str) -> int:
             shape = tuple(batch.images.shape[1:])
             raise InputError(f"{name} cannot run on images of shape {shape} ({str(e).splitlines()[0][:120]}); "
                              "set --resize/--crop to the model's input size") from None
-        if out.dim() != 2 or not torch.isfinite(out).all():
-            raise InputError(f"{name} must return finite (N, classes) logits, got shape {tuple(out.shape)}")
+        if out.dim() != 2:
+            raise InputError(f"{name} must return (N, classes) logits, got shape {tuple(out.shape)}")
+        if not torch.isfinite(out).all():
+            raise InputError(_non_finite_cause(model, batch.images, name))
         return int(out.shape[1])
     raise InputError(f"no readable images in {source.spec}")

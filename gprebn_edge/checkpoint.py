@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from gprebn_edge.errors import ArtifactError
 from gprebn_edge.io import atomic_path, strict_json
 from gprebn_edge.models.consent import CodeConsent, require_consent
-from gprebn_edge.validate import check, check_size, field, int_list, number, number_list, optional, require
+from gprebn_edge.validate import check, check_preprocess, check_size, field, int_list, optional, require
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "check_metadata", "encode_tensors", "decode_tensors",
            "source_state_dict", "rebuild_model"]
@@ -128,14 +128,7 @@ def check_metadata(meta: dict[str, Any], path: object) -> None:
     optional(meta, "model", dict, path)
     optional(meta, "model.spec", str, path)
     optional(meta, "num_classes", int, path)
-    if optional(meta, "preprocess", dict, path) is not None:
-        for key in ("resize", "crop"):
-            if optional(meta, f"preprocess.{key}", int, path) is not None:
-                number(meta, f"preprocess.{key}", path, positive=True, integer=True)
-        number_list(meta, "preprocess.mean", path, 3)
-        number_list(meta, "preprocess.std", path, 3)
-        if any(v <= 0 for v in meta["preprocess"]["std"]):
-            raise ArtifactError(f"{path}: its metadata field 'preprocess.std' holds a value <= 0: re-create it")
+    check_preprocess(meta, path)
     optional(meta, "method", dict, path)
     if optional(meta, "method", dict, path) is not None:
         optional(meta, "method.seed", int, path)

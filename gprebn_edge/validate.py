@@ -10,7 +10,7 @@ from typing import Any
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError
 
 __all__ = ["MISSING", "field", "check", "require", "optional", "number", "int_list", "number_list", "flag_number",
-           "check_size", "MAX_BYTES", "oneline"]
+           "check_size", "check_preprocess", "MAX_BYTES", "oneline"]
 
 MISSING: Any = object()
 MAX_BYTES = 16 << 30  # the most one read may allocate before it is refused (16 GiB)
@@ -21,8 +21,8 @@ _NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer",
 
 def oneline(e: BaseException | str, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), cut at a word boundary with an ellipsis."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__ if isinstance(e, BaseException) \
-        else ""
+    text = str(e).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0] + " ..."
@@ -132,6 +132,21 @@ def int_list(obj: Any, name: str, where: object, length: int | None = None, **kw
 def number_list(obj: Any, name: str, where: object, length: int | None = None, **kw: Any) -> list[float] | None:
     """A list of finite numbers."""
     return _list(obj, name, where, float, length, **kw)
+
+
+def check_preprocess(meta: Any, where: object, fix: str = _REMAKE) -> dict[str, Any] | None:
+    """meta["preprocess"], where present: resize and crop positive integers or null, mean and std three finite
+    numbers (std positive)."""
+    pre = optional(meta, "preprocess", dict, where, fix=fix)
+    if pre is None:
+        return None
+    for key in ("resize", "crop"):
+        if optional(meta, f"preprocess.{key}", int, where, fix=fix) is not None:
+            number(meta, f"preprocess.{key}", where, positive=True, integer=True, fix=fix)
+    number_list(meta, "preprocess.mean", where, 3, fix=fix)
+    if any(v <= 0 for v in number_list(meta, "preprocess.std", where, 3, fix=fix) or []):
+        raise ArtifactError(f"{where}: its metadata field 'preprocess.std' holds a value <= 0: {fix}")
+    return pre
 
 
 def flag_number(value: float | None, flag: str, *, low: float | None = None, high: float | None = None,

@@ -100,7 +100,7 @@ def _input_shape(runner: Runner, batch: int, input_shape: tuple[int, ...] | None
     dims = declared.shape[1:]
     if not all(isinstance(d, int) for d in dims):
         raise InputError(f"the model's input {declared.name!r} has shape {list(declared.shape)}, with sizes only "
-                         "known at run time: give the per-image input shape (C, H, W)")
+                         "known at run time: give the per-image input shape with --input-shape C,H,W (e.g. 3,224,224)")
     first = declared.shape[0] if declared.shape else None
     if isinstance(first, int) and first != batch:
         raise InputError(f"the model's batch size is fixed at {first}: benchmark it with batch {first}")

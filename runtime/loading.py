@@ -12,12 +12,14 @@ from gprebn_edge.errors import ArtifactError, InputError
 from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
+from gprebn_edge.validate import check, check_preprocess, oneline, optional
 
 __all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata", "health_note", "verify_file",
            "manifest_beside"]
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 SUFFIXES = {".onnx": "onnxruntime", **dict.fromkeys(ENGINE_SUFFIXES, "tensorrt"), ".safetensors": "torch"}
+_REEXPORT = "re-export the model with `gprebn-edge export`"
 _ACCEPTED = ("an ONNX file (.onnx), a TensorRT engine (.engine, .plan, .trt) or an adapted checkpoint "
              "(.safetensors)")
 
@@ -106,6 +108,7 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
     if verify and kind in ("onnxruntime", "tensorrt"):
         verify_file(path)
     if kind == "onnxruntime":
+        _onnx_proto(Path(path))  # external data checked before onnxruntime reads any of it
         from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 
         if cuda_graphs:
@@ -138,15 +141,39 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
     raise AssertionError(kind)
 
 
-def _onnx_metadata(path: Path) -> dict[str, Any]:
+def _onnx_proto(path: Path) -> Any:
+    """The ONNX graph without its external data, whose references are checked: each file inside the model's
+    folder, present, and large enough for the bytes it is said to hold."""
     import onnx
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise ArtifactError(f"{path} is not an ONNX model: {str(e).strip().splitlines()[0][:200] if str(e) else e}"
-                            ) from None
-    return {p.key: p.value for p in proto.metadata_props}
+        raise ArtifactError(f"{path} is not an ONNX model: {oneline(e)}") from None
+    folder = path.resolve().parent
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        where = f"{path}: initializer {tensor.name!r} keeps its data in {info.get('location', '')!r}"
+        target = (folder / info.get("location", "")).resolve()
+        if not info.get("location") or not target.is_relative_to(folder) or target == folder:
+            raise ArtifactError(f"{where}, outside the model's folder: refused; keep the data file beside the "
+                                ".onnx file and name it by a relative path")
+        if not target.is_file():
+            raise ArtifactError(f"{where}, which does not exist: copy it beside {path.name}")
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise ArtifactError(f"{where} at a malformed offset or length: re-export the model") from None
+        if end > target.stat().st_size:
+            raise ArtifactError(f"{where}, which holds {target.stat().st_size} bytes, not the {end} it needs: "
+                                "the data file is truncated or another model's; re-export the model")
+    return proto
+
+
+def _onnx_metadata(path: Path) -> dict[str, Any]:
+    return {p.key: p.value for p in _onnx_proto(path).metadata_props}
 
 
 def _json_field(raw: dict[str, Any], key: str, path: Path) -> Any:
@@ -162,11 +189,13 @@ def _json_field(raw: dict[str, Any], key: str, path: Path) -> Any:
 
 def _parsed(raw: dict[str, Any], fmt: str, path: Path) -> dict[str, Any]:
     preprocess = _json_field(raw, "preprocess", path)
+    check_preprocess({"preprocess": preprocess}, path, fix=_REEXPORT)
     num_classes = raw.get("num_classes")
     try:
         num_classes = int(num_classes) if num_classes is not None else None
     except (TypeError, ValueError):
-        raise ArtifactError(f"{path}: num_classes metadata {num_classes!r} is not a number") from None
+        raise ArtifactError(f"{path}: its metadata field 'num_classes' is {str(num_classes)[:40]!r}, not a number: "
+                            f"{_REEXPORT}") from None
     health = _json_field(raw, "adaptation_health", path)
     if health is not None and not (isinstance(health, dict) and isinstance(health.get("verdict"), str)):
         raise ArtifactError(f"{path}: its adaptation_health metadata has no verdict")
@@ -206,9 +235,11 @@ def model_metadata(path: str | Path) -> dict[str, Any]:
     if manifest.is_file():
         try:
             raw = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"cannot read {manifest}: {e}") from None
-        num_classes = (raw.get("output") or {}).get("shape", [None, None])[-1]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"cannot read {manifest}, the manifest of {path.name}: {oneline(e)}") from None
+        check(raw, "manifest", dict, manifest, fix=_REEXPORT)
+        shape = optional(raw, "output.shape", list, manifest, fix=_REEXPORT) or [None]
+        num_classes = optional(raw, "num_classes", (int, str), manifest, fix=_REEXPORT) or shape[-1]
         return _parsed({**raw, "num_classes": raw.get("num_classes", num_classes)}, "engine", path)
     onnx_file = path.with_suffix(".onnx")
     if onnx_file.is_file():

@@ -10,6 +10,7 @@ import numpy as np
 
 from gprebn_edge.errors import ArtifactError, InputError, MissingDependencyError
 from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
+from gprebn_edge.validate import oneline
 
 __all__ = ["OnnxRuntimeRunner", "PROVIDERS", "import_onnxruntime"]
 
@@ -32,8 +33,7 @@ def import_onnxruntime() -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:240] if text else type(e).__name__
+    return oneline(e, 240)  # cut at a word, with an ellipsis
 
 
 def _tensor_info(arg: Any) -> TensorInfo:

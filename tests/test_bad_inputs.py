@@ -135,7 +135,7 @@ DATA_FAILS = [
     ("arrays/float_0_255.npy", "scale them to [0, 1]"),
     ("arrays/empty.npy", "no images"),
     ("arrays/complex.npy", "dtype complex64"),
-    ("arrays/truncated.npy", "cannot read"),
+    ("arrays/truncated.npy", "truncated or corrupt"),
     ("arrays/no_images.npz", "'images'"),
     ("arrays/labels_mismatch.npz", "4 images but 3 labels"),
     ("arrays/negative_labels.npz", "non-negative"),

@@ -3,14 +3,18 @@ read without unpickling and checked before use."""
 
 from __future__ import annotations
 
+import math
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.source_base import Batch, ImageSource
 from gprebn_edge.errors import InputError
+from gprebn_edge.validate import check_size, oneline
 
 __all__ = ["ArraySource"]
 
@@ -69,9 +73,81 @@ def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _sniff(path: Path) -> str:
+    """"npy" or "npz" by the file's first bytes; InputError naming what it is otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "npz"
+    if head.startswith(b"\x80") or not head:
+        what = "is empty" if not head else "is a Python pickle"
+        raise InputError(f"{path} {what}, not a .npy or .npz array file: save the images with np.save or np.savez")
+    kind = "a zip archive (.npz)" if path.suffix.lower() == ".npz" else "a .npy array file"
+    raise InputError(f"{path} is not {kind} (it starts with {head[:6]!r}): save the images with np.save or "
+                     "np.savez")
+
+
+def _header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy stream declares (numpy's public header readers; nothing is unpickled)."""
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f, max_header_size=10_000)
+    return shape, dtype
+
+
+def _check_declared(path: Path, shape: tuple[int, ...], dtype: np.dtype, available: int | None, *,
+                    loaded: bool) -> None:
+    """Refuse, before reading, an array whose declared shape needs more bytes than the file holds or, when it
+    is `loaded` into memory (an .npz member; a .npy is memory-mapped), more memory than allowed."""
+    need = math.prod(shape) * dtype.itemsize
+    if loaded:
+        check_size(need, f"{path} (declared shape {shape}, {dtype})", "store fewer or smaller images, or save "
+                   "them with np.save as .npy (read from disk as needed)")
+    if available is not None and need > available:
+        raise InputError(f"{path} declares shape {shape} ({dtype}), {need} bytes, but holds only {available}: the "
+                         "file is truncated or corrupt")
+
+
+def _npz_member(archive: zipfile.ZipFile, key: str, path: Path) -> None:
+    """Check an .npz member's declared array size against the limit and its stored size, before loading it."""
+    try:
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as f:
+            shape, dtype = _header(f)
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"cannot read '{key}' in {path}: {oneline(e)}") from None
+    if dtype.hasobject:
+        return  # refused, without unpickling, by np.load below
+    _check_declared(Path(f"{path}['{key}']"), shape, dtype, info.file_size, loaded=True)
+
+
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     refuse = (f"{path} holds Python objects (an object array or pickled data); it is not loaded, since "
               "unpickling can run arbitrary code: store a numeric uint8 or float array")
+    kind = _sniff(path)
+    if kind == "npy":
+        try:
+            with open(path, "rb") as f:
+                shape, dtype = _header(f)
+                offset = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            raise InputError(f"cannot read {path}: its .npy header is malformed ({oneline(e)})") from None
+        if dtype.hasobject:
+            raise InputError(refuse)
+        _check_declared(path, shape, dtype, path.stat().st_size - offset, loaded=False)
+    else:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.endswith(".npy"):
+                        _npz_member(archive, name[:-4], path)
+        except zipfile.BadZipFile as e:
+            raise InputError(f"{path} is not a readable .npz (zip) file: {oneline(e)}") from None
     try:
         obj = np.load(path, allow_pickle=False, mmap_mode="r")  # .npy stays on disk; batches read slices
         if isinstance(obj, np.ndarray):

@@ -4,7 +4,6 @@ normalization. numpy and Pillow only, so the runtime can share it without torch.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 import numpy as np

@@ -155,7 +155,7 @@ def test_bad_requests(clock):
     with pytest.raises(InputError, match="batch"):
         benchmark(runner, batch=0)
     dynamic = ScriptedLatencyRunner(clock, [1], shape=("batch", 3, None, None))
-    with pytest.raises(InputError, match=r"give the per-image input shape \(C, H, W\)"):
+    with pytest.raises(InputError, match=r"give the per-image input shape with --input-shape C,H,W"):
         benchmark(dynamic, iters=1, environment=False)
     assert not dynamic.active  # deactivated after the failure
     assert benchmark(dynamic, iters=1, input_shape=(3, 16, 16), environment=False).input_shape == [1, 3, 16, 16]
