@@ -398,8 +398,9 @@ class _Loop:
         finally:
             if window.n:
                 self._flush(window, frames, served_round)
-            if worker is not None:
-                self._stop_worker(worker, jobs, finish=finished)
+            late_interrupt = worker is not None and self._stop_worker(worker, jobs, finish=finished)
+            if late_interrupt:
+                reason = "interrupted"
             sys.setswitchinterval(switch_interval)
             runner.deactivate()
             with self.shared.lock:
@@ -411,12 +412,14 @@ class _Loop:
             self.log.write("stop", frames=frames, reason=reason, served_round=served_round,
                            skipped=len(getattr(source, "skipped", [])), errors=errors)
             self.log.close()
+        if late_interrupt:  # everything is stopped and closed: now stop as the signal asked
+            raise KeyboardInterrupt
         return LoopResult(frames=frames, rounds=rounds, passed=passed, swaps=swaps, rollbacks=rollbacks,
                           served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
                           stop_reason=reason, log=self.dir.log_file, skipped=len(getattr(source, "skipped", [])),
                           errors=errors)
 
-    def _stop_worker(self, worker: threading.Thread, jobs: queue.Queue[Job | None], finish: bool) -> None:
+    def _stop_worker(self, worker: threading.Thread, jobs: queue.Queue[Job | None], finish: bool) -> bool:
         """Stop the worker thread before returning: a thread still inside torch or onnxruntime when the
         interpreter exits makes their native thread pools abort the process. At the source's end the round in
         flight finishes and is logged (its swap is not served); on Ctrl-C, SIGTERM or an error it is dropped
@@ -425,18 +428,26 @@ class _Loop:
             self.shared.stop.set()
         deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish else WORKER_STOP_TIMEOUT)
         sent = not finish
-        while worker.is_alive() and time.monotonic() < deadline:
-            if not sent:
-                try:
-                    jobs.put(None, timeout=0.1)
-                    sent = True
-                except queue.Full:
-                    continue
-            worker.join(timeout=0.1)
+        interrupted = False
+        try:
+            while worker.is_alive() and time.monotonic() < deadline:
+                if not sent:
+                    try:
+                        jobs.put(None, timeout=0.1)
+                        sent = True
+                    except queue.Full:
+                        continue
+                worker.join(timeout=0.1)
+        except KeyboardInterrupt:  # Ctrl-C/SIGTERM while the last round finishes: drop it, then stop as asked
+            interrupted = True
+            self.shared.stop.set()
+            deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+            while worker.is_alive() and time.monotonic() < deadline:
+                worker.join(timeout=0.1)
         if worker.is_alive():
             self.shared.stop.set()
-            self.report(f"the adaptation worker did not stop within {deadline - time.monotonic():.0f} s; its "
-                        "round is dropped")
+            self.report("the adaptation worker did not stop in time; its round is dropped")
+        return interrupted
 
     def _frames(self, spec: str, preprocess: Preprocess, runner: Runner | None) -> Any:
         """The frame source, in order: a video file or camera (OpenCV), sized to the runner's input where the

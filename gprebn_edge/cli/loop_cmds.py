@@ -56,41 +56,46 @@ def loop(
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
     from gprebn_edge.models.consent import CodeConsent
-    from gprebn_edge.runtime.loop import LoopConfig, run_loop
+    from gprebn_edge.runtime.loop import LoopConfig
 
     stopped = f"the state in {state} is servable; run the same command again to resume"
     with cli_errors(f"interrupted: {stopped}"), _stop_signals() as stop:
-        config = LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
+        try:
+            _run(LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
                             fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
-                            consent=CodeConsent(any_code=trust_model_code), verify=verify)
-        with status() as say:
-            def on_window(r: dict[str, Any]) -> None:
-                acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
-                say(f"{r['frames']} frames, serving round {r['served_round']}, p50 {r['latency_ms']['p50']:.2f} ms"
-                    f"{acc}, entropy {r['mean_entropy']:.3f}")
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify))
+        except KeyboardInterrupt:
+            if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to cli_errors: exit 130
+                err_console.print(f"terminated: {stopped}", soft_wrap=True)
+                raise typer.Exit(128 + signal.SIGTERM) from None
+            raise
 
-            def on_notice(message: str) -> None:
-                err_console.print(error_line("error:", message), soft_wrap=True)
 
-            try:
-                result = run_loop(config, on_window=on_window, on_notice=on_notice)
-            except KeyboardInterrupt:
-                if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to cli_errors: exit 130
-                    err_console.print(f"terminated: {stopped}", soft_wrap=True)
-                    raise typer.Exit(128 + signal.SIGTERM) from None
-                raise
-        skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
-        console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
-                      f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
-                      f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
-                      soft_wrap=True)
-        console.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
-        if result.errors:  # each was reported when it happened; serving went on, but the command failed
-            more = f" (and {len(result.errors) - 1} more, in the log)" if len(result.errors) > 1 else ""
-            err_console.print(error_line("error:", f"{result.errors[0]}{more}"), soft_wrap=True)
-            raise typer.Exit(1)
+def _run(config: Any) -> None:
+    from gprebn_edge.runtime.loop import run_loop
+
+    with status() as say:
+        def on_window(r: dict[str, Any]) -> None:
+            acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
+            say(f"{r['frames']} frames, serving round {r['served_round']}, p50 {r['latency_ms']['p50']:.2f} ms"
+                f"{acc}, entropy {r['mean_entropy']:.3f}")
+
+        def on_notice(message: str) -> None:
+            err_console.print(error_line("error:", message), soft_wrap=True)
+
+        result = run_loop(config, on_window=on_window, on_notice=on_notice)
+    skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
+    console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
+                  f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
+                  f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
+                  soft_wrap=True)
+    console.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
+    if result.errors:  # each was reported when it happened; serving went on, but the command failed
+        more = f" (and {len(result.errors) - 1} more, in the log)" if len(result.errors) > 1 else ""
+        err_console.print(error_line("error:", f"{result.errors[0]}{more}"), soft_wrap=True)
+        raise typer.Exit(1)
 
 
 class _Stop:

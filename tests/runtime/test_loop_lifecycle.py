@@ -322,3 +322,49 @@ def test_sigint_and_sigterm_at_random_moments_stop_cleanly(tmp_path, start):
     r = subprocess.run([*cmd[:-2], "--fps", "2000", "--frames", "400"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     _servable(state)
+
+
+def _stuck_round(monkeypatch, seconds: float) -> None:
+    import gprebn_edge.readapt as readapt
+
+    def stuck(self, frames):
+        time.sleep(seconds)  # a round that cannot be told to stop (deep inside a kernel)
+        raise RuntimeError("stuck round ended")
+
+    monkeypatch.setattr(readapt.Readapter, "round", stuck)
+
+
+def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monkeypatch):
+    from gprebn_edge.runtime import loop
+
+    _stuck_round(monkeypatch, 20)
+    monkeypatch.setattr(loop, "WORKER_FINISH_TIMEOUT", 1.0)
+    notices: list[str] = []
+    t0 = time.monotonic()
+    result = _run(_config(tmp_path / "state", start), notices)
+    assert time.monotonic() - t0 < 15 and result.frames == 200
+    assert any("did not stop in time" in n for n in notices)
+
+
+def test_ctrl_c_while_the_last_round_finishes_stops_promptly(tmp_path, start, monkeypatch):
+    """Ctrl-C (here from a timer, in this main thread) while the loop waits for a stuck round at the source's
+    end: the loop still stops the worker (bounded), closes everything, and raises KeyboardInterrupt."""
+    from gprebn_edge.runtime import loop
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    _stuck_round(monkeypatch, 20)
+    monkeypatch.setattr(loop, "WORKER_FINISH_TIMEOUT", 12.0)  # the bound if the interrupt were lost
+    monkeypatch.setattr(loop, "WORKER_STOP_TIMEOUT", 0.5)
+    timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_loop(_config(tmp_path / "state", start))
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 8
+    stop = read_log(tmp_path / "state" / "metrics.jsonl").records[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "interrupted" and stop["frames"] == 200
+    _servable(tmp_path / "state")
