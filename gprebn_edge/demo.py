@@ -76,6 +76,7 @@ def _domain(domain: str, folder: Path, n_calib: int, n_test: int, latency_iters:
     return {"domain": domain + ("" if domain in ("clean", "style") else "-5"), "folder": str(folder),
             "source_error": a.error, "adapted_error": b.error, "agreement": result.agreement,
             "source_ece": a.ece, "adapted_ece": b.ece, "online_error": adapted.summary["online_error"],
+            "health": adapted.summary["health"]["verdict"],
             "latency_ratio": result.latency["ratio"], "latency_ratio_ci95": result.latency["ratio_ci95"],
             "parity_max_rel": max(e["parity"]["max_rel"] for e in exports.values()),
             "parity_top1": min(e["parity"]["top1_agreement"] for e in exports.values()),
@@ -197,16 +198,17 @@ def _markdown(report: dict[str, Any]) -> str:
              f"images per shift, exported unadapted and adapted as folded ONNX (identical graphs), and compared "
              f"with onnxruntime on {report['test_images']} held-out images of the same shift.", "",
              "| shift | unadapted error | adapted error | agreement | ECE unadapted / adapted | latency adapted / "
-             "unadapted (95 % CI) | ONNX parity (max rel, top-1) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "unadapted (95 % CI) | ONNX parity (max rel, top-1) | health check |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["rows"]:
         lo, hi = r["latency_ratio_ci95"]
         lines.append(f"| {r['domain']} | {100 * r['source_error']:.2f} % | {100 * r['adapted_error']:.2f} % | "
                      f"{100 * r['agreement']:.1f} % | {r['source_ece']:.3f} / {r['adapted_ece']:.3f} | "
                      f"{r['latency_ratio']:.3f} ({lo:.2f}-{hi:.2f}) | {r['parity_max_rel']:.1e}, "
-                     f"{100 * r['parity_top1']:.0f} % |")
+                     f"{100 * r['parity_top1']:.0f} % | {r['health']} |")
     mean_s = sum(r["source_error"] for r in report["rows"]) / len(report["rows"])
     mean_a = sum(r["adapted_error"] for r in report["rows"]) / len(report["rows"])
-    lines += [f"| mean | {100 * mean_s:.2f} % | {100 * mean_a:.2f} % | | | | |", "",
+    lines += [f"| mean | {100 * mean_s:.2f} % | {100 * mean_a:.2f} % | | | | | |", "",
               "onnxruntime CPU latency of the first shift's exports (`bench`, p50 / p99 ms):", "",
               "| batch | unadapted | adapted | adapted / unadapted (p50) |", "|---:|---:|---:|---:|"]
     for b in report["bench"]["rows"]:

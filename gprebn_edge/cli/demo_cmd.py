@@ -34,13 +34,15 @@ def demo(
             domains = tuple(s.strip() for s in shifts.split(",")) if shifts else None
             report = run_demo(out, quick=quick, domains=domains, progress=update)
         table = Table(title="error of the unadapted and adapted ONNX on held-out images (onnxruntime)")
-        for col in ("shift", "unadapted", "adapted", "agree", "latency", "parity"):
+        for col in ("shift", "unadapted", "adapted", "agree", "latency", "parity", "health"):
             table.add_column(col, justify="left" if col == "shift" else "right", no_wrap=True)
         for r in report["rows"]:
             table.add_row(r["domain"], pct(r["source_error"]), pct(r["adapted_error"]),
-                          f"{100 * r['agreement']:.0f} %", f"{r['latency_ratio']:.3f}", f"{r['parity_max_rel']:.0e}")
+                          f"{100 * r['agreement']:.0f} %", f"{r['latency_ratio']:.3f}", f"{r['parity_max_rel']:.0e}",
+                          r["health"])
         table.caption = ("agree: same top-1 class; latency: adapted / unadapted, interleaved; parity: max relative "
-                         "logit error of ONNX vs PyTorch (top-1 agreement 100 % on every export)")
+                         "logit error of ONNX vs PyTorch (top-1 agreement 100 % on every export); health: adapt's "
+                         "check on held-back calibration images")
         console.print(table)
         for b in report["bench"]["rows"]:
             console.print(f"bench batch {b['batch']:>2}: p50 unadapted {b['unadapted_p50_ms']:.3f} ms, adapted "
