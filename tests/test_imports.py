@@ -29,9 +29,5 @@ def test_cli_help_loads_no_optional_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
-
-def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import gprebn_edge.runtime; "
-            "print('torch' in sys.modules and sys.modules['torch'] is not None)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+# Importing the runtime without torch is tested module by module, with torch blocked by a meta-path finder,
+# in tests/runtime/test_without_torch.py (a check of gprebn_edge.runtime's empty __init__ alone could not fail).
