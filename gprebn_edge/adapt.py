@@ -262,9 +262,8 @@ def _non_finite_cause(model: nn.Module, images: np.ndarray, name: str) -> str:
                 "preprocessing (--mean, --std, or the model's default)")
     bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        return (f"the weights of {name} are not finite: {bad[0]}{more} hold NaN or Inf; check --weights or "
-                "the factory")
+        more = f" and {len(bad) - 1} more hold" if len(bad) > 1 else " holds"
+        return (f"the weights of {name} are not finite: {bad[0]}{more} NaN or Inf; check --weights or the factory")
     return f"{name} returned non-finite logits on finite images with finite weights: check the model's forward"
 
 

@@ -151,7 +151,8 @@ def check_metadata(meta: dict[str, Any], path: object) -> None:
         require(row, "layer", str, path, prefix=f"statistics_shift[{i}].")
         require(row, "mean_shift", float, path, prefix=f"statistics_shift[{i}].")
         require(row, "std_ratio", float, path, prefix=f"statistics_shift[{i}].")
-    optional(meta, "source_bn", dict, path)
+    if optional(meta, "source_bn", dict, path) is not None:
+        decode_tensors(meta["source_bn"], path)  # small (BatchNorm vectors); garbage fails here, named
     optional(meta, "created", str, path)
     optional(meta, "gprebn_edge_version", str, path)
     field(meta, "format_version", int, path, default=0)

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,32 @@ def payload_marker(tmp_path, monkeypatch):
     assert not marker.exists(), "a pickled payload was unpickled"
 
 
+CASE_TIMEOUT_S = 300  # every case; a hang fails the case instead of stalling the run
+
+
+class Hang(Exception):
+    """Raised by the alarm of hang_guard."""
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    """Fail a case that runs longer than CASE_TIMEOUT_S (SIGALRM interrupts the main thread, where the CLI runs)."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise Hang(f"the case ran for more than {CASE_TIMEOUT_S} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """One small adapted artifact of the built-in model and its ONNX export, shared by the cases below."""
@@ -139,6 +166,11 @@ DATA_FAILS = [
     ("arrays/no_images.npz", "'images'"),
     ("arrays/labels_mismatch.npz", "4 images but 3 labels"),
     ("arrays/negative_labels.npz", "non-negative"),
+    ("arrays/not_zip.npz", "is not a zip archive"),
+    ("arrays/random_bytes.npy", "is not a .npy array file"),
+    ("arrays/bad_header.npy", "header is malformed"),
+    ("arrays/huge_declared.npz", "PiB of memory"),
+    ("arrays/huge_declared.npy", "truncated or corrupt"),
 ]
 
 
@@ -278,6 +310,7 @@ WEIGHT_FAILS = [
     ("weights/truncated.safetensors", "not a readable safetensors file"),
     ("weights/non_tensor_values.pt", "not a plain state dict"),
     ("weights/empty_state_dict.pt", "empty state dict"),
+    ("weights/nan.safetensors", "the weights of"),
 ]
 
 
@@ -327,6 +360,14 @@ ARTIFACT_FAILS = [
     ("artifacts/wrong_format.safetensors", "unknown artifact format"),
     ("artifacts/future_version.safetensors", "newer gprebn-edge"),
     ("artifacts/missing_fields.safetensors", {"info": "metadata lacks", None: "model spec metadata"}),
+    ("artifacts/preprocess_string.safetensors", "metadata field 'preprocess' is a string"),
+    ("artifacts/mean_wrong.safetensors", "metadata field 'preprocess.mean' has 2 values"),
+    ("artifacts/mean_nan.safetensors", "'preprocess.mean[0]' is the number nan"),
+    ("artifacts/summary_list.safetensors", "metadata field 'summary' is a list"),
+    ("artifacts/calibration_number.safetensors", "metadata field 'calibration' is the number 5"),
+    ("artifacts/num_classes_string.safetensors", "metadata field 'num_classes' is a string"),
+    ("artifacts/source_bn_garbage.safetensors", "'source_bn.bn1.running_mean.data' is not base64"),
+    ("artifacts/source_bn_huge.safetensors", "PiB of memory"),
     # an ONNX file given as an artifact (compare reads a model's metadata by its suffix, whatever --backend says)
     ("onnx/random_bytes.onnx", {"compare": "is not an ONNX model", None: "expected an adapted checkpoint"}),
 ]
@@ -369,6 +410,9 @@ MODEL_FILE_FAILS = [
     ("onnx/other_preprocess.onnx", None, "different preprocessing"),
     ("engines/foreign.engine", "gprebn-edge[trt]", "gprebn-edge[trt]"),
     ("misc/model.bin", "cannot tell how to run", "cannot tell how to run"),
+    ("onnx/external_outside.onnx", "outside the model's folder", "outside the model's folder"),
+    ("onnx/external_missing.onnx", "which does not exist", "which does not exist"),
+    ("onnx/preprocess_list.onnx", None, "metadata field 'preprocess' is a list"),
 ]
 
 
@@ -633,13 +677,75 @@ def test_loop_report_refuses_bad_logs(entry, words, out):
     assert_fails(invoke("loop-report", c(entry), "--json", out / "r.json"), words, out=out)
 
 
+# -- flags, output folders, file names (issue 10) ----------------------------------------------------------------
+def _flag_cases(built: dict[str, Path], out: Path) -> dict[str, tuple[list[object], str]]:
+    onnx, artifact = built["onnx"], built["artifact"]
+    return {
+        "adapt --lr nan": (adapt_args(SMALL, out / "a.safetensors", "--lr", "nan"), "--lr must be a finite"),
+        "adapt --lr -1": (adapt_args(SMALL, out / "a.safetensors", "--lr", "-1"), "--lr must be at least 0"),
+        "adapt --mean nan": (adapt_args(SMALL, out / "a.safetensors", "--mean", "nan"), "--mean must be finite"),
+        "adapt --std inf": (adapt_args(SMALL, out / "a.safetensors", "--std", "inf"), "--std must be finite"),
+        "bench --duration nan": (["bench", onnx, "--duration", "nan", "--json", out / "b.json"],
+                                 "--duration must be a finite"),
+        "bench --threads 0": (["bench", onnx, "--threads", "0", "--json", out / "b.json"], "--threads must be"),
+        "compare --batch 0": (["compare", onnx, onnx, "--data", SMALL, "--batch", "0", "--json", out / "c.json"],
+                              "--batch must be at least 1"),
+        "compare --latency-iters -1": (["compare", onnx, onnx, "--data", SMALL, "--latency-iters", "-1", "--json",
+                                        out / "c.json"], "--latency-iters must be at least 0"),
+        "export --batch x": (["export", artifact, "--onnx", out / "x.onnx", "--batch", "x"], "add --trt"),
+        "export --workspace-mb": (["export", artifact, "--onnx", out / "x.onnx", "--workspace-mb", "5"], "add --trt"),
+        "demo --out FILE": (["demo", "--quick", "--out", c("misc/model.bin")], "is a file, not a folder"),
+        "demo --out FILE/sub": (["demo", "--quick", "--out", Path(c("misc/model.bin")) / "sub"], "cannot write"),
+        "bench dynamic size": (["bench", c("onnx/dynamic_size.onnx"), "--iters", "2", "--json", out / "b.json"],
+                               "--input-shape C,H,W"),
+    }
+
+
+FLAG_CASES = ["adapt --lr nan", "adapt --lr -1", "adapt --mean nan", "adapt --std inf", "bench --duration nan",
+              "bench --threads 0", "compare --batch 0", "compare --latency-iters -1", "export --batch x",
+              "export --workspace-mb", "demo --out FILE", "demo --out FILE/sub", "bench dynamic size"]
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_bad_flags(case, built, out):
+    args, words = _flag_cases(built, out)[case]
+    assert_fails(invoke(*args), words, out=out)
+
+
+def test_demo_out_unwritable_simulated(tmp_path, monkeypatch):
+    """--out on a folder it cannot write to (simulated: root writes anywhere): one line before any work."""
+    import gprebn_edge.demo
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(gprebn_edge.demo.tempfile, "TemporaryFile", denied)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    assert_fails(invoke("demo", "--quick", "--out", readonly), "cannot write to --out", "Permission denied",
+                 out=readonly)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes only on POSIX")
+def test_non_utf8_file_names_in_a_folder(tmp_path, out):
+    """Names that are not UTF-8 (made here: git cannot hold them) are read, skipped and fingerprinted like any."""
+    data = _good_folder(tmp_path / "data")
+    shutil.copy(data / "good_00.png", os.fsencode(data) + b"/good_\xff\xfe.png")
+    shutil.copy(CORPUS / "images" / "truncated.png", os.fsencode(data) + b"/cut_\xff.png")
+    r = invoke(*adapt_args(str(data), out / "a.safetensors", "--json"))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["skipped"] == 1
+    assert invoke("info", out / "a.safetensors").exit_code == 0
+
+
 # -- coverage ----------------------------------------------------------------------------------------------------
 def test_every_entry_is_used():
     """Every corpus entry feeds some case above (the case lists, plus the few used inline)."""
     cases = DATA_FAILS + BAD_IMAGES + MODEL_FAILS + WEIGHT_FAILS + ARTIFACT_FAILS + MODEL_FILE_FAILS + LOG_FAILS
     for entry, *_ in cases:
         c(entry)
-    for entry in ("folders/some_corrupt", "folders/modes", "models/untraceable.py", "images/tiny_1x1.png"):
+    for entry in ("folders/some_corrupt", "folders/modes", "models/untraceable.py", "images/tiny_1x1.png",
+                  "onnx/dynamic_size.onnx"):
         c(entry)
     assert sorted(set(ENTRIES) - USED) == []
 

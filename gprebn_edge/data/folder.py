@@ -166,5 +166,5 @@ class FolderSource(ImageSource):
                 data = (self.root / rel).read_bytes()
             except OSError:
                 data = b"<unreadable>"
-            update(f"{rel}\0{label}\0{len(data)}\0".encode())
+            update(f"{rel}\0{label}\0{len(data)}\0".encode("utf-8", "surrogateescape"))  # non-UTF-8 names
             update(data)

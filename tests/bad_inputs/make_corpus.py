@@ -60,6 +60,11 @@ ENTRIES: dict[str, str] = {
     "arrays/no_images.npz": "an .npz with arrays 'a' and 'b' but no 'images'",
     "arrays/labels_mismatch.npz": "4 images and 3 labels",
     "arrays/negative_labels.npz": "negative class labels",
+    "arrays/not_zip.npz": "text named .npz (not a zip archive)",
+    "arrays/random_bytes.npy": "random bytes named .npy (not 'Python objects')",
+    "arrays/bad_header.npy": "a .npy whose header is cut short",
+    "arrays/huge_declared.npz": "an .npz whose 'images' declares a shape needing petabytes",
+    "arrays/huge_declared.npy": "a .npy declaring a shape needing petabytes, holding 100 bytes",
     # model factories given as --model FILE.py:make
     "models/no_bn.py": "a model without BatchNorm",
     "models/no_running_stats.py": "a BatchNorm with track_running_stats=False",
@@ -78,6 +83,7 @@ ENTRIES: dict[str, str] = {
     "weights/truncated.safetensors": "a safetensors file cut short",
     "weights/non_tensor_values.pt": "a dict of ints, not tensors",
     "weights/empty_state_dict.pt": "an empty dict",
+    "weights/nan.safetensors": "the right state dict for net.py with NaN in a conv weight",
     # artifacts given to info / export / bench (.safetensors)
     "artifacts/plain.safetensors": "a safetensors file with no gprebn-edge metadata",
     "artifacts/random_bytes.safetensors": "random bytes named .safetensors",
@@ -86,6 +92,14 @@ ENTRIES: dict[str, str] = {
     "artifacts/wrong_format.safetensors": "metadata of another format",
     "artifacts/future_version.safetensors": "metadata of a newer format version",
     "artifacts/missing_fields.safetensors": "gprebn-edge metadata with the format and nothing else",
+    "artifacts/preprocess_string.safetensors": "preprocess metadata that is a string",
+    "artifacts/mean_wrong.safetensors": "preprocess.mean of 2 values, one a string",
+    "artifacts/mean_nan.safetensors": "preprocess.mean holding NaN (JSON's non-standard NaN)",
+    "artifacts/summary_list.safetensors": "summary metadata that is a list",
+    "artifacts/calibration_number.safetensors": "calibration metadata that is a number",
+    "artifacts/num_classes_string.safetensors": "num_classes metadata that is a string",
+    "artifacts/source_bn_garbage.safetensors": "source-BN tensors whose base64 is garbage",
+    "artifacts/source_bn_huge.safetensors": "a source-BN tensor declaring a shape needing petabytes",
     # ONNX files given to bench / compare
     "onnx/random_bytes.onnx": "random bytes named .onnx",
     "onnx/zero_bytes.onnx": "a zero-byte .onnx",
@@ -94,6 +108,10 @@ ENTRIES: dict[str, str] = {
     "onnx/other_input.onnx": "a model with a fixed 3x48x48 input (the built-in one takes 32x32)",
     "onnx/other_preprocess.onnx": "a model recording other preprocessing",
     "onnx/two_inputs.onnx": "a model with two inputs",
+    "onnx/external_outside.onnx": "initializer data in an external file outside the model's folder",
+    "onnx/external_missing.onnx": "initializer data in an external file that is not there",
+    "onnx/preprocess_list.onnx": "preprocess metadata that is a JSON list",
+    "onnx/dynamic_size.onnx": "an input whose height and width are only known at run time",
     # TensorRT engines
     "engines/foreign.engine": "an 'engine' from another TensorRT version (here: bytes no TensorRT can read)",
     # loop metrics logs given to loop-report
@@ -287,7 +305,30 @@ def _arrays(rng: np.random.Generator) -> dict[str, bytes]:
         "no_images.npz": _npz(a=u8, b=u8),
         "labels_mismatch.npz": _npz(images=u8, labels=np.arange(3)),
         "negative_labels.npz": _npz(images=u8, labels=np.array([0, 1, -1, 2])),
+        "not_zip.npz": b"images, labels\n1, 2\n" * 8,
+        "random_bytes.npy": np.random.default_rng(12).bytes(300),
+        "bad_header.npy": full[:40],
+        "huge_declared.npz": _zip({"images.npy": _npy_header((10**9, 1000, 1000, 3)) + bytes(100)}),
+        "huge_declared.npy": _npy_header((10**9, 1000, 1000, 3)) + bytes(100),
     }
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy version 1.0 header for uint8 data of `shape` (the data itself is whatever follows)."""
+    header = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (127 - 10 - len(header)) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            z.writestr(info, data, zipfile.ZIP_DEFLATED)
+    return buf.getvalue()
 
 
 def _weights() -> dict[str, bytes]:
@@ -316,6 +357,8 @@ def _weights() -> dict[str, bytes]:
         "truncated.safetensors": good[: len(good) // 2],
         "non_tensor_values.pt": saved({"conv.weight": 1, "conv.bias": 2}),
         "empty_state_dict.pt": saved({}),
+        "nan.safetensors": save({k: (v.clone().fill_(float("nan")) if k == "body.0.weight" else v)
+                                 for k, v in ns["make"]().state_dict().items()}),
     }
 
 
@@ -334,10 +377,29 @@ def _artifacts() -> dict[str, bytes]:
         "future_version.safetensors": save(state, metadata={"gprebn_edge": json.dumps({**meta,
                                                                                      "format_version": 99})}),
         "missing_fields.safetensors": save(state, metadata={"gprebn_edge": json.dumps(meta)}),
+        **{f"{name}.safetensors": save(state, metadata={"gprebn_edge": json.dumps({**_FULL, **fields})})
+           for name, fields in _BAD_FIELDS.items()},
     }
 
 
-def _onnx_classifier(classes: int, size: int, preprocess: dict | None, inputs: int = 1) -> bytes:
+_FULL = {"format": "gprebn-edge/adapted-checkpoint", "format_version": 1, "model": {"spec": "builtin:small_resnet"},
+         "num_classes": 10, "preprocess": _BUILTIN_PREPROCESS, "method": {"seed": 0},
+         "calibration": {"spec": "synthetic:fog:5:n=16", "fingerprint": "sha256:0"},
+         "summary": {"images": 16}, "created": "2026-01-01T00:00:00Z", "gprebn_edge_version": "0.1.0"}
+_BN = {"dtype": "float32", "shape": [2], "data": "AAAAAAAAgD8="}  # [0.0, 1.0]
+_BAD_FIELDS: dict[str, dict] = {
+    "preprocess_string": {"preprocess": "imagenet"},
+    "mean_wrong": {"preprocess": {**_BUILTIN_PREPROCESS, "mean": [0.5, "x"]}},
+    "mean_nan": {"preprocess": {**_BUILTIN_PREPROCESS, "mean": [float("nan"), 0.5, 0.5]}},
+    "summary_list": {"summary": [1, 2]},
+    "calibration_number": {"calibration": 5},
+    "num_classes_string": {"num_classes": "ten"},
+    "source_bn_garbage": {"source_bn": {"bn1.running_mean": {**_BN, "data": "!!not base64!!"}}},
+    "source_bn_huge": {"source_bn": {"bn1.running_mean": {**_BN, "shape": [10**9, 10**9]}}},
+}
+
+
+def _onnx_classifier(classes: int, size: int | str, preprocess: dict | list | None, inputs: int = 1) -> bytes:
     """GlobalAveragePool -> Flatten -> Gemm: a tiny valid classifier with our input/output names."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -359,12 +421,15 @@ def _onnx_classifier(classes: int, size: int, preprocess: dict | None, inputs: i
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="make_corpus")
     model.ir_version = 8
     meta = {"model": "adapted", "num_classes": str(classes)}
+    if isinstance(size, str):
+        model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"
     if preprocess is not None:
         meta["preprocess"] = json.dumps(preprocess)
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.checker.check_model(model)
+    if isinstance(size, int):
+        onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
@@ -378,7 +443,26 @@ def _onnx() -> dict[str, bytes]:
         "other_input.onnx": _onnx_classifier(10, 48, _BUILTIN_PREPROCESS),
         "other_preprocess.onnx": _onnx_classifier(10, 32, {**_BUILTIN_PREPROCESS, "resize": 40, "crop": 32}),
         "two_inputs.onnx": _onnx_classifier(10, 32, _BUILTIN_PREPROCESS, inputs=2),
+        "external_outside.onnx": _external(real, "../../../../outside/weights.data"),
+        "external_missing.onnx": _external(real, "missing.onnx.data"),
+        "preprocess_list.onnx": _onnx_classifier(10, 32, [1, 2]),
+        "dynamic_size.onnx": _onnx_classifier(10, "size", _BUILTIN_PREPROCESS),
     }
+
+
+def _external(model_bytes: bytes, location: str) -> bytes:
+    """The model with its fc.weight moved to external data at `location` (not written: the file is absent)."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    weight = next(t for t in model.graph.initializer if t.name == "fc.weight")
+    weight.ClearField("float_data")
+    weight.raw_data = b""
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "120")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString()
 
 
 def build() -> dict[str, bytes]:
