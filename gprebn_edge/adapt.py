@@ -183,7 +183,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
     limit = min(config.eval_limit, len(calib)) if config.eval_limit else None
     before = evaluate(loaded.model, calib, limit)
     after = evaluate(static, calib, limit) if health["verdict"] != NON_FINITE else None
-    if after is not None and not math.isfinite(after["entropy"]):  # too few images to hold any back
+    if after is not None and not math.isfinite(float(after["entropy"] or 0.0)):  # too few images to hold any back
         health = {**health, "verdict": NON_FINITE,
                   "signals": ["the adapted model's outputs on the calibration images are not finite (NaN or Inf)"]}
         after = None
