@@ -7,7 +7,7 @@ import math
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def _sniff(path: Path) -> str:
                      "np.savez")
 
 
-def _header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+def _header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype a .npy stream declares (numpy's public header readers; nothing is unpickled)."""
     major, _ = np.lib.format.read_magic(f)
     read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
