@@ -1,5 +1,5 @@
 """`gprebn-edge loop`: serve frames with the current model while re-adapting it in the background, and swap
-in a new model only after it passed its gates (DESIGN.md sections 6 and 7).
+in a new model only after it passed its gates (docs/design.md).
 
 Serving (the calling thread): frames are read in order, one at a time, from the source and run through the
 serving runner (onnxruntime, or a TensorRT engine); every frame goes into a bounded buffer. The buffer is a
