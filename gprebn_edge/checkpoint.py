@@ -1,6 +1,6 @@
 """The adapted checkpoint: a safetensors file whose tensors are a plain state dict of the user's own
 architecture (BN running statistics = the adapted dataset-level statistics) and whose header metadata holds
-one JSON document describing how it was made (DESIGN section 3).
+one JSON document describing how it was made (docs/formats.md).
 
 Anyone can `model.load_state_dict(safetensors.torch.load_file(path))` and run it in eval mode without this
 package. The source BN tensors are kept, base64-encoded, in the metadata, so the unadapted model can be

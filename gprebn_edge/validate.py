@@ -1,6 +1,6 @@
 """One validation layer for what is read from disk or given as a flag: typed field getters that fail as one
 line naming the file and the field, number checks for flags, and a size check before anything large is
-allocated (DESIGN section 7). Imports nothing heavy."""
+allocated (docs/design.md). Imports nothing heavy."""
 
 from __future__ import annotations
 
