@@ -20,6 +20,7 @@ import torch
 from gprebn_edge import __version__
 from gprebn_edge.adapt import calibration_tensors
 from gprebn_edge.checkpoint import rebuild_model
+from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.errors import GprebnError
@@ -27,7 +28,6 @@ from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batc
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
 from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
 from gprebn_edge.io import strict_json, write_text_atomic
-from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.models.weights import sha256_file
 from gprebn_edge.optional import import_tensorrt
 
@@ -95,7 +95,7 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     onnxruntime against PyTorch on up to `check_images` real images (`data`, default: the artifact's own
     calibration data) and write the ONNX file and its manifest atomically; with `engine`, also build a
     TensorRT engine from that ONNX file. Model code the artifact names is imported only with `consent`
-    (see gprebn_edge.models.consent). Returns the manifest."""
+    (see gprebn_edge.consent). Returns the manifest."""
     say = progress or (lambda _: None)
     if engine is not None:
         require_tensorrt()

@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.errors import ArtifactError
 from gprebn_edge.io import atomic_path, strict_json
-from gprebn_edge.models.consent import CodeConsent, require_consent
 from gprebn_edge.validate import check, check_preprocess, check_size, field, int_list, optional, require
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "check_metadata", "encode_tensors", "decode_tensors",

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
+from gprebn_edge.consent import CodeConsent
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
-from gprebn_edge.models.consent import CodeConsent
 
 __all__ = ["ReadaptConfig", "Candidate", "Readapter", "stats_drift"]
 

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gprebn_edge.consent import CodeConsent
 from gprebn_edge.errors import ArtifactError, InputError
-from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 from gprebn_edge.validate import check, check_preprocess, oneline, optional

@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.io import atomic_path
-from gprebn_edge.models.consent import CodeConsent, require_consent
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.gates import GateConfig
 from gprebn_edge.runtime.loading import model_metadata, open_runner, verify_file

@@ -8,11 +8,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.source_base import ImageSource
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import InputError
-from gprebn_edge.models.consent import CodeConsent
 from gprebn_edge.runtime.bench import BenchResult, benchmark
 from gprebn_edge.runtime.compare import CompareResult, compare
 from gprebn_edge.runtime.loading import model_metadata, open_runner
@@ -33,7 +33,7 @@ class RunnerOptions:
     cuda_graphs: bool = False
     input_shape: tuple[int, ...] | None = None
     shared_cpu: bool = False         # another runner or other work shares the CPU: no busy-waiting threads
-    consent: CodeConsent | None = None  # to the model code a checkpoint names (see models/consent.py)
+    consent: CodeConsent | None = None  # to the model code a checkpoint names (see gprebn_edge/consent.py)
     verify: bool = True              # check an ONNX file or engine against its manifest's hash
 
     def open(self, path: str | Path) -> Any:

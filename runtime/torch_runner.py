@@ -14,7 +14,7 @@ from gprebn_edge.errors import InputError, MissingDependencyError
 from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
 
 if TYPE_CHECKING:
-    from gprebn_edge.models.consent import CodeConsent
+    from gprebn_edge.consent import CodeConsent
 
 __all__ = ["TorchRunner", "import_torch"]
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gprebn_edge.checkpoint import load_checkpoint, rebuild_model
 from gprebn_edge.cli import app
-from gprebn_edge.models.consent import TRUST_ALL
+from gprebn_edge.consent import TRUST_ALL
 
 runner = CliRunner()
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from gprebn_edge.checkpoint import rebuild_model
 from gprebn_edge.cli import app
+from gprebn_edge.consent import TRUST_ALL, CodeConsent, require_consent, same_code
 from gprebn_edge.errors import ModelError
-from gprebn_edge.models.consent import TRUST_ALL, CodeConsent, require_consent, same_code
 from gprebn_edge.runtime.loading import open_runner
 
 runner = CliRunner()

@@ -50,6 +50,7 @@ def export(
 ) -> None:
     """Fold BatchNorm into the convs and export ONNX, checked against PyTorch with onnxruntime; with --trt,
     also build a TensorRT engine from it."""
+    from gprebn_edge.consent import CodeConsent
     from gprebn_edge.export.pipeline import (
         EngineOptions,
         default_engine_path,
@@ -58,7 +59,6 @@ def export(
         manifest_path,
     )
     from gprebn_edge.export.tensorrt_build import parse_batch_range
-    from gprebn_edge.models.consent import CodeConsent
 
     with cli_errors():
         if check_images < 1:

@@ -55,7 +55,7 @@ def loop(
 ) -> None:
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
-    from gprebn_edge.models.consent import CodeConsent
+    from gprebn_edge.consent import CodeConsent
     from gprebn_edge.runtime.loop import LoopConfig
 
     stopped = f"the state in {state} is servable; run the same command again to resume"

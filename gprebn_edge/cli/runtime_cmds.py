@@ -54,7 +54,7 @@ def bench(
     verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
 ) -> None:
     """Latency of one model: first call, percentiles, throughput, memory and the environment."""
-    from gprebn_edge.models.consent import CodeConsent
+    from gprebn_edge.consent import CodeConsent
     from gprebn_edge.runtime.bench import format_table
     from gprebn_edge.runtime.tasks import RunnerOptions, bench_model, parse_shape
 
@@ -125,7 +125,7 @@ def compare(
 ) -> None:
     """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
     accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
-    from gprebn_edge.models.consent import CodeConsent
+    from gprebn_edge.consent import CodeConsent
     from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
 
     with cli_errors():

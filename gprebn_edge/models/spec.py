@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gprebn_edge.consent import FORMS as _FORMS
+from gprebn_edge.consent import split_spec as _split
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from gprebn_edge.errors import ArtifactError, MissingDependencyError, ModelError
 from gprebn_edge.models.builtin import BUILTIN_MODELS
-from gprebn_edge.models.consent import FORMS as _FORMS
-from gprebn_edge.models.consent import split_spec as _split
 from gprebn_edge.models.weights import _oneline, apply_state_dict, read_state_dict, sha256_file
 
 __all__ = [
