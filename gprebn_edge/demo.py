@@ -9,7 +9,6 @@ reported as skipped otherwise. Everything lands in one report folder: JSON, mark
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
 from gprebn_edge.errors import GprebnError, InputError
-from gprebn_edge.io import write_text_atomic
+from gprebn_edge.io import strict_json, write_text_atomic
 
 __all__ = ["DEMO_DOMAINS", "run_demo"]
 
@@ -100,7 +99,7 @@ def _bench(folder: Path, iters: int, say: Callable[[str], None]) -> dict[str, An
     plot_latency(results, folder.parent / "latency.png",
                  labels=[f"{which} b{r.batch}" for which in ("unadapted", "adapted") for r in runs[which]],
                  title="onnxruntime latency, unadapted vs adapted (same graph)")
-    write_text_atomic(folder.parent / "bench.json", json.dumps(
+    write_text_atomic(folder.parent / "bench.json", strict_json(
         {which: [r.to_dict() for r in rs] for which, rs in runs.items()}, indent=1) + "\n")
     return {"model_folder": str(folder), "rows": rows, "plot": str(folder.parent / "latency.png"),
             "environment": results[0].environment}
@@ -170,7 +169,7 @@ def run_demo(out: str | Path, *, quick: bool = False, domains: tuple[str, ...] |
               "plots": [str(out / "errors.png"), str(out / "latency.png"),
                         *(str(Path(r["folder"]) / "compare.png") for r in rows)],
               "seconds": round(time.perf_counter() - start, 1), "report": str(out / "report.md")}
-    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "report.json", strict_json(report, indent=1) + "\n")  # NaN/inf: null
     write_text_atomic(out / "report.md", _markdown(report))
     return report
 

@@ -213,7 +213,9 @@ def benchmark(runner: Runner, *, batch: int = 1, warmup: int = 10, warmup_second
 
 def write_json(result: BenchResult, path: str | Path) -> Path:
     """Write the result (every latency included) atomically."""
-    write_text_atomic(path, json.dumps(result.to_dict(), indent=1) + "\n")
+    from gprebn_edge.io import strict_json
+
+    write_text_atomic(path, strict_json(result.to_dict(), indent=1) + "\n")  # a NaN or inf becomes null
     return Path(path)
 
 

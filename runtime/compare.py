@@ -5,7 +5,6 @@ drift (clocks, thermals, other load) hits both models alike. numpy only."""
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -117,7 +116,9 @@ class CompareResult:
 
 def write_json(result: CompareResult, path: str | Path) -> None:
     """Write the result as JSON, atomically."""
-    write_text_atomic(path, json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    from gprebn_edge.io import strict_json
+
+    write_text_atomic(path, strict_json(result.to_dict(), indent=2, default=str) + "\n")  # NaN/inf: null
 
 
 def compare(runner_a: Runner, runner_b: Runner, source: ImageSource, *, batch: int = 32,

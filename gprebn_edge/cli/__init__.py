@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gprebn_edge.cli._app import app, err_console, error_line
+from gprebn_edge.cli._app import app, err_console, error_line, stop_signals, stopped_exit
 from gprebn_edge.errors import GprebnError
 
 # each module registers its commands on `app`, in this order, which is the order of `gprebn-edge --help`
@@ -18,12 +18,19 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM stops every command the way Ctrl-C does (exit 143 instead of 130,
+    one line, no partial output): see `stop_signals`."""
+    stop_signals()
     try:
-        app()
-    except GprebnError as e:  # raised outside a command body (e.g. while parsing)
-        err_console.print(error_line("error:", str(e)), soft_wrap=True)
-        sys.exit(1)
+        try:
+            app()
+        except GprebnError as e:  # raised outside a command body (e.g. while parsing)
+            err_console.print(error_line("error:", str(e)), soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:  # a signal outside typer's own handling (e.g. before it started)
+            sys.exit(130)
+    except SystemExit as e:
+        sys.exit(stopped_exit(e.code))
 
 
 if __name__ == "__main__":

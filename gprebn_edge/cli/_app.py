@@ -4,6 +4,8 @@ Each command module registers its commands on `app`."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +17,8 @@ from rich.text import Text
 
 from gprebn_edge.errors import GprebnError
 
-__all__ = ["app", "console", "err_console", "cli_errors", "progress", "status", "key_value_table", "pct",
+__all__ = ["app", "console", "err_console", "cli_errors", "stop_signals", "stopped_exit", "progress", "status",
+           "key_value_table", "pct",
            "check_outputs", "error_line", "existing", "say_replaced", "BACKEND_HELP", "TRUST_HELP", "VERIFY_HELP"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +28,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(markup=False, emoji=False)
 err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 _state = {"debug": False}
+
+
+class _Signals:
+    """The first SIGINT or SIGTERM the process got (None: none yet), and whether a line already said so."""
+    signum: int | None = None
+    reported: bool = False
+    finished: bool = False  # a command body ran to its end
+
+
+_signals = _Signals()
 
 
 def error_line(label: str, message: str) -> Text:
@@ -39,17 +52,22 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 @contextlib.contextmanager
 def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterator[None]:
     """Map the project's errors to one line and exit code 1; anything else to exit code 2; Ctrl-C to 130
-    with the line `interrupted`."""
+    with the line `interrupted`, and SIGTERM (see `stop_signals`) to 143 with that line saying "terminated"."""
     try:
         yield
+        _signals.finished = True
     except GprebnError as e:
         if _state["debug"]:
             raise
         err_console.print(error_line("error:", str(e)), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
+        if _signals.signum == signal.SIGTERM:  # raised by stop_signals' handler: same stop, its own name
+            head, sep, rest = interrupted.partition("interrupted")
+            interrupted = f"{head}terminated{rest}" if sep else f"terminated: {interrupted}"
         err_console.print(interrupted, soft_wrap=True)
-        raise typer.Exit(130) from None
+        _signals.reported = True
+        raise typer.Exit(128 + (_signals.signum or signal.SIGINT)) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:  # a bug, not a user error: still one line unless --debug
@@ -59,6 +77,36 @@ def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterato
         err_console.print(error_line("internal error:", f"{type(e).__name__}: {first} (rerun with --debug for "
                                       "the traceback and report it)"), soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def stop_signals() -> None:
+    """Make SIGTERM stop a command the way Ctrl-C does, for every command at once (the console-script entry
+    installs it): the first SIGINT or SIGTERM raises KeyboardInterrupt in the main thread, which `cli_errors`
+    turns into one line and exit 130 or 143, atomic writes leaving no partial file; later ones are ignored
+    while the command stops, so a second Ctrl-C cannot cut the clean-up into a traceback. A command with its
+    own handling (`loop`) installs its handlers over these and puts them back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if _signals.signum is None:
+            _signals.signum = signum
+            raise KeyboardInterrupt
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
+def stopped_exit(code: int | str | None) -> int | str | None:
+    """The exit code for a run that ends with `code`: when a signal stopped it outside any command body
+    (while parsing, or after the command's work) no line has said so yet: say it here, and exit 128 + signal."""
+    if _signals.signum is None or _signals.reported:
+        return code
+    _signals.reported = True
+    word = "terminated" if _signals.signum == signal.SIGTERM else "interrupted"
+    what = "the command had finished" if _signals.finished else "nothing was written"
+    err_console.print(f"{word}: {what}", soft_wrap=True)
+    return 128 + _signals.signum
 
 
 @contextlib.contextmanager

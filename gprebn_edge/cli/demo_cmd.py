@@ -12,6 +12,7 @@ from gprebn_edge.cli._app import (
     app,
     cli_errors,
     console,
+    err_console,
     pct,
     progress,
 )
@@ -30,6 +31,7 @@ def demo(
     from gprebn_edge.demo import run_demo
 
     with cli_errors():
+        previous = (out / "report.json").is_file()  # checked before any work, said after it
         with progress() as update:
             domains = tuple(s.strip() for s in shifts.split(",")) if shifts else None
             report = run_demo(out, quick=quick, domains=domains, progress=update)
@@ -51,3 +53,6 @@ def demo(
         console.print(f"TensorRT: {t['status']}" + (f" ({t['reason']})" if t.get("reason") else ""), soft_wrap=True)
         console.print(f"report: {report['report']}  plots: {', '.join(report['plots'][:2])} (+ one per shift)  "
                       f"({report['seconds']:.1f} s)", soft_wrap=True)
+        if previous:
+            err_console.print(f"replaced the previous report in {out} (report.json, report.md, plots and one folder "
+                              "per shift)", soft_wrap=True)
