@@ -182,3 +182,30 @@ def test_demo_says_it_replaced_a_previous_report(tmp_path, monkeypatch):
     assert second.exit_code == 0, second.output
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"replaced the previous report in {out}"), second.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
+def test_signals_while_stopping_are_ignored(tmp_path, made):
+    """Ctrl-C, then more signals while the command stops and exits: still exit 130 and one line (the later
+    ones neither cut the clean-up into a traceback nor kill the process at interpreter exit)."""
+    cmd, out, delay = _command("adapt", made, tmp_path)
+    child = subprocess.Popen([*CLI, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _handles_sigterm(child.pid) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGINT)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            time.sleep(0.02)
+            if child.poll() is None:
+                child.send_signal(sig)
+        _, err = child.communicate(timeout=TIMEOUT)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert child.returncode == 130 and lines == ["interrupted: nothing was written"], (child.returncode, err)
+    assert out is not None and not out.exists() and not list(tmp_path.rglob("*.tmp"))

@@ -100,7 +100,15 @@ def stop_signals() -> None:
 def stopped_exit(code: int | str | None) -> int | str | None:
     """The exit code for a run that ends with `code`: when a signal stopped it outside any command body
     (while parsing, or after the command's work) no line has said so yet: say it here, and exit 128 + signal."""
-    if _signals.signum is None or _signals.reported:
+    if _signals.signum is None:
+        return code
+    # from here on the process only exits: ignore further signals outright. Python's finalization puts Python
+    # handlers back to the default, so a second Ctrl-C or SIGTERM there would kill it silently with another
+    # status; signal.signal runs any pending one through the old handler (which ignores it) before switching.
+    with contextlib.suppress(OSError, ValueError):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+    if _signals.reported:
         return code
     _signals.reported = True
     word = "terminated" if _signals.signum == signal.SIGTERM else "interrupted"
