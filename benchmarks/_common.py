@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from gprebn_edge import __version__
-from gprebn_edge.io import write_text_atomic
+from gprebn_edge.io import strict_json, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,7 +38,7 @@ def command_line() -> str:
 def write_results(stem: Path, payload: dict[str, Any], markdown: str) -> None:
     """stem.json and stem.md (appended, so a dotted stem like "lr0.1" keeps its name), written atomically."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stem.parent / f"{stem.name}.json", json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(stem.parent / f"{stem.name}.json", strict_json(payload, indent=1) + "\n")
     write_text_atomic(stem.parent / f"{stem.name}.md", markdown)
 
 

@@ -9,7 +9,6 @@ The file is written atomically and only after onnxruntime agrees with PyTorch on
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from gprebn_edge.errors import GprebnError, MissingDependencyError
-from gprebn_edge.io import atomic_path
+from gprebn_edge.io import atomic_path, strict_json
 
 __all__ = ["Parity", "export_onnx", "onnx_parity", "fp32_noise", "parity_limit", "DEFAULT_OPSET", "DEFAULT_MAX_REL",
            "drop_initializer_inputs", "Exporter"]
@@ -147,7 +146,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *,
         drop_initializer_inputs(proto)
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+            entry.key, entry.value = key, value if isinstance(value, str) else strict_json(value)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
         batches = list(check_batches)

@@ -8,7 +8,6 @@ severity-5 corruption and the style shift (the figures quoted in the README)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 from gprebn_edge.data.corruptions import CORRUPTIONS
 from gprebn_edge.data.domains import load_domain
 from gprebn_edge.data.synthetic import make_split
-from gprebn_edge.io import atomic_path
+from gprebn_edge.io import atomic_path, strict_json
 from gprebn_edge.models.builtin import small_resnet
 from gprebn_edge.models.spec import BUILTIN_WEIGHTS_DIR, build_model
 
@@ -99,7 +98,7 @@ def main() -> None:
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
-        save_file(tensors, str(tmp), metadata={"training": json.dumps(report)})
+        save_file(tensors, str(tmp), metadata={"training": strict_json(report)})
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 

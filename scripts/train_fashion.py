@@ -11,7 +11,6 @@ horizontal flips), so the corruptions and the inverted polarity of the benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -28,7 +27,7 @@ from train_builtin import augment, error  # noqa: E402
 
 from gprebn_edge.data.idx import FASHION_MNIST_DIR, load_fashion_mnist, to_rgb32  # noqa: E402
 from gprebn_edge.errors import GprebnError  # noqa: E402
-from gprebn_edge.io import atomic_path, write_text_atomic  # noqa: E402
+from gprebn_edge.io import atomic_path, strict_json, write_text_atomic  # noqa: E402
 from gprebn_edge.models.builtin import small_resnet  # noqa: E402
 from gprebn_edge.models.spec import build_model  # noqa: E402
 
@@ -127,8 +126,8 @@ def main() -> None:
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
-        save_file(tensors, str(tmp), metadata={"training": json.dumps(report)})
-    write_text_atomic(args.out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+        save_file(tensors, str(tmp), metadata={"training": strict_json(report)})
+    write_text_atomic(args.out.with_suffix(".json"), strict_json(report, indent=1) + "\n")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) and {args.out.with_suffix('.json').name}")
 
 
