@@ -47,7 +47,7 @@ import numpy as np
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
-from gprebn_edge.errors import GprebnError, InputError
+from gprebn_edge.errors import ArtifactError, GprebnError, InputError
 from gprebn_edge.io import atomic_path
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.gates import GateConfig
@@ -491,9 +491,12 @@ def _require_finite(logits: np.ndarray, model: Path) -> None:
 
 def _require_consent(checkpoint: Path, meta: dict[str, Any], consent: CodeConsent | None) -> None:
     """Refuse, before anything is written or served, a checkpoint naming model code without consent."""
-    from gprebn_edge.models.spec import ModelSpec
-
-    require_consent(ModelSpec.from_dict(meta.get("model")).spec, consent, str(checkpoint))
+    model = meta.get("model")
+    spec = model.get("spec") if isinstance(model, dict) else None
+    if not isinstance(spec, str):
+        raise ArtifactError(f"{checkpoint}: its metadata field 'model.spec' is missing or not a string: re-create "
+                            "it with gprebn-edge adapt")
+    require_consent(spec, consent, str(checkpoint))
 
 
 def _config_record(c: LoopConfig) -> dict[str, Any]:
