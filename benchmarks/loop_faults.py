@@ -29,8 +29,8 @@ STREAM = "stream"  # the default shifting stream: 6 segments x 1000 frames
 
 
 def child(state: Path, start: Path, fps: float) -> None:
-    from gprebn_edge.runtime.gates import GateConfig
-    from gprebn_edge.runtime.loop import LoopConfig, run_loop
+    from gprebn_edge.device.gates import GateConfig
+    from gprebn_edge.device.loop import LoopConfig, run_loop
 
     strict = GateConfig(min_agreement=0.9, min_kappa=0.9)  # rejects candidates that change many predictions
     run_loop(LoopConfig(state=state, source=STREAM, model=start, every=250, buffer=384, fps=fps, window=100,
@@ -42,8 +42,8 @@ def check_servable(state_dir: Path) -> dict:
     import numpy as np
 
     from gprebn_edge.checkpoint import load_checkpoint
+    from gprebn_edge.device.state import StateDir
     from gprebn_edge.runtime.loading import open_runner
-    from gprebn_edge.runtime.loop_state import StateDir
 
     state = StateDir(state_dir).read()
     if state is None:
@@ -74,7 +74,7 @@ def main() -> None:
     from _common import RESULTS, command_line, environment, publish
 
     from gprebn_edge.adapt import AdaptConfig, adapt_to_file
-    from gprebn_edge.runtime.loop_report import read_log, summarize
+    from gprebn_edge.device.report import read_log, summarize
 
     rng = random.Random(args.seed)
     rows = []

@@ -586,7 +586,7 @@ def _ctrl_c_cases(built: dict[str, Path], out: Path) -> dict[str, tuple[str, str
                     _interrupt_after(3, OnnxRuntimeRunner._infer),
                     ["compare", built["onnx"], built["onnx"], "--data", SMALL, "--json", out / "c.json"]),
         "info": ("gprebn_edge.checkpoint", "load_file", _interrupt, ["info", built["artifact"]]),
-        "loop-report": ("gprebn_edge.runtime.loop_report", "read_log", _interrupt,
+        "loop-report": ("gprebn_edge.device.report", "read_log", _interrupt,
                         ["loop-report", c("logs/empty.jsonl"), "--json", out / "r.json"]),
     }
 
@@ -644,7 +644,7 @@ def test_loop_refuses_bad_models(flag, entry, words, out):
     left = sorted(p.name for p in state.iterdir()) if state.exists() else []
     if left:
         pytest.xfail(f"bug: loop copies {flag} into the state folder before checking it, so a refused file stays "
-                     f"there ({', '.join(left)}) and the message names the copy (runtime/loop.py)")
+                     f"there ({', '.join(left)}) and the message names the copy (device/loop.py)")
 
 
 def test_loop_refuses_an_onnx_file_that_does_not_match_the_model(built, out):

@@ -31,8 +31,8 @@ TIMEOUT = 60  # seconds a child may take to stop; more is a hang
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict[str, Path]:
+    from gprebn_edge.device.loop import LoopConfig, run_loop
     from gprebn_edge.export.pipeline import export_artifact
-    from gprebn_edge.runtime.loop import LoopConfig, run_loop
 
     root = tmp_path_factory.mktemp("signals")
     ckpt = root / "a.safetensors"

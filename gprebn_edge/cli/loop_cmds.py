@@ -56,7 +56,7 @@ def loop(
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
     from gprebn_edge.consent import CodeConsent
-    from gprebn_edge.runtime.loop import LoopConfig
+    from gprebn_edge.device.loop import LoopConfig
 
     stopped = f"the state in {state} is servable; run the same command again to resume"
     with cli_errors(f"interrupted: {stopped}"), _stop_signals() as stop:
@@ -74,7 +74,7 @@ def loop(
 
 
 def _run(config: Any) -> None:
-    from gprebn_edge.runtime.loop import run_loop
+    from gprebn_edge.device.loop import run_loop
 
     with status() as say:
         def on_window(r: dict[str, Any]) -> None:
@@ -132,7 +132,7 @@ def loop_report(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
 ) -> None:
     """Summarize a loop run: frames, rounds, swaps, rollbacks, accuracy per segment, latency while adapting."""
-    from gprebn_edge.runtime.loop_report import format_summary, plot_loop, read_log, summarize, summary_to_json
+    from gprebn_edge.device.report import format_summary, plot_loop, read_log, summarize, summary_to_json
 
     with cli_errors():
         check_outputs(plot, json_out)

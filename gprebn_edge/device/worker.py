@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gprebn_edge.device.gates import RecoveryPolicy, evaluate_gates
+from gprebn_edge.device.state import LoopState, MetricsLog, StateDir
 from gprebn_edge.io import atomic_path
 from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.gates import RecoveryPolicy, evaluate_gates
 from gprebn_edge.runtime.loading import open_runner
-from gprebn_edge.runtime.loop_state import LoopState, MetricsLog, StateDir
 
 if TYPE_CHECKING:
-    from gprebn_edge.runtime.loop import LoopConfig
+    from gprebn_edge.device.loop import LoopConfig
 
 __all__ = ["Job", "Shared", "Stopped", "Worker", "WORKER_NICE", "one_line"]
 
@@ -81,7 +81,7 @@ class Worker:
             raise Stopped
 
     def run(self, jobs: queue.Queue[Job | None]) -> None:
-        from gprebn_edge.readapt import ReadaptConfig, Readapter
+        from gprebn_edge.device.readapt import ReadaptConfig, Readapter
 
         lower_priority()
         c = self.config

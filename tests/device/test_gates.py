@@ -1,4 +1,4 @@
-"""runtime.gates on hand-built logits: each gate passing and failing, NaN, collapse, imbalanced slices,
+"""device.gates on hand-built logits: each gate passing and failing, NaN, collapse, imbalanced slices,
 the probe set, and the recovery policy."""
 
 import json
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from gprebn_edge.device.gates import GATE_NAMES, GateConfig, RecoveryPolicy, evaluate_gates
 from gprebn_edge.errors import InputError
-from gprebn_edge.runtime.gates import GATE_NAMES, GateConfig, RecoveryPolicy, evaluate_gates
 
 C = 10
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.device.loop import LoopConfig, LoopResult, run_loop
+from gprebn_edge.device.report import read_log
+from gprebn_edge.device.state import StateDir
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError
-from gprebn_edge.runtime.loop import LoopConfig, LoopResult, run_loop
-from gprebn_edge.runtime.loop_report import read_log
-from gprebn_edge.runtime.loop_state import StateDir
 
 STREAM = "stream:clean*60,gaussian_noise-5*140"
 TIMEOUT = 60.0  # seconds any one loop run may take here before the test calls it a hang
@@ -96,7 +96,7 @@ def test_bad_flags_on_the_command_line_are_one_line(tmp_path, start):
 
 # -- the worker ---------------------------------------------------------------------------------------------
 def test_a_worker_that_fails_to_start_is_reported_and_serving_goes_on(tmp_path, start, monkeypatch):
-    import gprebn_edge.readapt as readapt
+    import gprebn_edge.device.readapt as readapt
 
     def broken(self, *a, **kw):
         raise GprebnError("cannot rebuild the model")
@@ -112,7 +112,7 @@ def test_a_worker_that_fails_to_start_is_reported_and_serving_goes_on(tmp_path, 
 
 
 def test_a_failing_round_is_reported_and_serving_goes_on(tmp_path, start, monkeypatch):
-    import gprebn_edge.readapt as readapt
+    import gprebn_edge.device.readapt as readapt
 
     def broken(self, frames):
         raise RuntimeError("boom in round")
@@ -128,7 +128,7 @@ def test_a_failing_round_is_reported_and_serving_goes_on(tmp_path, start, monkey
 def test_the_command_exits_non_zero_after_a_worker_failure(tmp_path, start, monkeypatch):
     from typer.testing import CliRunner
 
-    import gprebn_edge.readapt as readapt
+    import gprebn_edge.device.readapt as readapt
     from gprebn_edge.cli import app
 
     monkeypatch.setattr(readapt.Readapter, "round", lambda self, frames: 1 / 0)
@@ -164,7 +164,7 @@ def test_a_non_finite_first_frame_leaves_nothing(tmp_path, start, monkeypatch):
         runner.infer = lambda x: np.full((len(x), 10), np.nan, dtype=np.float32)
         return runner
 
-    monkeypatch.setattr("gprebn_edge.runtime.loop.open_runner", nan_runner)
+    monkeypatch.setattr("gprebn_edge.device.loop.open_runner", nan_runner)
     with pytest.raises(InputError, match="non-finite"):
         _run(_config(tmp_path / "state", start))
     assert not (tmp_path / "state").exists()
@@ -213,7 +213,7 @@ def test_a_resume_with_another_source_is_refused(tmp_path, start, served):
 
 # -- full disk ------------------------------------------------------------------------------------------------
 def test_a_full_disk_is_one_line_and_serving_goes_on(tmp_path, start, monkeypatch):
-    from gprebn_edge.runtime import loop_state
+    from gprebn_edge.device import state as loop_state
 
     real = loop_state.StateDir.write
     calls = {"n": 0}
@@ -236,7 +236,7 @@ def test_a_full_disk_is_one_line_and_serving_goes_on(tmp_path, start, monkeypatc
 
 
 def test_a_full_disk_under_the_metrics_log_is_one_line(tmp_path, start, monkeypatch):
-    from gprebn_edge.runtime import loop_state
+    from gprebn_edge.device import state as loop_state
 
     real_fsync = os.fsync
 
@@ -325,7 +325,7 @@ def test_sigint_and_sigterm_at_random_moments_stop_cleanly(tmp_path, start):
 
 
 def _stuck_round(monkeypatch, seconds: float) -> None:
-    import gprebn_edge.readapt as readapt
+    import gprebn_edge.device.readapt as readapt
 
     def stuck(self, frames):
         time.sleep(seconds)  # a round that cannot be told to stop (deep inside a kernel)
@@ -335,7 +335,7 @@ def _stuck_round(monkeypatch, seconds: float) -> None:
 
 
 def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monkeypatch):
-    from gprebn_edge.runtime import loop
+    from gprebn_edge.device import loop
 
     _stuck_round(monkeypatch, 20)
     monkeypatch.setattr(loop, "WORKER_FINISH_TIMEOUT", 1.0)
@@ -349,7 +349,7 @@ def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monk
 def test_ctrl_c_while_the_last_round_finishes_stops_promptly(tmp_path, start, monkeypatch):
     """Ctrl-C (here from a timer, in this main thread) while the loop waits for a stuck round at the source's
     end: the loop still stops the worker (bounded), closes everything, and raises KeyboardInterrupt."""
-    from gprebn_edge.runtime import loop
+    from gprebn_edge.device import loop
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")

@@ -1,5 +1,5 @@
 """The device loop's re-adaptation (adapt stage, torch): continue GpreBN on a snapshot of recent frames,
-freeze a candidate and save it as a checkpoint. runtime/loop.py imports this only when it adapts, so
+freeze a candidate and save it as a checkpoint. The loop (device/worker.py) imports this only when it adapts, so
 serving needs no torch.
 
 Continuing: one GpreBN adapter lives for the whole run. Each round takes a few entropy steps (batches of

@@ -23,7 +23,7 @@ TensorRT: the candidate engine is a refit of a copy of the serving engine's byte
 folded weights (by name; the engine must be built with --refittable), written as a new engine file: the
 serving engine and its context are never touched (double-buffered). Unverified on a GPU so far.
 
-Everything on disk is written atomically (see loop_state.py); a kill at any moment leaves a servable state,
+Everything on disk is written atomically (see state.py); a kill at any moment leaves a servable state,
 and a restart with the same --state resumes from it (skipping the frames already served in a finite
 source)."""
 
@@ -47,14 +47,14 @@ import numpy as np
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
+from gprebn_edge.device.gates import GateConfig
+from gprebn_edge.device.state import LoopState, MetricsLog, StateDir
+from gprebn_edge.device.window import Window, segment_names
+from gprebn_edge.device.worker import Job, Shared, Worker
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError
 from gprebn_edge.io import atomic_path
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.gates import GateConfig
 from gprebn_edge.runtime.loading import model_metadata, open_runner, verify_file
-from gprebn_edge.runtime.loop_state import LoopState, MetricsLog, StateDir
-from gprebn_edge.runtime.loop_window import Window, segment_names
-from gprebn_edge.runtime.loop_worker import Job, Shared, Worker
 
 __all__ = ["LoopConfig", "LoopResult", "run_loop"]
 

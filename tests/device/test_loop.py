@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.device.gates import GateConfig
+from gprebn_edge.device.loop import LoopConfig, run_loop
+from gprebn_edge.device.report import read_log, summarize
+from gprebn_edge.device.state import StateDir
 from gprebn_edge.errors import InputError
-from gprebn_edge.runtime.gates import GateConfig
-from gprebn_edge.runtime.loop import LoopConfig, run_loop
-from gprebn_edge.runtime.loop_report import read_log, summarize
-from gprebn_edge.runtime.loop_state import StateDir
 
 STREAM = "stream:clean*200,gaussian_noise-5*500"
 
@@ -37,7 +37,7 @@ def test_loop_adapts_swaps_and_persists(tmp_path, start):
     assert summary["served_only_passed"] and summary["frames"] == 700 and summary["swaps"] == result.swaps
     segments = {s["name"]: s for s in summary["segments"]}
     assert segments["clean#0"]["labeled"] == 200 and segments["gaussian_noise-5#1"]["labeled"] == 500
-    from gprebn_edge.runtime.loop_report import _segment_spans
+    from gprebn_edge.device.report import _segment_spans
 
     windows = [r for r in read_log(result.log).records if r["event"] == "window"]
     assert _segment_spans(windows) == {"clean#0": (0, 200), "gaussian_noise-5#1": (200, 700)}  # exact, not windows

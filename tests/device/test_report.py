@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from gprebn_edge.device.report import format_summary, plot_loop, read_log, summarize, summary_to_json
 from gprebn_edge.errors import ArtifactError, InputError, MissingDependencyError
-from gprebn_edge.runtime.loop_report import format_summary, plot_loop, read_log, summarize, summary_to_json
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
