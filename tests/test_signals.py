@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from signal_wait import wait_for_handlers
 from typer.testing import CliRunner
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
@@ -70,17 +71,6 @@ def _command(name: str, made: dict[str, Path], folder: Path) -> tuple[list[str],
     return ["info", ckpt], None, 0.0
 
 
-def _handles_sigterm(pid: int) -> bool:
-    """The child has installed its SIGTERM handler (Linux: the caught-signals mask in /proc)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except OSError:
-        pass
-    return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
 @pytest.mark.parametrize("name", ["adapt", "export", "bench", "compare", "demo", "loop-report", "info"])
 def test_sigint_and_sigterm_stop_cleanly(tmp_path, made, name):
@@ -98,8 +88,7 @@ def test_sigint_and_sigterm_stop_cleanly(tmp_path, made, name):
     try:
         deadline = time.monotonic() + TIMEOUT
         for _, _, _, _, child in runs:
-            while not _handles_sigterm(child.pid) and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for_handlers(child, deadline)
         start = time.monotonic()
         for sig, _, _, delay, child in runs:
             time.sleep(max(0.0, start + delay - time.monotonic()))
@@ -192,8 +181,7 @@ def test_signals_while_stopping_are_ignored(tmp_path, made):
     child = subprocess.Popen([*CLI, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not _handles_sigterm(child.pid) and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_handlers(child, deadline)
         time.sleep(delay)
         assert child.poll() is None, child.communicate()
         child.send_signal(signal.SIGINT)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from signal_wait import wait_for_handlers
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
 from gprebn_edge.device.loop import LoopConfig, LoopResult, run_loop
@@ -258,17 +259,6 @@ def _onnx(tmp_path: Path, start: Path) -> Path:
 
 
 # -- signals --------------------------------------------------------------------------------------------------
-def _handles_sigterm(pid: int) -> bool:
-    """The child has installed its SIGTERM handler (Linux: the caught-signals mask in /proc)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except OSError:
-        pass
-    return False
-
-
 def _servable(state: Path) -> None:
     import numpy as np
 
@@ -300,8 +290,7 @@ def test_sigint_and_sigterm_at_random_moments_stop_cleanly(tmp_path, start):
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30
-            while not _handles_sigterm(child.pid) and child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for_handlers(child, deadline)
             assert child.poll() is None, child.communicate()
             delay = rng.uniform(0.0, 3.0)
             time.sleep(delay)
