@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gprebn_edge.errors import GprebnError, MissingDependencyError
+from gprebn_edge.errors import GprebnError
 from gprebn_edge.io import atomic_path, strict_json
 
 __all__ = ["Parity", "export_onnx", "onnx_parity", "fp32_noise", "parity_limit", "DEFAULT_OPSET", "DEFAULT_MAX_REL",
@@ -47,10 +47,9 @@ class Parity:
 
 
 def _session(path: str | Path):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+    from gprebn_edge.runtime.ort_runner import import_onnxruntime
+
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,17 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 
 def import_onnxruntime() -> Any:
+    """The `onnxruntime` module, or MissingDependencyError: "not installed" only when it is not there at all;
+    an installed one that fails to import (a broken install, or a signal during its native initialization)
+    is named as such."""
     try:
         import onnxruntime
-    except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
-                                     "(or 'gprebn-edge[gpu]' for onnxruntime-gpu)") from None
+    except ImportError as e:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime "
+                                         "(or 'gprebn-edge[gpu]' for onnxruntime-gpu)") from None
+        raise MissingDependencyError(f"onnxruntime is installed but failed to import ({_first_line(e)}): "
+                                     "reinstall it (pip install --force-reinstall onnxruntime)") from None
     return onnxruntime
 
 

@@ -197,3 +197,24 @@ def test_signals_while_stopping_are_ignored(tmp_path, made):
     lines = [line for line in err.splitlines() if line.strip()]
     assert child.returncode == 130 and lines == ["interrupted: nothing was written"], (child.returncode, err)
     assert out is not None and not out.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_error_caused_by_the_stop_signal_is_reported_as_the_stop(monkeypatch, capsys):
+    """A signal inside a C extension's import surfaces as an ImportError, and from there as the project's
+    error ("onnxruntime is not installed"): once a stop signal arrived, the stop is what is reported."""
+    import typer
+
+    from gprebn_edge.cli import _app
+    from gprebn_edge.errors import MissingDependencyError
+
+    monkeypatch.setattr(_app._signals, "signum", signal.SIGTERM)
+    monkeypatch.setattr(_app._signals, "reported", False)
+    with pytest.raises(typer.Exit) as stopped, _app.cli_errors():
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime")
+    assert stopped.value.exit_code == 143
+    err = capsys.readouterr().err
+    assert "terminated: nothing was written" in err and "not installed" not in err
+    monkeypatch.setattr(_app._signals, "signum", None)
+    with pytest.raises(typer.Exit) as failed, _app.cli_errors():
+        raise MissingDependencyError("onnxruntime is not installed: pip install onnxruntime")
+    assert failed.value.exit_code == 1 and "not installed" in capsys.readouterr().err

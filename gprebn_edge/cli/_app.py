@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -57,17 +57,14 @@ def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterato
         yield
         _signals.finished = True
     except GprebnError as e:
+        if _signals.signum is not None:  # the stop signal broke the work (e.g. an import): report the stop
+            _report_stop(interrupted, _signals.signum)
         if _state["debug"]:
             raise
         err_console.print(error_line("error:", str(e)), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        if _signals.signum == signal.SIGTERM:  # raised by stop_signals' handler: same stop, its own name
-            head, sep, rest = interrupted.partition("interrupted")
-            interrupted = f"{head}terminated{rest}" if sep else f"terminated: {interrupted}"
-        err_console.print(interrupted, soft_wrap=True)
-        _signals.reported = True
-        raise typer.Exit(128 + (_signals.signum or signal.SIGINT)) from None
+        _report_stop(interrupted, _signals.signum or signal.SIGINT)
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:  # a bug, not a user error: still one line unless --debug
@@ -77,6 +74,18 @@ def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterato
         err_console.print(error_line("internal error:", f"{type(e).__name__}: {first} (rerun with --debug for "
                                       "the traceback and report it)"), soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _report_stop(interrupted: str, signum: int) -> NoReturn:
+    """One line for a command stopped by Ctrl-C or SIGTERM ("interrupted" becomes "terminated" for SIGTERM)
+    and exit 128 + signal. A signal that lands inside a C extension's import surfaces as an ImportError, and
+    from there as the project's error: the signal, not that error, is the cause."""
+    if signum == signal.SIGTERM:
+        head, sep, rest = interrupted.partition("interrupted")
+        interrupted = f"{head}terminated{rest}" if sep else f"terminated: {interrupted}"
+    err_console.print(interrupted, soft_wrap=True)
+    _signals.reported = True
+    raise typer.Exit(128 + signum) from None
 
 
 def stop_signals() -> None:

@@ -24,6 +24,7 @@ from gprebn_edge.cli._app import (
     say_replaced,
     status,
 )
+from gprebn_edge.errors import GprebnError
 
 
 @app.command()
@@ -66,11 +67,15 @@ def loop(
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
                             fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
                             consent=CodeConsent(any_code=trust_model_code), verify=verify))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, GprebnError):
+            # after a stop signal, an error on the way out is its consequence (a signal inside a C extension's
+            # import surfaces as an ImportError): the signal is reported
+            if stop.signum is None:
+                raise
             if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to cli_errors: exit 130
                 err_console.print(f"terminated: {stopped}", soft_wrap=True)
                 raise typer.Exit(128 + signal.SIGTERM) from None
-            raise
+            raise KeyboardInterrupt from None
 
 
 def _run(config: Any) -> None:

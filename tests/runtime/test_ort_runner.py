@@ -128,3 +128,21 @@ def test_spin_false_stops_busy_waiting_threads(exported):
 
     with OnnxRuntimeRunner(exported.onnx, spin=False) as quiet, OnnxRuntimeRunner(exported.onnx) as busy:
         assert spinning(quiet) == "0" and spinning(busy) != "0"
+
+
+def test_an_installed_onnxruntime_that_fails_to_import_is_not_called_missing(monkeypatch):
+    import builtins
+
+    from gprebn_edge.errors import MissingDependencyError
+    from gprebn_edge.runtime.ort_runner import import_onnxruntime
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("initialization failed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    with pytest.raises(MissingDependencyError, match="installed but failed to import .initialization failed"):
+        import_onnxruntime()
