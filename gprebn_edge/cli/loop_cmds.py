@@ -66,7 +66,7 @@ def loop(
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
                             fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
-                            consent=CodeConsent(any_code=trust_model_code), verify=verify))
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify), stop)
         except (KeyboardInterrupt, GprebnError):
             # after a stop signal, an error on the way out is its consequence (a signal inside a C extension's
             # import surfaces as an ImportError): the signal is reported
@@ -78,11 +78,12 @@ def loop(
             raise KeyboardInterrupt from None
 
 
-def _run(config: Any) -> None:
+def _run(config: Any, stop: _Stop) -> None:
     from gprebn_edge.device.loop import run_loop
 
     with status() as say:
         def on_window(r: dict[str, Any]) -> None:
+            stop.serving()  # on the serving thread, between frames
             acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
             say(f"{r['frames']} frames, serving round {r['served_round']}, p50 {r['latency_ms']['p50']:.2f} ms"
                 f"{acc}, entropy {r['mean_entropy']:.3f}")
@@ -91,6 +92,8 @@ def _run(config: Any) -> None:
             err_console.print(error_line("error:", message), soft_wrap=True)
 
         result = run_loop(config, on_window=on_window, on_notice=on_notice)
+    if stop.signum is not None:  # a signal during start-up, and the source ended before the first window
+        raise KeyboardInterrupt
     skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
     console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
                   f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
@@ -105,6 +108,16 @@ def _run(config: Any) -> None:
 
 class _Stop:
     signum: int | None = None
+    # until the first frames are served, a signal is only recorded: start-up runs native code that calls back
+    # into Python (the ONNX export, session creation), and an exception raised there aborts the process
+    # ("terminate called after throwing pybind11::error_already_set"); it is acted on at the first window
+    deferred: bool = True
+
+    def serving(self) -> None:
+        """Frames are being served: act on a signal that came during start-up, and raise at once from now on."""
+        self.deferred = False
+        if self.signum is not None:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -117,7 +130,8 @@ def _stop_signals() -> Iterator[_Stop]:
     def handler(signum: int, frame: Any) -> None:
         if stop.signum is None:
             stop.signum = signum
-            raise KeyboardInterrupt
+            if not stop.deferred:
+                raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield stop
