@@ -1,0 +1,176 @@
+"""A cheap shift detector for the serving thread: it tells the device loop to start an adaptation round
+early when the stream's inputs or the serving model's outputs move away from a reference window.
+Pure numpy, no torch, no I/O.
+
+Per served frame it keeps four small things in a ring buffer of the last `window` frames: the image's
+per-channel mean and mean of squares, the normalized softmax entropy of the serving model's logits and
+their top-1 class. `check()` compares the recent window with a reference window (`set_reference()`):
+
+- input:     max over channels of |mean_recent - mean_ref| / std_ref + |log(std_recent / std_ref)|, where
+             std is the pixel standard deviation over a whole window (floor 1e-3);
+- entropy:   |change| of the mean softmax entropy / log(C);
+- diversity: |change| of the entropy of the predicted-class histogram / log(C).
+
+Defaults, measured on the built-in stream with the built-in model (committed weights), window 64, the
+reference taken at the first full window and again one window into each new segment (as after a swap):
+
+    OMP_NUM_THREADS=1 .venv/bin/python tests/device/test_shift.py   # prints the per-seed table
+
+- stationary, clean*2500, seeds 0-4, every frame checked: the largest input move was 0.52 sigma, entropy
+  move 0.032, diversity move 0.090. Thresholds 1.0 / 0.1 / 0.2 leave 1.9x / 3.1x / 2.2x of headroom.
+- each change of DEFAULT_SEGMENTS (160 frames per segment), seeds 0-4: clean -> fog is caught by entropy
+  (peak 0.19-0.23, so >= 1.9x its threshold); every other change by diversity (peak 0.38-0.75, >= 1.9x).
+  The first trigger came 0-41 frames after the change, within the 64-frame window every time.
+- the input move does NOT separate these corruptions at severity 5: 0.22-0.92 sigma after a change,
+  against 0.52 when stationary, because a window's pixel std is dominated by the spread of colours across
+  frames. Its threshold (1.0) is set above the stationary noise to catch gross input changes (exposure,
+  a swapped camera) that leave a confidently wrong model's outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gprebn_edge.errors import InputError
+from gprebn_edge.runtime import metrics
+
+__all__ = ["ShiftConfig", "ShiftDetector"]
+
+_STD_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """window: frames in the recent (and the reference) window; the thresholds: see the module docstring."""
+
+    window: int = 64
+    input_threshold: float = 1.0
+    entropy_threshold: float = 0.1
+    diversity_threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+            raise InputError(f"shift window must be an integer of at least 2 frames, got {self.window!r}")
+        for name in ("input_threshold", "entropy_threshold", "diversity_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise InputError(f"shift threshold {name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Summary:
+    """One window, reduced: per-channel pixel mean and std, mean normalized entropy, class-histogram
+    entropy / log C."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    entropy: float
+    diversity: float
+
+
+class ShiftDetector:
+    """Call update() once per served frame, set_reference() once the window is full (and after each
+    swap), check() whenever a decision is wanted; check() does not latch, so it keeps returning a reason
+    until the caller sets a new reference."""
+
+    def __init__(self, config: ShiftConfig | None = None) -> None:
+        self.config = config or ShiftConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame and the reference."""
+        self._channels: int | None = None
+        self._classes: int | None = None
+        self._mean = self._sq = np.empty((0, 0))
+        self._entropy = np.empty(0)
+        self._pred = np.empty(0, dtype=np.int64)
+        self._count = 0     # frames recorded since the last reset
+        self._skipped = 0   # frames with non-finite image or logits, not recorded
+        self._reference: _Summary | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether the recent window holds `window` frames."""
+        return self._count >= self.config.window
+
+    def update(self, image: np.ndarray, logits: np.ndarray) -> None:
+        """Record one frame: a (C, H, W) image as the model sees it and the serving model's (classes,)
+        logits. A frame with NaN or Inf in either is counted as skipped, not recorded."""
+        image = np.asarray(image)
+        logits = np.asarray(logits)
+        if image.ndim != 3 or logits.ndim != 1 or logits.shape[0] < 2:
+            raise InputError(f"a shift-detector frame is a (C, H, W) image and (classes >= 2,) logits, got "
+                             f"shapes {image.shape} and {logits.shape}")
+        if self._channels is None:
+            self._start(image.shape[0], logits.shape[0])
+        if (image.shape[0], logits.shape[0]) != (self._channels, self._classes):
+            raise InputError(f"frame with {image.shape[0]} channels and {logits.shape[0]} classes, after frames "
+                             f"with {self._channels} and {self._classes}: one detector serves one model")
+        flat = image.reshape(image.shape[0], -1).astype(np.float64)
+        z = logits.astype(np.float64)
+        if not (np.isfinite(flat).all() and np.isfinite(z).all()):
+            self._skipped += 1
+            return
+        i = self._count % self.config.window
+        self._mean[i] = flat.mean(axis=1)
+        self._sq[i] = np.square(flat).mean(axis=1)
+        self._entropy[i] = float(metrics.entropy(z[None])[0]) / math.log(len(z))
+        self._pred[i] = int(z.argmax())
+        self._count += 1
+
+    def set_reference(self) -> None:
+        """Make the recent window the reference; InputError before the window is full."""
+        if not self.full:
+            raise InputError(f"the shift detector's reference needs a full window: {self._count} of "
+                             f"{self.config.window} frames so far")
+        self._reference = self._summary()
+
+    def check(self) -> str | None:
+        """None, or one line saying what moved past its threshold (the largest relative move first)."""
+        if self._reference is None or not self.full:
+            return None
+        moves = self._moves(self._summary())
+        c = self.config
+        over = [(value / limit, f"{what} moved {value:.2f}{unit} (threshold {limit})")
+                for (what, unit), value, limit in zip(_WHAT, moves, (c.input_threshold, c.entropy_threshold,
+                                                                     c.diversity_threshold), strict=True)
+                if value >= limit]
+        return max(over)[1] if over else None
+
+    def state(self) -> dict[str, Any]:
+        """JSON-safe numbers for the metrics log: frames seen, and the current moves (None until a
+        reference and a full window exist)."""
+        moves: tuple[float | None, ...] = (None, None, None)
+        if self._reference is not None and self.full:
+            moves = tuple(round(m, 4) for m in self._moves(self._summary()))
+        return {"frames": self._count, "skipped": self._skipped, "reference": self._reference is not None,
+                "input_move": moves[0], "entropy_move": moves[1], "diversity_move": moves[2]}
+
+    def _start(self, channels: int, classes: int) -> None:
+        w = self.config.window
+        self._channels, self._classes = channels, classes
+        self._mean = np.zeros((w, channels))
+        self._sq = np.zeros((w, channels))
+        self._entropy = np.zeros(w)
+        self._pred = np.zeros(w, dtype=np.int64)
+
+    def _summary(self) -> _Summary:
+        assert self._classes is not None and self.full
+        mean = self._mean.mean(axis=0)
+        var = np.maximum(self._sq.mean(axis=0) - np.square(mean), 0.0)  # pixel variance over the window
+        hist = np.bincount(self._pred, minlength=self._classes)
+        return _Summary(mean, np.maximum(np.sqrt(var), _STD_FLOOR), float(self._entropy.mean()),
+                        metrics.histogram_entropy(hist) / math.log(self._classes))
+
+    def _moves(self, now: _Summary) -> tuple[float, float, float]:
+        ref = self._reference
+        assert ref is not None
+        per_channel = np.abs(now.mean - ref.mean) / ref.std + np.abs(np.log(now.std / ref.std))
+        return float(per_channel.max()), abs(now.entropy - ref.entropy), abs(now.diversity - ref.diversity)
+
+
+_WHAT = (("input statistics", " sigma"), ("serving entropy", ""), ("prediction diversity", ""))
