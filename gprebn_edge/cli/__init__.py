@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gprebn_edge.cli._app import app, err_console, error_line, stop_signals, stopped_exit
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.cli._app import _state, app, err_console, error_line, stop_signals, stopped_exit
+from gprebn_edge.errors import GprebnError, missing_extra
 
 # each module registers its commands on `app`, in this order, which is the order of `gprebn-edge --help`
 for _module in ("adapt_cmds", "export_cmd", "runtime_cmds", "loop_cmds", "demo_cmd"):
@@ -26,6 +26,12 @@ def main() -> None:
             app()
         except GprebnError as e:  # raised outside a command body (e.g. while parsing)
             err_console.print(error_line("error:", str(e)), soft_wrap=True)
+            sys.exit(1)
+        except ModuleNotFoundError as e:  # an extra (torch) imported before a command's error mapping
+            missing = missing_extra(e, _state["command"])
+            if missing is None or _state["debug"]:
+                raise
+            err_console.print(error_line("error:", str(missing)), soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:  # a signal outside typer's own handling (e.g. before it started)
             sys.exit(130)

@@ -8,14 +8,14 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.errors import GprebnError, missing_extra
 
 __all__ = ["app", "console", "err_console", "cli_errors", "stop_signals", "stopped_exit", "progress", "status",
            "key_value_table", "pct",
@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # no rich markup and no :emoji: codes
 console = Console(markup=False, emoji=False)
 err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "command": None}
 
 
 class _Signals:
@@ -45,8 +45,10 @@ def error_line(label: str, message: str) -> Text:
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _root(ctx: typer.Context,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     _state["debug"] = debug
+    _state["command"] = ctx.invoked_subcommand  # named by a missing-dependency error
 
 
 @contextlib.contextmanager
@@ -54,7 +56,13 @@ def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterato
     """Map the project's errors to one line and exit code 1; anything else to exit code 2; Ctrl-C to 130
     with the line `interrupted`, and SIGTERM (see `stop_signals`) to 143 with that line saying "terminated"."""
     try:
-        yield
+        try:
+            yield
+        except ModuleNotFoundError as e:  # an extra this install lacks (torch): one line naming it
+            missing = missing_extra(e, _state["command"])
+            if missing is None:
+                raise
+            raise missing from e
         _signals.finished = True
     except GprebnError as e:
         if _signals.signum is not None:  # the stop signal broke the work (e.g. an import): report the stop

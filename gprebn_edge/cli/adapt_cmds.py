@@ -20,9 +20,9 @@ from gprebn_edge.cli._app import (
     progress,
     say_replaced,
 )
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.errors import ArtifactError, GprebnError
 from gprebn_edge.io import strict_json
-from gprebn_edge.runtime.loading import health_note
+from gprebn_edge.runtime.loading import health_note, model_metadata
 from gprebn_edge.validate import flag_number, require
 
 
@@ -67,12 +67,12 @@ def adapt(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Adapt a BatchNorm model to unlabeled target images and write the adapted checkpoint."""
-    from gprebn_edge.adapt import AdaptConfig, adapt_to_file
-    from gprebn_edge.data.preprocess import parse_triple
-    from gprebn_edge.health import advice
-    from gprebn_edge.methods import StatsConfig
+    with cli_errors():  # imports torch: without it, one line naming the extra
+        from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+        from gprebn_edge.data.preprocess import parse_triple
+        from gprebn_edge.health import advice
+        from gprebn_edge.methods import StatsConfig
 
-    with cli_errors():
         flag_number(lr, "--lr", low=0)
         flag_number(batch_size, "--batch-size", low=1)
         flag_number(limit, "--limit", low=1)
@@ -136,13 +136,17 @@ def _parse_momentum(text: str) -> float | None:
 
 @app.command()
 def info(
-    artifact: Annotated[Path, typer.Argument(help="An adapted checkpoint (.safetensors).")],
+    artifact: Annotated[Path, typer.Argument(help="An adapted checkpoint (.safetensors), or an exported ONNX "
+                                             "file or engine (its metadata; no PyTorch needed).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole metadata as JSON.")] = False,
 ) -> None:
     """Show what an artifact holds: model, preprocessing, method, calibration data, what changed."""
-    from gprebn_edge.checkpoint import load_checkpoint
-
     with cli_errors():
+        if artifact.suffix.lower() in _EXPORT_SUFFIXES:
+            _export_info(artifact, as_json)
+            return
+        from gprebn_edge.checkpoint import load_checkpoint  # imports torch
+
         state, meta = load_checkpoint(artifact)
         if as_json:
             meta = {k: v for k, v in meta.items() if k != "source_bn"}
@@ -150,6 +154,34 @@ def info(
             return
         table = _info_table(artifact, state, meta)
         console.print(table)
+
+
+_EXPORT_SUFFIXES = (".onnx", ".engine", ".plan", ".trt")
+
+
+def _export_info(path: Path, as_json: bool) -> None:
+    """An export's own metadata (ONNX metadata, or an engine's manifest), read without torch."""
+    try:
+        meta = model_metadata(path)
+    except ArtifactError as e:
+        raise ArtifactError(f"{e} (info expected an adapted checkpoint from `gprebn-edge adapt` or its "
+                            "export)") from None
+    if as_json:
+        typer.echo(strict_json({k: v for k, v in meta.items() if k != "raw"} | {"metadata": meta["raw"]},
+                               indent=2))
+        return
+    table = key_value_table(str(path))
+    p = meta["preprocess"] or {}
+    table.add_row("format", meta["format"])
+    table.add_row("model", f"{meta['model'] or '-'} ({meta['num_classes'] or '?'} classes)")
+    table.add_row("preprocess", f"resize {p.get('resize')}, crop {p.get('crop')}, mean {p.get('mean')}, "
+                  f"std {p.get('std')}")
+    health = meta["health"]
+    table.add_row("adaptation health", (health_note(health) or "ok") if health else "not recorded")
+    for key in ("artifact", "gprebn_edge"):
+        if meta["raw"].get(key) is not None:
+            table.add_row("exported from" if key == "artifact" else "by gprebn-edge", str(meta["raw"][key]))
+    console.print(table)
 
 
 def _info_table(path: Path, state: dict, meta: dict[str, Any]) -> Table:

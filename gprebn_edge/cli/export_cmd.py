@@ -50,17 +50,17 @@ def export(
 ) -> None:
     """Fold BatchNorm into the convs and export ONNX, checked against PyTorch with onnxruntime; with --trt,
     also build a TensorRT engine from it."""
-    from gprebn_edge.consent import CodeConsent
-    from gprebn_edge.export.pipeline import (
-        EngineOptions,
-        default_engine_path,
-        default_onnx_path,
-        export_artifact,
-        manifest_path,
-    )
-    from gprebn_edge.export.tensorrt_build import parse_batch_range
+    with cli_errors():  # imports torch: without it, one line naming the extra
+        from gprebn_edge.consent import CodeConsent
+        from gprebn_edge.export.pipeline import (
+            EngineOptions,
+            default_engine_path,
+            default_onnx_path,
+            export_artifact,
+            manifest_path,
+        )
+        from gprebn_edge.export.tensorrt_build import parse_batch_range
 
-    with cli_errors():
         if check_images < 1:
             raise GprebnError(f"--check-images must be at least 1, got {check_images}")
         engine_flags = [name for name, on in (("--engine", engine is not None), ("--fp16", fp16), ("--int8", int8),
