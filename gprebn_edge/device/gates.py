@@ -1,22 +1,40 @@
 """The gates a re-adapted candidate must pass before the device loop serves it, and the SAR-style policy
 that resets adaptation after repeated failures. Pure numpy, no I/O.
 
-Every check runs on logits of the same held-back slice of the loop's buffer (candidate and current model),
-plus, optionally, a small labeled probe set:
+Every check runs on logits of the same held-back slice of the loop's buffer through three models: the
+candidate, the serving model and (optionally) the unadapted source model; plus, optionally, a small
+labeled probe set. The candidate is judged on its merits, not on how much it resembles what serves now:
+after a shift on which the serving model is confidently wrong (one class, entropy ~0), a good candidate
+MUST disagree with it, and gates that reward agreement with it would keep the loop stuck there forever.
 
-- finite:           every candidate logit is finite (slice and probe).
+With a labeled probe, the probe decides:
+
+- finite:          every candidate logit is finite (slice and probe).
+- probe_accuracy:  candidate accuracy >= serving accuracy - max_accuracy_drop.
+- the unsupervised checks below are computed and reported but advisory, with one exception: a candidate
+  whose slice outputs are collapsed (mean entropy below min_mean_entropy AND top-class share >=
+  degenerate_top_share) is rejected whatever the probe says. A few labeled images cannot vouch for a model
+  that answers one class with certainty on everything it sees.
+
+Without a probe, every model gets a health summary on the slice (mean entropy / log C, predicted-class
+histogram entropy / log C, top-class share, distinct classes). A reference model (serving or source) is
+**degenerate**, and so no evidence about the candidate, when its top-class share >= degenerate_top_share
+and its mean entropy <= degenerate_entropy (confident collapse), or its mean entropy < min_mean_entropy,
+or (serving only) the worker measured the slice's input statistics >= max_input_shift sigmas from its BN
+statistics (it sees a domain it does not know). The references are the non-degenerate ones.
+
 - mean_entropy:     mean softmax entropy / log(C) >= min_mean_entropy. An absolute floor: entropy
                     minimization that collapses drives it to ~0.
-- class_entropy:    entropy of the predicted-class histogram >= min_class_entropy x the reference model's
-                    on the same slice. Relative, because the slice itself may be imbalanced (a camera that
-                    sees mostly one class): the current model then has a low value too, and so may the candidate.
-- distinct_classes: distinct predicted classes >= ceil(min_distinct_classes x the reference model's).
-- agreement:        top-1 agreement with the current model >= min_agreement, OR its chance-corrected value
-                    (Cohen's kappa) >= min_kappa. See GateConfig for why both.
-- probe_accuracy:   with a labeled probe set, candidate accuracy >= current accuracy - max_accuracy_drop.
+- class_entropy:    entropy of the predicted-class histogram >= min_class_entropy x the best reference's.
+                    Relative, because the slice itself may be imbalanced (a camera that sees mostly one
+                    class). With no reference, the candidate must itself not be degenerate.
+- distinct_classes: distinct predicted classes >= ceil(min_distinct_classes x the best reference's); with
+                    no reference, as class_entropy.
+- agreement:        top-1 agreement >= min_agreement OR Cohen's kappa >= min_kappa, with ANY reference.
+                    Skipped (not a failure) when there is none: nothing trustworthy to agree with.
 
-The reference for the two diversity checks is the current model unless the caller passes another (the
-source model or the last known-good one), which stops a slow ratchet where each swap may halve diversity.
+Taking the best of serving and source for the diversity floor stops a slow ratchet where each swap may
+halve diversity; agreement with either keeps an unrelated (random, permuted) candidate out.
 """
 
 from __future__ import annotations
@@ -30,11 +48,12 @@ import numpy as np
 from gprebn_edge.errors import InputError
 from gprebn_edge.runtime import metrics
 
-__all__ = ["GateConfig", "Check", "GateResult", "Probe", "evaluate_gates", "RecoveryPolicy", "GATE_NAMES"]
+__all__ = ["GateConfig", "Health", "Check", "GateResult", "Probe", "evaluate_gates", "health",
+           "RecoveryPolicy", "GATE_NAMES"]
 
 GATE_NAMES = ("finite", "mean_entropy", "class_entropy", "distinct_classes", "agreement", "probe_accuracy")
 
-# (candidate probe logits, current probe logits, labels)
+# (candidate probe logits, serving probe logits, labels)
 Probe = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 _EPS = 1e-9  # comparisons at exactly the threshold pass, whatever the float rounding
@@ -48,14 +67,22 @@ class GateConfig:
 
     - min_mean_entropy 0.02 (fraction of log C): healthy models measured 0.12-0.62 before and after
       adaptation; a collapsed one is ~0.
-    - min_class_entropy 0.5 and min_distinct_classes 0.5 (fractions of the reference model's value): adapted
+    - min_class_entropy 0.5 and min_distinct_classes 0.5 (fractions of the best reference's value): adapted
       models measured 0.95-1.0 of log C even where the source model was down to 0.32 (impulse noise).
-    - min_agreement 0.5 with min_kappa 0.05: where the current model is poor, a good candidate MUST disagree
+    - min_agreement 0.5 with min_kappa 0.05: where a reference is poor, a good candidate MUST disagree
       with it (impulse noise: 18.7 % -> 79.8 % accuracy at 0.20 agreement, chance 0.11, kappa 0.11;
       gaussian noise 0.27 / kappa 0.17), so raw agreement alone would reject the most useful swaps. Kappa
       alone misfires on imbalanced slices (two models that both say "class 3" 95 % of the time and agree on
       93 % have kappa ~0.1), so the check passes when either holds. An unrelated candidate (random or
       permuted outputs) sits at kappa ~0 (+-0.02 on 256 frames).
+    - degenerate_top_share 0.9 with degenerate_entropy 0.1: a reference that puts 90 % of the slice in one
+      class at under a tenth of the maximum entropy is confidently collapsed (the issue-11 model: one class
+      at 0.01); a healthy model on an imbalanced slice keeps its entropy (0.12 and up, above).
+    - max_input_shift 1.0 (mean over BN layers of |batch mean - running mean| / running std): the mean of
+      a slice of in-domain frames sits well under one running sigma from the running mean (its sampling
+      error alone is sigma / sqrt(frames x pixels)); a move of a whole sigma, averaged over every layer, is
+      a domain the serving model's BN statistics do not describe, so its outputs are no evidence. A
+      reasoned default, not yet measured on the built-in stream; the worker should log the value.
     - max_accuracy_drop 0.02 on the probe set; require_finite True (False drops non-finite rows from the
       statistics and counts them as wrong on the probe; a candidate with no finite row still fails).
     """
@@ -66,21 +93,66 @@ class GateConfig:
     min_agreement: float = 0.5
     min_kappa: float = 0.05
     max_accuracy_drop: float = 0.02
+    degenerate_top_share: float = 0.9
+    degenerate_entropy: float = 0.1
+    max_input_shift: float = 1.0
     require_finite: bool = True
 
     def __post_init__(self) -> None:
         for name in ("min_mean_entropy", "min_class_entropy", "min_distinct_classes", "min_agreement",
-                     "max_accuracy_drop"):
+                     "max_accuracy_drop", "degenerate_top_share", "degenerate_entropy"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"gate threshold {name} must lie in [0, 1], got {value}")
         if not -1.0 <= self.min_kappa <= 1.0:
             raise InputError(f"gate threshold min_kappa must lie in [-1, 1], got {self.min_kappa}")
+        if not (math.isfinite(self.max_input_shift) and self.max_input_shift > 0):
+            raise InputError(f"gate threshold max_input_shift must be a positive number of sigmas, got "
+                             f"{self.max_input_shift}")
+
+
+@dataclass(frozen=True)
+class Health:
+    """One model's outputs on the slice: mean entropy and predicted-class-histogram entropy as fractions
+    of log C, the most frequent class's share, the number of distinct classes; input_shift as the worker
+    measured it (serving model only)."""
+
+    mean_entropy: float
+    class_entropy: float
+    top_share: float
+    distinct: int
+    input_shift: float | None = None
+
+    def collapsed(self, config: GateConfig) -> bool:
+        """Confident collapse: one class for almost everything, at almost no entropy."""
+        return self.top_share >= config.degenerate_top_share - _EPS and self.mean_entropy <= config.degenerate_entropy
+
+    def degenerate(self, config: GateConfig) -> str | None:
+        """Why this model's outputs are no evidence about a candidate, or None."""
+        if self.collapsed(config):
+            return (f"top class share {self.top_share:.2f} >= {config.degenerate_top_share} at mean entropy "
+                    f"{self.mean_entropy:.4f} <= {config.degenerate_entropy} of log(C)")
+        if self.mean_entropy < config.min_mean_entropy - _EPS:
+            return f"mean entropy {self.mean_entropy:.4f} < floor {config.min_mean_entropy} of log(C)"
+        if self.input_shift is not None and self.input_shift >= config.max_input_shift - _EPS:
+            return f"input statistics {self.input_shift:.2f} sigma from its BN statistics (>= {config.max_input_shift})"
+        return None
+
+
+def health(logits: np.ndarray, input_shift: float | None = None) -> Health:
+    """Health of one model's finite (n, C) logits on a slice."""
+    log_c = math.log(np.shape(logits)[1])
+    hist = metrics.class_histogram(logits)
+    return Health(mean_entropy=float(metrics.entropy(logits).mean()) / log_c,
+                  class_entropy=metrics.histogram_entropy(hist) / log_c,
+                  top_share=float(hist.max() / hist.sum()), distinct=int((hist > 0).sum()),
+                  input_shift=input_shift)
 
 
 @dataclass(frozen=True)
 class Check:
-    """One gate's outcome. skipped: not evaluated (passed is then False but it is not a reason)."""
+    """One gate's outcome. skipped: not evaluated (passed is then False but it is not a reason).
+    advisory: computed and reported, but a failure is not a reason (the probe decides)."""
 
     name: str
     passed: bool
@@ -88,26 +160,52 @@ class Check:
     threshold: float | None
     detail: str = ""
     skipped: bool = False
+    advisory: bool = False
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 @dataclass(frozen=True)
 class GateResult:
+    """checks in GATE_NAMES order; references: the models the relative checks were judged against
+    ("serving", "source"); degenerate: model -> why it was no evidence; health: model -> its summary."""
+
     checks: list[Check] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    degenerate: dict[str, str] = field(default_factory=dict)
+    health: dict[str, Health] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed or c.skipped for c in self.checks)
+        return bool(self.checks) and all(c.passed or c.skipped or c.advisory for c in self.checks)
 
     @property
     def reasons(self) -> list[str]:
         """One line per failed check, for the loop's log."""
-        return [f"{c.name}: {c.detail}" for c in self.checks if not c.passed and not c.skipped]
+        return [f"{c.name}: {c.detail}" for c in self.checks if not (c.passed or c.skipped or c.advisory)]
+
+    @property
+    def advisories(self) -> list[str]:
+        """One line per failed advisory check: worth logging, not a reason."""
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.advisory and not (c.passed or c.skipped)]
 
     def check(self, name: str) -> Check:
         return next(c for c in self.checks if c.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reasons": self.reasons, "checks": [asdict(c) for c in self.checks]}
+        """Strict-JSON-safe (no NaN or Inf: None instead)."""
+        return _json_safe({"passed": self.passed, "reasons": self.reasons, "advisories": self.advisories,
+                           "references": list(self.references), "degenerate": dict(self.degenerate),
+                           "health": {k: asdict(h) for k, h in self.health.items()},
+                           "checks": [asdict(c) for c in self.checks]})
 
 
 def _as_logits(x: np.ndarray, what: str) -> np.ndarray:
@@ -135,11 +233,11 @@ def _kappa(a: np.ndarray, b: np.ndarray, agree: float) -> tuple[float, float]:
 
 def _check_probe(probe: Probe, classes: int) -> Probe:
     if len(probe) != 3:
-        raise InputError(f"a probe is (candidate logits, current logits, labels), got {len(probe)} items")
+        raise InputError(f"a probe is (candidate logits, serving logits, labels), got {len(probe)} items")
     cand = _as_logits(probe[0], "candidate probe logits")
-    cur = metrics.check_logits(probe[1], "current model's probe logits")
+    cur = metrics.check_logits(probe[1], "serving model's probe logits")
     if cand.shape != cur.shape or cand.shape[1] != classes:
-        raise InputError(f"probe logits of the candidate {cand.shape} and the current model {cur.shape} must "
+        raise InputError(f"probe logits of the candidate {cand.shape} and the serving model {cur.shape} must "
                          f"have one shape, with the slice's {classes} classes")
     return cand, cur, probe[2]
 
@@ -152,29 +250,73 @@ def _probe_check(probe: Probe, config: GateConfig) -> Check:
     cand_acc = float(((pred == np.asarray(labels)) & finite).mean())  # a non-finite row counts as wrong
     change = cand_acc - cur_acc
     threshold = -config.max_accuracy_drop
-    detail = (f"probe accuracy {cand_acc:.4f} vs current {cur_acc:.4f} ({change:+.4f}; allowed drop "
+    detail = (f"probe accuracy {cand_acc:.4f} vs serving {cur_acc:.4f} ({change:+.4f}; allowed drop "
               f"{config.max_accuracy_drop}) on {len(finite)} images")
     return Check("probe_accuracy", change >= threshold - _EPS, change, threshold, detail)
 
 
-def evaluate_gates(candidate_logits: np.ndarray, current_logits: np.ndarray, config: GateConfig | None = None,
-                   probe: Probe | None = None, reference_logits: np.ndarray | None = None) -> GateResult:
-    """Run every gate on logits of one held-back slice; see the module docstring. reference_logits (default:
-    the current model's) are what the diversity checks are relative to. Non-finite candidate logits fail
-    `finite` (the statistics are then skipped); non-finite current/reference logits, mismatched shapes or
+def _agreement_check(cand: np.ndarray, refs: dict[str, np.ndarray], config: GateConfig,
+                     degenerate: dict[str, str]) -> Check:
+    if not refs:
+        why = "; ".join(f"{name}: {d}" for name, d in degenerate.items())
+        names = "/".join(degenerate)
+        return Check("agreement", False, None, None, f"skipped: no evidence: {names} degenerate ({why})",
+                     skipped=True)
+    best: tuple[bool, float, float] | None = None
+    parts = []
+    for name, ref in refs.items():
+        agree = metrics.agreement(cand, ref)
+        chance, kappa = _kappa(cand, ref, agree)
+        ok = agree >= config.min_agreement - _EPS or kappa >= config.min_kappa - _EPS
+        parts.append(f"top-1 agreement {agree:.4f} with the {name} model, chance {chance:.4f}, kappa {kappa:.4f}")
+        if best is None or (ok, agree) > best[:2]:
+            best = (ok, agree, kappa)
+    assert best is not None
+    return Check("agreement", best[0], best[1], config.min_agreement,
+                 "; ".join(parts) + f" (floors: agreement {config.min_agreement} or kappa {config.min_kappa}, "
+                 f"with any reference)")
+
+
+def _diversity_checks(cand: Health, refs: dict[str, Health], config: GateConfig) -> list[Check]:
+    if not refs:
+        why = cand.degenerate(config) if cand.collapsed(config) else None
+        detail = ("no non-degenerate reference, so the candidate must not be degenerate itself: "
+                  + (why or f"top class share {cand.top_share:.2f}, mean entropy {cand.mean_entropy:.4f} "
+                                f"of log(C)"))
+        return [Check("class_entropy", why is None, cand.class_entropy, None, detail),
+                Check("distinct_classes", why is None, float(cand.distinct), None, detail)]
+    best_h = max(refs, key=lambda k: refs[k].class_entropy)
+    best_d = max(refs, key=lambda k: refs[k].distinct)
+    hr, dr = refs[best_h].class_entropy, refs[best_d].distinct
+    t = config.min_class_entropy * hr
+    td = math.ceil(config.min_distinct_classes * dr - _EPS)
+    return [Check("class_entropy", cand.class_entropy >= t - _EPS, cand.class_entropy, t,
+                  f"class-histogram entropy {cand.class_entropy:.4f} of log(C), best reference {hr:.4f} "
+                  f"({best_h}; floor {config.min_class_entropy} x reference = {t:.4f})"),
+            Check("distinct_classes", cand.distinct >= td, float(cand.distinct), float(td),
+                  f"{cand.distinct} distinct predicted classes, best reference {dr} ({best_d}; floor "
+                  f"{config.min_distinct_classes} x reference, rounded up = {td})")]
+
+
+def evaluate_gates(candidate_logits: np.ndarray, serving_logits: np.ndarray, config: GateConfig | None = None,
+                   *, probe: Probe | None = None, source_logits: np.ndarray | None = None,
+                   serving_input_shift: float | None = None) -> GateResult:
+    """Run every gate on logits of one held-back slice through the candidate, the serving model and
+    (optionally) the source model; see the module docstring. Non-finite candidate logits fail `finite`
+    (the rest is then skipped); non-finite serving/source logits, mismatched shapes, a bad input shift or
     bad probe labels raise InputError, since those are the caller's to fix."""
     config = config or GateConfig()
     cand = _as_logits(candidate_logits, "candidate logits")
-    cur = metrics.check_logits(current_logits, "current model's logits")
-    if cand.shape != cur.shape:
-        raise InputError(f"candidate logits {cand.shape} and current model's logits {cur.shape} must have one "
-                         f"shape: the same held-back frames through both models")
-    ref = cur if reference_logits is None else metrics.check_logits(reference_logits, "reference logits")
-    if ref.shape != cand.shape:
-        raise InputError(f"reference logits {ref.shape} and candidate logits {cand.shape} must have one shape: "
-                         f"the same held-back frames through both models")
+    models = {"serving": metrics.check_logits(serving_logits, "serving model's logits")}
+    if source_logits is not None:
+        models["source"] = metrics.check_logits(source_logits, "source model's logits")
+    for name, arr in models.items():
+        if arr.shape != cand.shape:
+            raise InputError(f"candidate logits {cand.shape} and {name} model's logits {arr.shape} must have "
+                             f"one shape: the same held-back frames through every model")
+    if serving_input_shift is not None and not (math.isfinite(serving_input_shift) and serving_input_shift >= 0):
+        raise InputError(f"serving_input_shift must be a finite number of sigmas >= 0, got {serving_input_shift}")
     n, classes = cand.shape
-    log_c = math.log(classes)
     if probe is not None:
         probe = _check_probe(probe, classes)
 
@@ -185,43 +327,34 @@ def evaluate_gates(candidate_logits: np.ndarray, current_logits: np.ndarray, con
     detail = (f"{bad} of {n} slice rows" + (f" and {probe_bad} probe rows" if probe is not None else "")
               + " hold NaN or Inf" + ("" if config.require_finite else " (allowed: require_finite is off)"))
     checks = [Check("finite", finite_ok, float(bad + probe_bad), 0.0, detail)]
-
     if not finite_ok:
-        why = "candidate logits are not finite"
-        checks += [_skip(name, why) for name in GATE_NAMES[1:]]
+        checks += [_skip(name, "candidate logits are not finite") for name in GATE_NAMES[1:]]
         return GateResult(checks)
     if bad:
-        cand, cur, ref = cand[rows], cur[rows], ref[rows]
+        cand = cand[rows]
+        models = {name: arr[rows] for name, arr in models.items()}
 
-    h = float(metrics.entropy(cand).mean()) / log_c
-    checks.append(Check("mean_entropy", h >= config.min_mean_entropy - _EPS, h, config.min_mean_entropy,
-                        f"mean entropy {h:.4f} of log(C) (floor {config.min_mean_entropy})"))
+    healths = {"candidate": health(cand)}
+    healths.update({name: health(arr, serving_input_shift if name == "serving" else None)
+                    for name, arr in models.items()})
+    degenerate = {name: why for name in models if (why := healths[name].degenerate(config)) is not None}
+    refs = [name for name in models if name not in degenerate]
 
-    hc = metrics.predicted_class_entropy(cand) / log_c
-    hr = metrics.predicted_class_entropy(ref) / log_c
-    t = config.min_class_entropy * hr
-    checks.append(Check("class_entropy", hc >= t - _EPS, hc, t,
-                        f"class-histogram entropy {hc:.4f} of log(C), reference {hr:.4f} "
-                        f"(floor {config.min_class_entropy} x reference = {t:.4f})"))
-
-    dc, dr = metrics.distinct_classes(cand), metrics.distinct_classes(ref)
-    td = math.ceil(config.min_distinct_classes * dr - _EPS)
-    checks.append(Check("distinct_classes", dc >= td, float(dc), float(td),
-                        f"{dc} distinct predicted classes, reference {dr} (floor {config.min_distinct_classes} "
-                        f"x reference, rounded up = {td})"))
-
-    agree = metrics.agreement(cand, cur)
-    chance, kappa = _kappa(cand, cur, agree)
-    ok = agree >= config.min_agreement - _EPS or kappa >= config.min_kappa - _EPS
-    checks.append(Check("agreement", ok, agree, config.min_agreement,
-                        f"top-1 agreement {agree:.4f} with the current model (floor {config.min_agreement}), "
-                        f"chance {chance:.4f}, kappa {kappa:.4f} (floor {config.min_kappa})"))
-
-    if probe is None:
-        checks.append(_skip("probe_accuracy", "no labeled probe set"))
-    else:
-        checks.append(_probe_check(probe, config))
-    return GateResult(checks)
+    ch = healths["candidate"]
+    collapsed = ch.top_share >= config.degenerate_top_share - _EPS and ch.mean_entropy < config.min_mean_entropy - _EPS
+    advisory = probe is not None  # the probe decides, except on a collapsed candidate
+    entropy_detail = f"mean entropy {ch.mean_entropy:.4f} of log(C) (floor {config.min_mean_entropy})"
+    if advisory and collapsed:
+        entropy_detail += (f" at top class share {ch.top_share:.2f}: collapsed, rejected whatever the probe "
+                           f"says")
+    unsupervised = [Check("mean_entropy", ch.mean_entropy >= config.min_mean_entropy - _EPS, ch.mean_entropy,
+                          config.min_mean_entropy, entropy_detail, advisory=advisory and not collapsed)]
+    unsupervised += [Check(c.name, c.passed, c.value, c.threshold, c.detail, c.skipped, advisory)
+                     for c in (*_diversity_checks(ch, {r: healths[r] for r in refs}, config),
+                               _agreement_check(cand, {r: models[r] for r in refs}, config, degenerate))]
+    checks += unsupervised
+    checks.append(_skip("probe_accuracy", "no labeled probe set") if probe is None else _probe_check(probe, config))
+    return GateResult(checks, refs, degenerate, healths)
 
 
 @dataclass

@@ -97,6 +97,11 @@ class ShiftDetector:
         """Whether the recent window holds `window` frames."""
         return self._count >= self.config.window
 
+    @property
+    def has_reference(self) -> bool:
+        """Whether set_reference() has been called since the last reset."""
+        return self._reference is not None
+
     def update(self, image: np.ndarray, logits: np.ndarray) -> None:
         """Record one frame: a (C, H, W) image as the model sees it and the serving model's (classes,)
         logits. A frame with NaN or Inf in either is counted as skipped, not recorded."""

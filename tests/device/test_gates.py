@@ -1,5 +1,5 @@
 """device.gates on hand-built logits: each gate passing and failing, NaN, collapse, imbalanced slices,
-the probe set, and the recovery policy."""
+the probe set, degenerate serving/source models (issue 11), and the recovery policy."""
 
 import json
 import math
@@ -25,7 +25,8 @@ def balanced(n: int = 200) -> np.ndarray:
 
 
 def failed(result) -> set[str]:
-    return {c.name for c in result.checks if not c.passed and not c.skipped}
+    """The checks that reject: failed, neither skipped nor advisory."""
+    return {c.name for c in result.checks if not (c.passed or c.skipped or c.advisory)}
 
 
 def test_identical_candidate_passes_every_gate():
@@ -103,7 +104,7 @@ def test_reference_logits_set_the_diversity_floor():
     narrow = logits_for(balanced() % 2)  # current model already down to two classes
     cand = logits_for((np.arange(200) % 5 == 0).astype(int))  # 80 % class 0, 20 % class 1
     assert evaluate_gates(cand, narrow).passed
-    result = evaluate_gates(cand, narrow, reference_logits=logits_for(balanced()))
+    result = evaluate_gates(cand, narrow, source_logits=logits_for(balanced()))
     assert failed(result) == {"class_entropy", "distinct_classes"}
 
 
@@ -139,7 +140,7 @@ def test_probe_accuracy_margin():
     ok = evaluate_gates(slice_logits, slice_logits, probe=(logits_for(worse), cur_probe, labels))
     assert ok.passed and ok.check("probe_accuracy").value == pytest.approx(-0.02)
     bad = evaluate_gates(slice_logits, slice_logits, probe=(logits_for(much_worse), cur_probe, labels))
-    assert failed(bad) == {"probe_accuracy"} and "0.9700 vs current 1.0000" in bad.reasons[0]
+    assert failed(bad) == {"probe_accuracy"} and "0.9700 vs serving 1.0000" in bad.reasons[0]
     nan_probe = logits_for(labels)
     nan_probe[0] = np.nan
     result = evaluate_gates(slice_logits, slice_logits, probe=(nan_probe, cur_probe, labels))
@@ -155,7 +156,7 @@ def test_caller_errors_raise_input_error():
         evaluate_gates(a, a[:100])
     with pytest.raises(InputError, match="must have one shape"):
         evaluate_gates(a, logits_for(balanced(), classes=12))
-    with pytest.raises(InputError, match="current model's logits contain NaN"):
+    with pytest.raises(InputError, match="serving model's logits contain NaN"):
         bad = a.copy()
         bad[0, 0] = np.nan
         evaluate_gates(a, bad)
@@ -163,8 +164,8 @@ def test_caller_errors_raise_input_error():
         evaluate_gates(np.zeros((3, 1)), np.zeros((3, 1)))
     with pytest.raises(InputError, match="labels must lie in"):
         evaluate_gates(a, a, probe=(a, a, np.full(200, 11)))
-    with pytest.raises(InputError, match="reference logits"):
-        evaluate_gates(a, a, reference_logits=a[:10])
+    with pytest.raises(InputError, match="source model's logits"):
+        evaluate_gates(a, a, source_logits=a[:10])
     with pytest.raises(InputError, match="min_agreement"):
         GateConfig(min_agreement=1.5)
 
@@ -186,3 +187,110 @@ def test_entropy_value_is_fraction_of_log_c():
     result = evaluate_gates(uniform, uniform)
     assert result.check("mean_entropy").value == pytest.approx(1.0, abs=1e-6)
     assert math.isclose(result.check("class_entropy").threshold, 0.5, rel_tol=1e-9)
+
+
+# ---- issue 11: a serving model that is confidently wrong must not hold every candidate hostage
+
+def confidently_one_class(n: int = 200, cls: int = 4) -> np.ndarray:
+    """The unadapted model after the shift: class `cls` for everything, mean entropy ~0.01 of log(C)."""
+    return logits_for(np.full(n, cls), margin=9.0)
+
+
+def good_candidate(n: int = 200) -> np.ndarray:
+    """Diverse, healthy, and agreeing with the collapsed serving model on only 10 % of the slice."""
+    return logits_for(balanced(n))
+
+
+def test_collapsed_serving_model_does_not_block_a_good_candidate():
+    serving = confidently_one_class()
+    result = evaluate_gates(good_candidate(), serving)
+    assert result.passed, result.reasons
+    assert result.health["serving"].mean_entropy < 0.02 and result.health["serving"].top_share == 1.0
+    assert set(result.degenerate) == {"serving"} and result.references == []
+    agreement = result.check("agreement")
+    assert agreement.skipped and "no evidence: serving degenerate" in agreement.detail
+    assert result.check("class_entropy").passed and result.check("distinct_classes").passed
+    d = result.to_dict()
+    assert json.loads(json.dumps(d, allow_nan=False)) == d
+    assert d["degenerate"]["serving"].startswith("top class share 1.00")
+    assert d["health"]["candidate"]["distinct"] == C
+
+
+def test_collapsed_serving_model_still_rejects_a_collapsed_candidate():
+    serving = confidently_one_class()
+    cand = logits_for(np.full(200, 7), margin=30.0)  # one other class, entropy ~0
+    result = evaluate_gates(cand, serving)
+    assert not result.passed
+    assert {"mean_entropy", "class_entropy", "distinct_classes"} <= failed(result)
+    assert "must not be degenerate itself" in result.check("class_entropy").detail
+    # confident one-class outputs above the entropy floor are degenerate too when nothing vouches for them
+    assert failed(evaluate_gates(logits_for(np.full(200, 7), margin=6.0), serving)) == {"class_entropy",
+                                                                                        "distinct_classes"}
+
+
+def test_probe_decides_even_when_agreement_with_serving_is_tiny():
+    labels = balanced()
+    serving_probe = labels.copy()
+    serving_probe[:40] = (serving_probe[:40] + 1) % C  # 80 %
+    cand_probe = labels.copy()
+    cand_probe[:18] = (cand_probe[:18] + 1) % C        # 91 %: +0.11
+    serving = logits_for(balanced())
+    cand_pred = balanced().copy()
+    keep = np.arange(200) % 20 == 0                    # agrees on 5 % only, well below chance-corrected floors
+    cand_pred[~keep] = (cand_pred[~keep] + 3) % C
+    result = evaluate_gates(logits_for(cand_pred), serving,
+                            probe=(logits_for(cand_probe), logits_for(serving_probe), labels))
+    assert result.passed and result.reasons == []
+    assert result.check("probe_accuracy").value == pytest.approx(0.11)
+    assert result.check("agreement").value == pytest.approx(0.05) and not result.check("agreement").passed
+    assert result.check("agreement").advisory and result.advisories[0].startswith("agreement: ")
+
+
+def test_probe_does_not_rescue_a_collapsed_candidate():
+    labels = balanced()
+    cur = labels.copy()
+    cur[:40] = (cur[:40] + 1) % C
+    collapsed = logits_for(np.zeros(200, dtype=int), margin=30.0)
+    result = evaluate_gates(collapsed, logits_for(balanced()),
+                            probe=(logits_for(labels), logits_for(cur), labels))  # probe +0.20
+    assert not result.passed and result.check("probe_accuracy").passed
+    assert failed(result) == {"mean_entropy"} and "collapsed, rejected whatever the probe" in result.reasons[0]
+
+
+def test_serving_far_from_its_bn_statistics_is_no_evidence():
+    serving = logits_for(balanced())
+    rng = np.random.default_rng(2)
+    unrelated = logits_for(rng.integers(0, C, 200))
+    assert failed(evaluate_gates(unrelated, serving, serving_input_shift=0.3)) == {"agreement"}
+    result = evaluate_gates(unrelated, serving, serving_input_shift=2.5)
+    assert result.passed and set(result.degenerate) == {"serving"}
+    assert "input statistics 2.50 sigma" in result.degenerate["serving"]
+    assert result.health["serving"].input_shift == 2.5
+    assert not evaluate_gates(unrelated, serving, GateConfig(max_input_shift=3.0), serving_input_shift=2.5).passed
+    with pytest.raises(InputError, match="serving_input_shift"):
+        evaluate_gates(unrelated, serving, serving_input_shift=float("nan"))
+
+
+def test_healthy_source_keeps_unrelated_candidates_out():
+    serving = confidently_one_class()
+    source = logits_for(balanced())
+    rng = np.random.default_rng(3)
+    unrelated = logits_for(rng.integers(0, C, 200))
+    result = evaluate_gates(unrelated, serving, source_logits=source)
+    assert failed(result) == {"agreement"} and result.references == ["source"]
+    assert "with the source model" in result.check("agreement").detail
+    # a candidate that follows the source on most frames passes on the source's evidence
+    near = balanced().copy()
+    near[:60] = (near[:60] + 1) % C
+    assert evaluate_gates(logits_for(near), serving, source_logits=source).passed
+    # both degenerate: agreement is skipped and the detail names both
+    result = evaluate_gates(good_candidate(), serving, source_logits=confidently_one_class(cls=2))
+    assert result.passed and "no evidence: serving/source degenerate" in result.check("agreement").detail
+
+
+def test_new_thresholds_are_validated():
+    for kw, name in (({"degenerate_top_share": 1.5}, "degenerate_top_share"),
+                     ({"degenerate_entropy": -0.1}, "degenerate_entropy"),
+                     ({"max_input_shift": 0.0}, "max_input_shift")):
+        with pytest.raises(InputError, match=name):
+            GateConfig(**kw)
