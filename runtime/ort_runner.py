@@ -81,8 +81,6 @@ class OnnxRuntimeRunner(Runner):
         self.engine_cache = Path(engine_cache) if engine_cache is not None else None
         self.device_id = device_id
         self._session: Any = None
-        self._inputs: list[TensorInfo] = []
-        self._outputs: list[TensorInfo] = []
 
     def _provider_list(self, available: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         missing = [p for p in self.providers if PROVIDERS[p] not in available]
@@ -124,41 +122,25 @@ class OnnxRuntimeRunner(Runner):
             if type(e).__name__ == "InvalidProtobuf" or "Protobuf parsing failed" in first:
                 raise ArtifactError(f"{self.path} is not an ONNX model: {first}") from None
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {first}") from None
-        self._inputs = [_tensor_info(a) for a in self._session.get_inputs()]
-        self._outputs = [_tensor_info(a) for a in self._session.get_outputs()]
-        if len(self._inputs) != 1:
-            names = [t.name for t in self._inputs]
-            self._session = None
-            raise ArtifactError(f"{self.path} has {len(names)} inputs {names}: runners take one image batch")
+
+    def _describe_io(self) -> tuple[list[TensorInfo], list[TensorInfo]] | None:
+        if self._session is None:
+            return None
+        return ([_tensor_info(a) for a in self._session.get_inputs()],
+                [_tensor_info(a) for a in self._session.get_outputs()])
 
     def _deactivate(self) -> None:
         self._session = None
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        want = self._inputs[0]
-        x = np.ascontiguousarray(batch, dtype=want.dtype if want.dtype.startswith("float") else np.float32)
-        if x.ndim != len(want.shape):
-            raise InputError(f"{self.path.name} takes a {len(want.shape)}-d input {list(want.shape)}, "
-                             f"got shape {list(x.shape)}")
+        assert self._io is not None
+        (want,), (out, *_) = self._io
         try:
-            out = self._session.run([self._outputs[0].name], {want.name: x})[0]
-        except Exception as e:  # wrong sizes surface as onnxruntime's InvalidArgument
-            raise InputError(f"{self.path.name} rejected an input of shape {list(x.shape)} "
+            logits = self._session.run([out.name], {want.name: batch})[0]
+        except Exception as e:  # sizes the description cannot tell surface as onnxruntime's InvalidArgument
+            raise InputError(f"{self.label} rejected an input of shape {list(batch.shape)} "
                              f"(expects {list(want.shape)}): {_first_line(e)}") from None
-        return np.asarray(out, dtype=np.float32)
-
-    def _need_session(self) -> None:
-        if self._session is None:
-            raise InputError(f"{self.name}: the model's inputs and outputs are known once it is loaded: "
-                             "use `with runner:` first")
-
-    def inputs(self) -> list[TensorInfo]:
-        self._need_session()
-        return list(self._inputs)
-
-    def outputs(self) -> list[TensorInfo]:
-        self._need_session()
-        return list(self._outputs)
+        return np.asarray(logits, dtype=np.float32)
 
     def info(self) -> RunnerInfo:
         used = list(self._session.get_providers()) if self._session is not None else []

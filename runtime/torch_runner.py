@@ -1,10 +1,15 @@
-"""PyTorch backend: the eager model (BatchNorm folded, as exported), optionally replayed as a CUDA graph.
+"""PyTorch backend: the eager model (prepared as exported: BatchNorm folded), optionally replayed as a CUDA
+graph; and `torch_threads`, the scoped setting of torch's process-wide thread count.
 
-This module imports without torch; torch is imported when a runner is built."""
+This module imports without torch; torch is imported when a runner is built. It does not import the export
+stage: the fold comes in as `prepare` (see TorchRunner)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +21,11 @@ from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
 if TYPE_CHECKING:
     from gprebn_edge.consent import CodeConsent
 
-__all__ = ["TorchRunner", "import_torch"]
+__all__ = ["Prepare", "TorchRunner", "import_torch", "torch_threads"]
+
+Prepare = Callable[[Any, Any], tuple[Any, Any]]
+"""(eval-mode module, example batch) -> (prepared module, report): the report a dict of lists or an object
+with `to_dict()`, e.g. gprebn_edge.export.fold.fold_batchnorm."""
 
 
 def import_torch() -> Any:
@@ -28,22 +37,76 @@ def import_torch() -> Any:
     return torch
 
 
+class _ThreadScopes:
+    """The open `torch_threads` scopes of the process, oldest first. torch's intra-op thread count is
+    process-wide: the newest open scope's count applies, and when the last one closes the count from
+    before the first one is restored, whatever order the scopes close in."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[tuple[object, int]] = []
+        self._before = 0
+
+    def enter(self, torch: Any, threads: int) -> object:
+        token = object()
+        with self._lock:
+            if not self._open:
+                self._before = torch.get_num_threads()
+            self._open.append((token, threads))
+            torch.set_num_threads(threads)
+        return token
+
+    def exit(self, torch: Any, token: object) -> None:
+        with self._lock:
+            self._open = [(t, n) for t, n in self._open if t is not token]
+            torch.set_num_threads(self._open[-1][1] if self._open else self._before)
+
+
+_SCOPES = _ThreadScopes()
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at `threads` (None: leave it), then put it back."""
+    if threads is None:
+        yield
+        return
+    torch = import_torch()
+    token = _SCOPES.enter(torch, threads)
+    try:
+        yield
+    finally:
+        _SCOPES.exit(torch, token)
+
+
+def _export_fold(model: Any, example: Any) -> tuple[Any, Any]:
+    """TRANSITIONAL, the one runtime -> export edge left: the default `prepare` for callers that do not pass
+    one yet (open_runner's callers in cli/ and runtime/tasks.py, benchmarks/gpu_check.py). Delete it, and
+    make folding need `prepare`, once they pass prepare=fold_batchnorm."""
+    from gprebn_edge.export.fold import fold_batchnorm
+
+    return fold_batchnorm(model, example)
+
+
 class TorchRunner(Runner):
     """Run an nn.Module, or the model of an adapted checkpoint (`which`: "adapted" or "source"), in eval mode.
 
-    `folded` folds BatchNorm into the convolutions first, as the export does, so timings compare with the
-    ONNX/TensorRT runs. Folding traces the model on an example batch: of `input_shape` (C, H, W) when given,
-    else of the checkpoint's crop size, else of the first batch passed to `infer` (then the first call also
-    pays for the fold). `cuda_graphs` (CUDA only) captures the forward pass once per batch shape and replays
-    it, re-capturing when the shape changes. `threads` sets torch's intra-op threads while active. `consent`:
-    to the model code a checkpoint names (user code is not imported without it)."""
+    `prepare` (module, example batch) -> (module, report) turns the model into what was exported, so timings
+    compare with the ONNX/TensorRT runs: pass gprebn_edge.export.fold.fold_batchnorm. Until every caller
+    does, `folded=True` without `prepare` still uses that fold (see _export_fold); `folded=False` runs the
+    model as given (e.g. one the caller folded already). Preparing traces the model on an example batch: of
+    `input_shape` (C, H, W) when given, else of the checkpoint's crop size, else of the first batch passed to
+    `infer` (then the first call also pays for it). `cuda_graphs` (CUDA only) captures the forward pass once
+    per batch shape and replays it, re-capturing when the shape changes. `threads` sets torch's intra-op
+    threads while active (torch_threads). `consent`: to the model code a checkpoint names (user code is not
+    imported without it)."""
 
     name = "torch"
 
     def __init__(self, module_or_checkpoint: Any, *, device: str = "cpu", fp16: bool = False,
                  cuda_graphs: bool = False, folded: bool = True, which: str = "adapted",
                  input_shape: tuple[int, ...] | None = None, threads: int | None = None,
-                 consent: CodeConsent | None = None) -> None:
+                 consent: CodeConsent | None = None, prepare: Prepare | None = None) -> None:
         super().__init__()
         torch = import_torch()
         if isinstance(module_or_checkpoint, str | Path):
@@ -66,6 +129,9 @@ class TorchRunner(Runner):
             raise InputError(f"which must be 'adapted' or 'source', got {which!r}")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be at least 1, got {threads}")
+        if prepare is not None and not folded:
+            raise InputError("prepare= is how the model gets folded: drop folded=False, or drop prepare")
+        self.prepare: Prepare | None = (prepare or _export_fold) if folded else None
         self.device = device
         self.fp16 = fp16
         self.cuda_graphs = cuda_graphs
@@ -78,7 +144,7 @@ class TorchRunner(Runner):
         self._meta: dict[str, Any] = {}
         self._fold_report: dict[str, Any] | None = None
         self._num_classes: int | None = None
-        self._saved_threads: int | None = None
+        self._scope = contextlib.ExitStack()  # the thread setting, undone at deactivation
         self._graph: Any = None
         self._static_in: Any = None
         self._static_out: Any = None
@@ -87,7 +153,7 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         torch = import_torch()
         if self.path is not None:
-            from gprebn_edge.checkpoint import rebuild_model
+            from gprebn_edge.checkpoint import rebuild_model  # the adapted artifact, handed forward
 
             if not self.path.is_file():
                 raise InputError(f"no such checkpoint: {self.path}")
@@ -98,21 +164,18 @@ class TorchRunner(Runner):
                 self.input_shape = (3, int(crop), int(crop))
         else:
             model = copy.deepcopy(self._source)  # moving or casting must not change the caller's module
-        if self.threads is not None:
-            self._saved_threads = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
+        self._scope.enter_context(torch_threads(self.threads))
         self._model = model.eval()
-        if self.folded and self.input_shape is not None:
-            self._fold(torch.zeros((2, *self.input_shape)))
-        elif not self.folded:
+        if self.prepare is not None and self.input_shape is not None:
+            self._prepare(torch.zeros((2, *self.input_shape)))
+        elif self.prepare is None:
             self._to_device()
 
-    def _fold(self, example: Any) -> None:
-        from gprebn_edge.export.fold import fold_batchnorm
-
-        folded, report = fold_batchnorm(self._model.float().cpu(), example.float().cpu()[:2])
-        self._model = folded
-        self._fold_report = report.to_dict()
+    def _prepare(self, example: Any) -> None:
+        assert self.prepare is not None
+        prepared, report = self.prepare(self._model.float().cpu(), example.float().cpu()[:2])
+        self._model = prepared
+        self._fold_report = dict(report.to_dict() if hasattr(report, "to_dict") else report or {})
         self._to_device()
 
     def _to_device(self) -> None:
@@ -123,21 +186,18 @@ class TorchRunner(Runner):
     def _deactivate(self) -> None:
         torch = import_torch()
         self._model = self._graph = self._static_in = self._static_out = None
-        if self._saved_threads is not None:
-            torch.set_num_threads(self._saved_threads)
-            self._saved_threads = None
+        self._scope.close()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
     # -- inference --------------------------------------------------------------------------------
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         torch = import_torch()
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        if x.ndim < 2:
-            raise InputError(f"the model takes a batch (N, C, H, W), got shape {list(x.shape)}")
-        if self._fold_report is None and self.folded:
+        x = torch.from_numpy(batch)
+        if self._fold_report is None and self.prepare is not None:
             self.input_shape = tuple(x.shape[1:])
-            self._fold(x)
+            self._prepare(x)
+            self._refresh_io()
         x = x.to(self.device, dtype=torch.float16 if self.fp16 else torch.float32)
         with torch.inference_mode():
             if self.cuda_graphs:
@@ -147,8 +207,9 @@ class TorchRunner(Runner):
             result = out.float().cpu().numpy()  # .cpu() waits for the device
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
-        if result.ndim == 2:
+        if result.ndim == 2 and self._num_classes != result.shape[1]:
             self._num_classes = int(result.shape[1])
+            self._refresh_io()
         return result
 
     def _replay(self, x: Any) -> Any:
@@ -172,17 +233,22 @@ class TorchRunner(Runner):
         return self._static_out
 
     # -- description ------------------------------------------------------------------------------
-    def inputs(self) -> list[TensorInfo]:
+    def _describe_io(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
         dims: tuple[int | str | None, ...] = self.input_shape or (None, None, None)
-        return [TensorInfo("input", ("batch", *dims), "float32")]
+        return ([TensorInfo("input", ("batch", *dims), "float32")],
+                [TensorInfo("logits", ("batch", self._num_classes), "float32")])
 
-    def outputs(self) -> list[TensorInfo]:
-        return [TensorInfo("logits", ("batch", self._num_classes), "float32")]
+    def _checked_shape(self, want: TensorInfo) -> tuple[int | str | None, ...] | None:
+        # any size an eager model takes; the rank once known (from input_shape or the first batch)
+        return None if self.input_shape is None else ("batch", *(None,) * len(self.input_shape))
+
+    def _model_name(self) -> str | None:
+        return self.path.name if self.path is not None else type(self._source).__name__
 
     def info(self) -> RunnerInfo:
         torch = import_torch()
-        details: dict[str, Any] = {"torch": torch.__version__, "folded": self.folded, "cuda_graphs": self.cuda_graphs,
-                                   "threads": self.threads or torch.get_num_threads()}
+        details: dict[str, Any] = {"torch": torch.__version__, "folded": self.prepare is not None,
+                                   "cuda_graphs": self.cuda_graphs, "threads": self.threads or torch.get_num_threads()}
         if self.path is not None:
             details.update(path=str(self.path), which=self.which)
         else:

@@ -52,10 +52,12 @@ def test_io_description_and_info(exported):
 
 def test_bad_inputs_are_one_line_errors(exported):
     with OnnxRuntimeRunner(exported.onnx) as runner:
-        with pytest.raises(InputError, match=r"rejected an input of shape \[2, 3, 16, 16\]") as e:
+        # checked before onnxruntime sees it: the model, the tensor and what to give, on one line
+        with pytest.raises(InputError, match=r"adapted.onnx \(onnxruntime\): input 'input' is \[batch, 3, 32, 32\], "
+                           r"got shape \[2, 3, 16, 16\]: preprocess the images to batch, 3, 32, 32") as e:
             runner.infer(np.zeros((2, 3, 16, 16), np.float32))
         assert "\n" not in str(e.value)
-        with pytest.raises(InputError, match="4-d input"):
+        with pytest.raises(InputError, match=r"is 4-d \[batch, 3, 32, 32\], got shape \[3, 32, 32\]"):
             runner.infer(np.zeros((3, 32, 32), np.float32))
         # float64 and non-contiguous batches are converted, not refused
         x = np.asfortranarray(exported.images[:2].astype(np.float64))

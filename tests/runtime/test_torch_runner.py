@@ -99,3 +99,21 @@ def test_cuda_graphs_match_eager_and_recapture_on_new_batch(exported):
     for got in (graphed, again, back):
         np.testing.assert_allclose(got, eager, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(small, eager[:3], rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_is_the_callers_fold(exported, ort_logits):
+    from gprebn_edge.export.fold import fold_batchnorm  # the caller's side: runtime does not import export
+
+    model, _ = rebuild_model(exported.checkpoint, "adapted")
+    calls = []
+
+    def prepare(module, example):
+        calls.append(tuple(example.shape))
+        return fold_batchnorm(module, example)
+
+    with TorchRunner(model, input_shape=(3, 32, 32), prepare=prepare) as runner:
+        got = runner.infer(exported.images)
+        assert runner.info().details["fold"]["folded"] == 9
+    assert calls == [(2, 3, 32, 32)] and max_rel(got, ort_logits) <= 1e-5
+    with pytest.raises(InputError, match="prepare"):
+        TorchRunner(model, folded=False, prepare=prepare)

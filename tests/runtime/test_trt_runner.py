@@ -10,6 +10,7 @@ import pytest
 from gprebn_edge.errors import ArtifactError, InputError, MissingDependencyError
 from gprebn_edge.runtime.loading import open_runner
 from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
+from gprebn_edge.runtime.tensorrt_common import trt_logger
 from gprebn_edge.runtime.trt_runner import TensorRTRunner, import_tensorrt
 
 
@@ -56,7 +57,7 @@ def engine(exported, tmp_path_factory):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    logger = trt.Logger(trt.Logger.ERROR)
+    logger = trt_logger()  # the process's one: TensorRT treats its logger as a singleton
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
