@@ -1,111 +1,36 @@
-"""`loop-report`: read the device loop's JSON-lines metrics log, summarize a run (resumed ones included),
-check that only candidates that passed their gates were ever served, and plot it. numpy only; matplotlib
-is imported when plotting.
+"""`loop-report`: read the device loop's JSON-lines metrics log (its rotated parts too, see `metrics_log`),
+summarize a run (resumed ones included), check that only candidates that passed their gates were ever
+served, and plot it. numpy only; matplotlib is imported when plotting.
 
-The log is append-only, so a kill can leave its last line cut short: that line is skipped and counted. So is
-a cut line directly followed by a "start" record (the run was killed, then resumed). Any other unparsable
-line is corruption, reported with its line number."""
+Run-level latency percentiles merge the windows' latency histograms (within 4.4 %, see `histogram`); an
+older log's per-frame latency lists are binned the same way."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gprebn_edge.device.histogram import MAX_RELATIVE_ERROR, LatencyHistogram, check_layout
+from gprebn_edge.device.metrics_log import LoopLog, read_log
 from gprebn_edge.errors import ArtifactError, InputError
 from gprebn_edge.optional import new_figure, save_figure
 
 __all__ = ["LoopLog", "read_log", "summarize", "summary_to_json", "format_summary", "plot_loop"]
-
-# fields every known event must carry (besides "event" and "t"), checked when the log is read
-_REQUIRED = {
-    "start": ("round", "frames"),
-    "window": ("frames", "n", "served_round"),
-    "round": ("round", "frames", "passed"),
-    "swap": ("round", "frames"),
-    "rollback": ("to_round", "frames"),
-    "stop": ("frames",),
-}
-
-
-@dataclass(frozen=True)
-class LoopLog:
-    """The parsed records in file order, the 1-based line number of each, and the lines skipped as cut
-    short by a kill."""
-
-    path: Path
-    records: list[dict[str, Any]]
-    lines: list[int]
-    truncated_lines: tuple[int, ...] = ()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["event"] == name]
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def _check_record(rec: Any, where: str) -> dict[str, Any]:
-    if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
-        raise ArtifactError(f"{where}: not a loop record (a JSON object with an \"event\" name)")
-    if not _is_number(rec.get("t")):
-        raise ArtifactError(f"{where}: the {rec['event']!r} record has no numeric time \"t\"")
-    for key in _REQUIRED.get(rec["event"], ()):
-        ok = isinstance(rec.get(key), bool) if key == "passed" else _is_number(rec.get(key))
-        if not ok:
-            raise ArtifactError(f"{where}: the {rec['event']!r} record lacks a valid {key!r}")
-    segments = rec.get("by_segment") or {}
-    if not isinstance(segments, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and all(_is_number(c) for c in v) for v in segments.values()):
-        raise ArtifactError(f"{where}: \"by_segment\" must map segment names to [correct, labeled]")
-    return rec
-
-
-def read_log(path: str | Path) -> LoopLog:
-    """Parse a metrics log. Missing or empty -> InputError; a corrupt line -> ArtifactError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"metrics log {path} does not exist (or is not a file): give the LOG that "
-                         f"`gprebn-edge loop` wrote")
-    raw = [(i + 1, line) for i, line in enumerate(path.read_bytes().split(b"\n")) if line.strip()]
-    if not raw:
-        raise InputError(f"metrics log {path} is empty: the loop wrote no record")
-    parsed: list[tuple[int, Any]] = []  # (line, record or None when unparsable)
-    for number, line in raw:
-        try:
-            parsed.append((number, json.loads(line.decode("utf-8"))))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed.append((number, None))
-    records, lines, truncated = [], [], []
-    for k, (number, rec) in enumerate(parsed):
-        if rec is None:
-            nxt = parsed[k + 1][1] if k + 1 < len(parsed) else None
-            if k + 1 == len(parsed) or (isinstance(nxt, dict) and nxt.get("event") == "start"):
-                truncated.append(number)  # cut by a kill (then possibly resumed)
-                continue
-            glued = raw[k][1].count(b'"event"') > 1
-            raise ArtifactError(f"{path} line {number}: unparsable JSON in the middle of the log"
-                                + (" (a record appended to a line cut by a kill?)" if glued else "")
-                                + ": the log is corrupt")
-        records.append(_check_record(rec, f"{path} line {number}"))
-        lines.append(number)
-    if not records:
-        raise InputError(f"metrics log {path} has no complete record (only a line cut short)")
-    return LoopLog(path, records, lines, tuple(truncated))
-
-
-def _percentiles(values: list[float]) -> dict[str, Any] | None:
-    if not values:
+def _percentiles(h: LatencyHistogram) -> dict[str, Any] | None:
+    if not h.n:
         return None
-    a = np.asarray(values, dtype=np.float64)
-    p50, p99 = np.percentile(a, [50, 99])  # linear interpolation, as bench
-    return {"p50": float(p50), "p99": float(p99), "n": int(a.size)}
+    return {"p50": h.percentile(50), "p99": h.percentile(99), "n": h.n}
 
 
 def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None, key: str) -> float | None:
@@ -114,21 +39,39 @@ def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None, key: str) -> 
     return float(num[key] / den[key])
 
 
-def _floats(log: LoopLog, i: int, key: str) -> list[float]:
-    values = log.records[i].get(key) or []
-    if not isinstance(values, list) or not all(_is_number(v) for v in values):
-        raise ArtifactError(f"{log.path} line {log.lines[i]}: {key!r} must be a list of numbers")
-    return [float(v) for v in values]
+def _histograms(log: LoopLog, i: int) -> tuple[LatencyHistogram, LatencyHistogram]:
+    """(idle, adapting) latencies of window record i: its histograms, or an older log's per-frame lists."""
+    w, where = log.records[i], log.where[i]
+    if "latency_hist_ms" in w:
+        hist = w["latency_hist_ms"]
+        field = f"{where}: \"latency_hist_ms\""
+        if not isinstance(hist, dict):
+            raise ArtifactError(f"{field} must be an object")
+        check_layout({k: v for k, v in hist.items() if k not in ("idle", "adapting")}, field)
+        return (LatencyHistogram.from_json(hist.get("idle", []), f"{where}: \"latency_hist_ms.idle\""),
+                LatencyHistogram.from_json(hist.get("adapting", []), f"{where}: \"latency_hist_ms.adapting\""))
+    out = []
+    for key in ("idle_latencies_ms", "adapting_latencies_ms"):
+        values = w.get(key) or []
+        if not isinstance(values, list) or not all(_is_number(v) and v == v for v in values):
+            raise ArtifactError(f"{where}: {key!r} must be a list of numbers")
+        out.append(LatencyHistogram(values))
+    return out[0], out[1]
 
 
-def _served_only_passed(records: Iterable[dict[str, Any]]) -> list[str]:
-    """Violations of "the loop never serves a candidate that failed its gates", in log order."""
+def _served_only_passed(records: Iterable[dict[str, Any]], complete: bool = True) -> list[str]:
+    """Violations of "the loop never serves a candidate that failed its gates", in log order. Where rotation
+    dropped the log's first parts (`complete` false), a round the kept parts do not introduce may have been
+    started there: only rounds whose kept records show a failure are flagged."""
     latest: dict[int, dict[str, Any]] = {}  # round id -> its latest round record so far
     servable: set[int] = set()              # rounds started, swapped in or rolled back to so far
     violations = []
 
     def failed(r: int) -> bool:
         return r in latest and (not latest[r]["passed"] or latest[r].get("error") is not None)
+
+    def unknown(r: int) -> bool:  # never introduced, and that is a violation
+        return r not in servable and (complete or failed(r))
 
     for rec in records:
         ev = rec["event"]
@@ -141,18 +84,18 @@ def _served_only_passed(records: Iterable[dict[str, Any]]) -> list[str]:
                                   f"its gates")
         elif ev == "swap":
             r = rec["round"]
-            if r not in latest:
+            if r not in latest and complete:
                 violations.append(f"swap to round {r} at frame {rec['frames']}: no round record before it")
             elif failed(r):
                 why = latest[r].get("error") or "; ".join(latest[r].get("reasons") or []) or "passed=false"
                 violations.append(f"swap to round {r} at frame {rec['frames']}, which failed its gates ({why})")
             servable.add(r)  # flagged once here, not again for every window that serves it
         elif ev == "rollback":
-            if rec["to_round"] not in servable:
+            if unknown(rec["to_round"]):
                 violations.append(f"rollback at frame {rec['frames']} to round {rec['to_round']}, which was "
                                   f"never in service")
             servable.add(rec["to_round"])
-        elif ev == "window" and rec["served_round"] not in servable:
+        elif ev == "window" and unknown(rec["served_round"]):
             violations.append(f"window ending at frame {rec['frames']} served round {rec['served_round']}, "
                               f"which was never started, swapped in or rolled back to")
             servable.add(rec["served_round"])
@@ -163,36 +106,31 @@ def _accuracy(correct: int, labeled: int) -> float | None:
     return correct / labeled if labeled > 0 else None
 
 
-def summarize(log: LoopLog) -> dict[str, Any]:
-    """Totals, online accuracy (overall, per segment, per window), latency idle vs adapting and the
-    served-only-passed check of one run. Plain JSON types; None where a value does not exist."""
-    recs = log.records
-    windows = [i for i, r in enumerate(recs) if r["event"] == "window"]
-    rounds = log.events("round")
-    starts = log.events("start")
-    stops = log.events("stop")
-
-    # serving time: each session runs from its start record to the last record before the next start
+def _serving_seconds(records: list[dict[str, Any]]) -> float:
+    """Each session runs from its start record to the last record before the next start."""
     sessions: list[list[float]] = []
-    for r in recs:
+    for r in records:
         if r["event"] == "start" or not sessions:
             sessions.append([r["t"], r["t"]])
         sessions[-1][1] = r["t"]
+    return float(sum(end - begin for begin, end in sessions))
 
+
+def _windows(log: LoopLog) -> dict[str, Any]:
+    """Sums over the window records: accuracy (overall, per segment, per window), entropy, latency."""
     labeled = correct = 0
     segments: dict[str, list[int]] = {}
     series = []
-    idle: list[float] = []
-    adapting: list[float] = []
+    idle, adapting = LatencyHistogram(), LatencyHistogram()
     entropy_sum = entropy_n = 0.0
-    for i in windows:
-        w = recs[i]
+    for i, w in enumerate(log.records):
+        if w["event"] != "window":
+            continue
+        acc = None
         if w.get("correct") is not None and w.get("labeled"):
             labeled += int(w["labeled"])
             correct += int(w["correct"])
             acc = _accuracy(int(w["correct"]), int(w["labeled"]))
-        else:
-            acc = None
         for name, pair in (w.get("by_segment") or {}).items():
             total = segments.setdefault(name, [0, 0])  # dicts keep the order of first appearance
             total[0] += int(pair[0])
@@ -200,24 +138,51 @@ def summarize(log: LoopLog) -> dict[str, Any]:
         if _is_number(w.get("mean_entropy")) and math.isfinite(w["mean_entropy"]) and w["n"] > 0:
             entropy_sum += w["mean_entropy"] * w["n"]
             entropy_n += w["n"]
-        idle += _floats(log, i, "idle_latencies_ms")
-        adapting += _floats(log, i, "adapting_latencies_ms")
+        h_idle, h_adapting = _histograms(log, i)
+        idle.merge(h_idle)
+        adapting.merge(h_adapting)
         series.append({"frames": int(w["frames"]), "n": int(w["n"]), "accuracy": acc,
                        "served_round": int(w["served_round"])})
-
     lat_idle, lat_adapting = _percentiles(idle), _percentiles(adapting)
+    return {
+        "frames_in_windows": sum(s["n"] for s in series), "windows": len(series),
+        "labeled": labeled, "correct": correct, "accuracy": _accuracy(correct, labeled),
+        "segments": [{"name": name, "correct": c, "labeled": n, "accuracy": _accuracy(c, n)}
+                     for name, (c, n) in segments.items()],
+        "accuracy_series": series,
+        "mean_entropy": entropy_sum / entropy_n if entropy_n else None,
+        "latency_ms": {
+            "all": _percentiles(LatencyHistogram().merge(idle).merge(adapting)), "idle": lat_idle,
+            "adapting": lat_adapting,
+            "ratio": {"p50": _ratio(lat_adapting, lat_idle, "p50"), "p99": _ratio(lat_adapting, lat_idle, "p99")},
+            "max_relative_error": MAX_RELATIVE_ERROR,
+        },
+    }
+
+
+def summarize(log: LoopLog) -> dict[str, Any]:
+    """Totals, online accuracy (overall, per segment, per window), latency idle vs adapting and the
+    served-only-passed check of one run (of the parts rotation kept). Plain JSON types; None where a value
+    does not exist."""
+    recs = log.records
+    rounds = log.events("round")
+    starts = log.events("start")
+    stops = log.events("stop")
     rejected = [r for r in rounds if not r["passed"] or r.get("error") is not None]
     drift = [float(r["stats_drift"]) for r in rounds if _is_number(r.get("stats_drift"))]
-    violations = _served_only_passed(recs)
+    violations = _served_only_passed(recs, complete=not log.dropped_parts)
     with_frames = [r for r in recs if "frames" in r]
+    windows = _windows(log)
     return {
         "log": str(log.path),
+        "log_parts": len(log.parts),
+        "dropped_parts": log.dropped_parts,
         "truncated_lines": len(log.truncated_lines),
         "frames": int(with_frames[-1]["frames"]) if with_frames else 0,
-        "frames_in_windows": sum(int(recs[i]["n"]) for i in windows),
-        "windows": len(windows),
+        "frames_in_windows": windows.pop("frames_in_windows"),
+        "windows": windows.pop("windows"),
         "wall_seconds": float(recs[-1]["t"] - recs[0]["t"]),
-        "serving_seconds": float(sum(end - begin for begin, end in sessions)),
+        "serving_seconds": _serving_seconds(recs),
         "starts": len(starts),
         "resumes": sum(bool(s.get("resumed")) for s in starts),
         "stop_reason": stops[-1].get("reason") if stops and recs[-1]["event"] == "stop" else None,
@@ -227,20 +192,10 @@ def summarize(log: LoopLog) -> dict[str, Any]:
         "errors": sum(r.get("error") is not None for r in rounds),
         "swaps": len(log.events("swap")),
         "rollbacks": len(log.events("rollback")),
-        "labeled": labeled,
-        "correct": correct,
-        "accuracy": _accuracy(correct, labeled),
-        "segments": [{"name": name, "correct": c, "labeled": n, "accuracy": _accuracy(c, n)}
-                     for name, (c, n) in segments.items()],
-        "accuracy_series": series,
-        "mean_entropy": entropy_sum / entropy_n if entropy_n else None,
+        **windows,
         "stats_drift": {"mean": float(np.mean(drift)), "max": float(np.max(drift))} if drift else None,
         "rejected_rounds": [{"round": r["round"], "frames": r["frames"], "error": r.get("error"),
                              "reasons": list(r.get("reasons") or [])} for r in rejected],
-        "latency_ms": {
-            "all": _percentiles(idle + adapting), "idle": lat_idle, "adapting": lat_adapting,
-            "ratio": {"p50": _ratio(lat_adapting, lat_idle, "p50"), "p99": _ratio(lat_adapting, lat_idle, "p99")},
-        },
         "served_only_passed": not violations,
         "violations": violations,
     }
@@ -290,6 +245,9 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
     ]
     if s["truncated_lines"]:
         totals.append(("cut lines skipped", f"{s['truncated_lines']}"))
+    if s["dropped_parts"]:
+        totals.append(("log parts dropped by rotation", f"{s['dropped_parts']} (the figures cover the "
+                                                         f"{s['log_parts']} kept)"))
     out = [f"# Loop run: {_md(s['log'])}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in totals]
     if s["segments"]:
         out += ["", "## Online accuracy per segment", "", "| segment | labeled | correct | accuracy |",
@@ -297,7 +255,8 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
         out += [f"| {_md(g['name'])} | {g['labeled']} | {g['correct']} | {_pct(g['accuracy'])} |"
                 for g in s["segments"]]
     lat = s["latency_ms"]
-    out += ["", "## Serving latency (ms)", "", "| adaptation in background | frames | p50 | p99 |",
+    out += ["", "## Serving latency (ms)", "", f"From histograms: within {100 * lat['max_relative_error']:.1f} %.",
+            "", "| adaptation in background | frames | p50 | p99 |",
             "|---|---:|---:|---:|"]
     for label, key in (("any", "all"), ("idle", "idle"), ("running", "adapting")):
         p = lat[key]

@@ -1,6 +1,10 @@
 """One metrics window of the device loop: the per-frame figures of the frames served since the last record
 (latency split by whether a round was running, entropy, accuracy and per-segment counts when labels exist).
-numpy only."""
+numpy only.
+
+A record keeps exact percentiles of its own window, and the window's latencies as two histograms (idle,
+adapting) under "latency_hist_ms", with their bin layout: a record's size is bounded whatever its frame
+count, and a run's percentiles come from merging them (see `histogram`)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from gprebn_edge.device.histogram import LAYOUT, LatencyHistogram
 from gprebn_edge.runtime import metrics
 
 __all__ = ["Window", "segment_names"]
@@ -63,8 +68,8 @@ class Window:
                 "mean_entropy": float(ent.mean()), "non_finite": int((~finite).sum()), "labeled": len(labeled),
                 "correct": sum(correct) if labeled else None, "by_segment": by_segment,
                 "segment_frames": segment_frames,
-                "idle_latencies_ms": [round(float(v), 4) for v in ms[~busy]],
-                "adapting_latencies_ms": [round(float(v), 4) for v in ms[busy]]}
+                "latency_hist_ms": {**LAYOUT, "idle": LatencyHistogram(ms[~busy]).to_json(),
+                                    "adapting": LatencyHistogram(ms[busy]).to_json()}}
 
 
 def _percentiles(ms: np.ndarray) -> dict[str, float]:
