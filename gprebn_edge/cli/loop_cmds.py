@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,8 @@ def loop(
     lr: Annotated[float, typer.Option(help="GpreBN learning rate (at batch 64).")] = 1e-3,
     adapt_threads: Annotated[int, typer.Option(help="torch threads for the background adaptation.")] = 1,
     serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = 1,
+    shift_trigger: Annotated[bool, typer.Option(help="Also start a round early when the inputs or the serving "
+                                                "model's outputs shift (the log says why each round started).")] = True,
     trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
     verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
 ) -> None:
@@ -58,6 +62,7 @@ def loop(
     after it passed its gates; persist and resume."""
     from gprebn_edge.consent import CodeConsent
     from gprebn_edge.device.loop import LoopConfig
+    from gprebn_edge.device.shift import ShiftConfig
 
     stopped = f"the state in {state} is servable; run the same command again to resume"
     with cli_errors(f"interrupted: {stopped}"), _stop_signals() as stop:
@@ -66,10 +71,10 @@ def loop(
                             every=every if every is not None or interval is not None else 500, interval=interval,
                             buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
                             fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
-                            consent=CodeConsent(any_code=trust_model_code), verify=verify), stop)
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify,
+                            shift=ShiftConfig() if shift_trigger else None), stop)
         except (KeyboardInterrupt, GprebnError):
-            # after a stop signal, an error on the way out is its consequence (a signal inside a C extension's
-            # import surfaces as an ImportError): the signal is reported
+            # after a stop signal, an error on the way out is its consequence: the signal is reported
             if stop.signum is None:
                 raise
             if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to cli_errors: exit 130
@@ -83,7 +88,6 @@ def _run(config: Any, stop: _Stop) -> None:
 
     with status() as say:
         def on_window(r: dict[str, Any]) -> None:
-            stop.serving()  # on the serving thread, between frames
             acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
             say(f"{r['frames']} frames, serving round {r['served_round']}, p50 {r['latency_ms']['p50']:.2f} ms"
                 f"{acc}, entropy {r['mean_entropy']:.3f}")
@@ -91,47 +95,55 @@ def _run(config: Any, stop: _Stop) -> None:
         def on_notice(message: str) -> None:
             err_console.print(error_line("error:", message), soft_wrap=True)
 
-        result = run_loop(config, on_window=on_window, on_notice=on_notice)
-    if stop.signum is not None:  # a signal during start-up, and the source ended before the first window
-        raise KeyboardInterrupt
+        result = run_loop(config, on_window=on_window, on_notice=on_notice, should_stop=stop.requested)
     skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
     console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
                   f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
                   f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
                   soft_wrap=True)
     console.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
+    if result.worker_abandoned:
+        # the worker is still inside torch: a normal interpreter exit would abort in its native thread pool
+        # ("terminate called without an active exception"); everything on disk is closed, so leave at once
+        err_console.print(error_line("error:", "the adaptation worker did not stop in time; exiting without "
+                                     "waiting for it (the state folder is servable)"), soft_wrap=True)
+        _exit_now(128 + stop.signum if stop.signum is not None else 1)
+    if stop.signum is not None:  # the loop stopped as asked: one line and 130/143, from the caller
+        raise KeyboardInterrupt
     if result.errors:  # each was reported when it happened; serving went on, but the command failed
         more = f" (and {len(result.errors) - 1} more, in the log)" if len(result.errors) > 1 else ""
         err_console.print(error_line("error:", f"{result.errors[0]}{more}"), soft_wrap=True)
         raise typer.Exit(1)
 
 
-class _Stop:
-    signum: int | None = None
-    # until the first frames are served, a signal is only recorded: start-up runs native code that calls back
-    # into Python (the ONNX export, session creation), and an exception raised there aborts the process
-    # ("terminate called after throwing pybind11::error_already_set"); it is acted on at the first window
-    deferred: bool = True
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
-    def serving(self) -> None:
-        """Frames are being served: act on a signal that came during start-up, and raise at once from now on."""
-        self.deferred = False
-        if self.signum is not None:
-            raise KeyboardInterrupt
+
+class _Stop:
+    """The signal the loop was asked to stop with. The handler only records it; the loop acts on it at its
+    next safe point (between two frames, between two start-up steps), never inside native code: an exception
+    raised into torch's or onnxruntime's callbacks, or into an import another thread waits on, can abort the
+    process or leave a module half-imported."""
+
+    signum: int | None = None
+
+    def requested(self) -> bool:
+        return self.signum is not None
 
 
 @contextlib.contextmanager
 def _stop_signals() -> Iterator[_Stop]:
-    """Ctrl-C and SIGTERM stop the loop the same way: the first raises KeyboardInterrupt in the serving thread
-    (which stops the worker and closes the runners before returning, so no native thread is left running at
-    exit); later ones are ignored while it stops. The old handlers come back afterwards."""
+    """Ctrl-C and SIGTERM stop the loop the same way: the first is recorded for the loop to act on (it stops the
+    worker and closes the runners before returning, so no native thread is left running at exit); later ones
+    are ignored while it stops. The old handlers come back afterwards."""
     stop = _Stop()
 
     def handler(signum: int, frame: Any) -> None:
         if stop.signum is None:
             stop.signum = signum
-            if not stop.deferred:
-                raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield stop

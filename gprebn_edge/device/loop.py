@@ -48,13 +48,15 @@ from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.device.gates import GateConfig
-from gprebn_edge.device.state import LoopState, MetricsLog, StateDir
+from gprebn_edge.device.metrics_log import MetricsLog
+from gprebn_edge.device.shift import ShiftConfig, ShiftDetector
+from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.device.window import Window, segment_names
-from gprebn_edge.device.worker import Job, Shared, Worker
+from gprebn_edge.device.worker import Job, Shared, Worker, one_line
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError
 from gprebn_edge.io import atomic_path
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.loading import model_metadata, open_runner, verify_file
+from gprebn_edge.runtime.loading import manifest_beside, model_metadata, open_runner, verify_file
 
 __all__ = ["LoopConfig", "LoopResult", "run_loop"]
 
@@ -83,6 +85,7 @@ class LoopConfig:
     probe: str | None = None         # labeled images for the probe-accuracy gate
     probe_limit: int = 256
     gates: GateConfig = field(default_factory=GateConfig)
+    shift: ShiftConfig | None = field(default_factory=ShiftConfig)  # None: rounds on the cadence only
     recovery: int = 3
     batch_size: int = 64
     lr: float = 1e-3
@@ -118,6 +121,9 @@ class LoopConfig:
             raise InputError(f"--buffer must hold at least 16 frames, got {self.buffer}")
         if not 0.05 <= self.holdout <= 0.5:
             raise InputError(f"--holdout must be in [0.05, 0.5], got {self.holdout}")
+        if self.model is not None and self.buffer < self.min_frames:
+            raise InputError(f"--buffer {self.buffer} holds fewer frames than a round needs ({self.min_frames}): "
+                             f"give --buffer {self.min_frames} or more, or serve without --model")
         if self.window < 1 or self.recovery < 1 or self.batch_size < 1:
             raise InputError("--window, --recovery and --batch-size must be at least 1")
         if self.fps is not None and self.fps <= 0:
@@ -146,6 +152,31 @@ class LoopResult:
     log: Path
     skipped: int = 0                 # unreadable frames skipped (image folders)
     errors: list[str] = field(default_factory=list)  # worker failures, each reported when it happened
+    worker_abandoned: bool = False   # the worker did not stop in time and still runs (exit with os._exit)
+
+
+class _Run:
+    """What one run of the serving loop counts and holds."""
+
+    def __init__(self, state: LoopState, resumed: bool, runner: Runner, config: LoopConfig) -> None:
+        self.state = state
+        self.runner = runner
+        self.served_round, self.frames = state.round, state.frames
+        self.swaps = self.rounds = self.passed = self.rollbacks = 0
+        self.errors: list[str] = []
+        live = config.source.startswith("camera:")  # a camera has no past frames to skip on resume
+        self.skip = state.frames if resumed and not live else 0
+        self.next_round_id = state.rounds_tried + 1
+        self.last_trigger_frames, self.last_trigger_time = self.frames, time.perf_counter()
+        self.next_frame_time = time.perf_counter()
+        self.buffer: deque[np.ndarray] = deque(maxlen=config.buffer)
+        self.window = Window()
+        self.names: list[str] | None = None
+        self.reason = "source exhausted"
+        self.worker_abandoned = False
+        self.shift = ShiftDetector(config.shift) if config.shift is not None else None
+        self.shift_at: int | None = None  # the frame a detected shift began at, until its round starts
+        self.shift_reason = ""
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -155,9 +186,11 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 class _Loop:
     def __init__(self, config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None,
-                 on_notice: Callable[[str], None] | None) -> None:
+                 on_notice: Callable[[str], None] | None, should_stop: Callable[[], bool] | None) -> None:
         config.check()
         self.config = config
+        self.should_stop = should_stop or (lambda: False)
+        self.raise_interrupt = False
         self.on_window = on_window
         self.on_notice = on_notice
         self.dir = StateDir(config.state)
@@ -200,9 +233,11 @@ class _Loop:
 
             export_artifact(self.dir.path / checkpoint, onnx, check_images=256, consent=c.consent)
         engine = None
-        if c.engine is not None:
+        if c.engine is not None:  # with its manifest: the engine's preprocessing and classes are recorded there
             engine = self.dir.round_path(0, ".engine").name
             _copy_atomic(Path(c.engine), self.dir.path / engine)
+            if manifest_beside(c.engine).is_file():
+                _copy_atomic(manifest_beside(c.engine), manifest_beside(self.dir.path / engine))
         return LoopState(round=0, checkpoint=checkpoint, onnx=onnx.name if onnx.exists() else "",
                          engine=engine, source=c.source, rounds_tried=0)
 
@@ -213,6 +248,9 @@ class _Loop:
         if c.engine is not None and c.verify:
             verify_file(c.engine)
         served_meta = model_metadata(served) if served is not None else None
+        if served_meta is not None and not served_meta.get("preprocess"):
+            raise InputError(f"{served} does not record its preprocessing: serve an ONNX file exported by gprebn-edge "
+                             "(or keep the engine's manifest, NAME.manifest.json, beside it)")
         if c.model is not None:
             from gprebn_edge.checkpoint import load_checkpoint  # torch: adapting needs it anyway
 
@@ -259,11 +297,20 @@ class _Loop:
         before = set(os.listdir(self.dir.path)) if existed else set()
         self.serving_started = False
         try:
-            return self._run(state)
+            result = self._run(state)
         except BaseException:
             if state is None and not self.serving_started:  # a failed (or interrupted) start leaves nothing
                 self._undo_start(existed, before)
             raise
+        if state is None and not self.serving_started and result.stop_reason == "interrupted":
+            self._undo_start(existed, before)  # stopped before its first frame: as if it never started
+            raise KeyboardInterrupt
+        return result
+
+    def _stop_point(self) -> None:
+        """Between two start-up steps: act on a stop request (the start is then undone)."""
+        if self.should_stop():
+            raise KeyboardInterrupt
 
     def _undo_start(self, existed: bool, before: set[str]) -> None:
         if self.log is not None:
@@ -283,6 +330,7 @@ class _Loop:
         self.dir.clean(state)
         if state is None:
             state = self._initial_state()
+            self._stop_point()
             self.dir.write(state)
             self.dir.clean(state)
         if self.adapting and not state.checkpoint:
@@ -308,129 +356,208 @@ class _Loop:
             if labels is None:
                 raise InputError(f"--probe {c.probe} has no labels: a probe set needs class subfolders or labels")
             self.probe = (images, labels)
+        self._stop_point()
         runner = self._open(state)
         runner.activate()
+        if self.should_stop():
+            runner.deactivate()
+            raise KeyboardInterrupt
         return self._serve(state, resumed, runner, preprocess, started)  # it deactivates the runner
 
     def _serve(self, state: LoopState, resumed: bool, runner: Runner, preprocess: Preprocess,
                started: float) -> LoopResult:
-        c = self.config
+        """Serve frames until the source ends, the frame limit, or a stop request; then stop the worker and close
+        everything (on every path), and say why it stopped."""
         assert self.log is not None
-        source: Any = None
+        run = _Run(state, resumed, runner, self.config)
         jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
-        worker = None
+        worker: threading.Thread | None = None
         switch_interval = sys.getswitchinterval()
-        buffer: deque[np.ndarray] = deque(maxlen=c.buffer)
-        served_round, swaps, frames = state.round, 0, state.frames
-        live = c.source.startswith("camera:")  # a camera has no past frames to skip on resume
-        skip = state.frames if resumed and not live else 0
-        next_round_id = state.rounds_tried + 1
-        last_trigger_frames, last_trigger_time = frames, time.perf_counter()
-        window = Window()
-        reason = "source exhausted"
-        next_frame_time = time.perf_counter()
-        first, finished = True, False
+        finished = False
         try:
-            source = self.source = self._frames(c.source, preprocess, runner)
-            names = segment_names(source)
+            source = self.source = self._frames(self.config.source, preprocess, runner)
+            run.names = segment_names(source)
             self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
-                           config=_config_record(c), adapting=self.adapting)
+                           config=_config_record(self.config), adapting=self.adapting)
             if self.adapting:
-                work = Worker(c, self.dir, self.shared, self.log, self.probe, self._open, self.report)
-                # the worker runs Python between its kernels while holding the GIL; the default 5 ms switch
-                # interval would let it keep serving waiting that long, which is what a frame's p99 then shows
-                sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
-                worker = threading.Thread(target=work.run, args=(jobs,), name="gprebn-readapt", daemon=True)
-                worker.start()
-            for batch in source.batches(1):
-                if skip:
-                    skip -= 1
-                    continue
-                if c.fps is not None:  # a camera delivers frames at its own rate
-                    next_frame_time += 1.0 / c.fps
-                    time.sleep(max(0.0, next_frame_time - time.perf_counter()))
-                if c.max_frames is not None and frames >= c.max_frames:
-                    reason = "frame limit reached"
-                    break
-                with self.shared.lock:
-                    pending, self.shared.pending = self.shared.pending, None
-                    busy = self.shared.busy
-                if pending is not None:
-                    old, (runner, served_round) = runner, pending
-                    old.deactivate()
-                    swaps += 1
-                    self.log.write("swap", round=served_round, frames=frames)
-                t0 = time.perf_counter()
-                logits = runner.infer(batch.images)
-                ms = (time.perf_counter() - t0) * 1e3
-                if first:  # this run's first frame: a model that gives NaN/Inf does not start serving
-                    first, reason = False, "non-finite model"
-                    _require_finite(logits, self._model_file(state))
-                    reason = "source exhausted"
-                    self.serving_started = True
-                frames += 1
-                segment = names[int(batch.segment[0])] if names and hasattr(batch, "segment") else None
-                window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment,
-                           frames - 1)
-                buffer.append(batch.images[0])
-                if window.n >= c.window:
-                    self._flush(window, frames, served_round)
-                    window = Window()
-                due = (frames - last_trigger_frames >= c.every if c.every is not None
-                       else time.perf_counter() - last_trigger_time >= (c.interval or 0))
-                # a worker that died (it reported why) gets no jobs: a put with no consumer would block forever
-                if worker is not None and worker.is_alive() and due and not busy and len(buffer) >= c.min_frames:
-                    with self.shared.lock:
-                        self.shared.busy = True
-                        self.shared.state.rounds_tried = next_round_id
-                    try:
-                        jobs.put_nowait(Job(next_round_id, np.stack(buffer), frames))
-                    except queue.Full:  # cannot happen while busy is honoured; never block serving on it
-                        with self.shared.lock:
-                            self.shared.busy = False
-                        continue
-                    next_round_id += 1
-                    last_trigger_frames, last_trigger_time = frames, time.perf_counter()
-            finished = True
-        except KeyboardInterrupt:
-            reason = "interrupted"
+                worker = self._start_worker(jobs)
+            self._serve_frames(run, source, worker, jobs)
+            finished = run.reason != "interrupted"
+        except KeyboardInterrupt:  # a library caller's Ctrl-C, raised at any point: stop the same way
+            run.reason = "interrupted"
             raise
         finally:
-            if window.n:
-                self._flush(window, frames, served_round)
-            late_interrupt = worker is not None and self._stop_worker(worker, jobs, finish=finished)
-            if late_interrupt:
-                reason = "interrupted"
-            sys.setswitchinterval(switch_interval)
-            runner.deactivate()
-            with self.shared.lock:
-                if self.shared.pending is not None:
-                    self.shared.pending[0].deactivate()  # passed and persisted: it serves after a restart
-                    self.shared.pending = None
-                rounds, passed, rollbacks = self.shared.rounds, self.shared.passed, self.shared.rollbacks
-                errors = list(self.shared.errors)
-            self.log.write("stop", frames=frames, reason=reason, served_round=served_round,
-                           skipped=len(getattr(source, "skipped", [])), errors=errors)
-            self.log.close()
-        if late_interrupt:  # everything is stopped and closed: now stop as the signal asked
+            self._finish(run, worker, jobs, finished, switch_interval)
+        if self.raise_interrupt:
             raise KeyboardInterrupt
-        return LoopResult(frames=frames, rounds=rounds, passed=passed, swaps=swaps, rollbacks=rollbacks,
-                          served_round=served_round, resumed=resumed, seconds=time.perf_counter() - started,
-                          stop_reason=reason, log=self.dir.log_file, skipped=len(getattr(source, "skipped", [])),
-                          errors=errors)
+        return LoopResult(frames=run.frames, rounds=run.rounds, passed=run.passed, swaps=run.swaps,
+                          rollbacks=run.rollbacks, served_round=run.served_round, resumed=resumed,
+                          seconds=time.perf_counter() - started, stop_reason=run.reason, log=self.dir.log_file,
+                          skipped=len(getattr(self.source, "skipped", [])), errors=run.errors,
+                          worker_abandoned=run.worker_abandoned)
 
-    def _stop_worker(self, worker: threading.Thread, jobs: queue.Queue[Job | None], finish: bool) -> bool:
+    def _start_worker(self, jobs: queue.Queue[Job | None]) -> threading.Thread:
+        assert self.log is not None
+        work = Worker(self.config, self.dir, self.shared, self.log, self.probe, self._open, self.report)
+        # the worker runs Python between its kernels while holding the GIL; the default 5 ms switch interval
+        # would let it keep serving waiting that long, which is what a frame's p99 then shows (put back in _finish)
+        sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
+        worker = threading.Thread(target=work.run, args=(jobs,), name="gprebn-readapt", daemon=True)
+        worker.start()
+        return worker
+
+    def _serve_frames(self, run: _Run, source: Any, worker: threading.Thread | None,
+                      jobs: queue.Queue[Job | None]) -> None:
+        c = self.config
+        for batch in source.batches(1):
+            if self.should_stop():  # Ctrl-C/SIGTERM: acted on here, between two frames, never inside native code
+                run.reason = "interrupted"
+                return
+            if run.skip:
+                run.skip -= 1
+                continue
+            if c.fps is not None:  # a camera delivers frames at its own rate
+                run.next_frame_time += 1.0 / c.fps
+                time.sleep(max(0.0, run.next_frame_time - time.perf_counter()))
+            if c.max_frames is not None and run.frames >= c.max_frames:
+                run.reason = "frame limit reached"
+                return
+            self._swap_if_ready(run)
+            with self.shared.lock:
+                busy = self.shared.busy
+            self._serve_one(run, batch, busy)
+            # a worker that died (it reported why) gets no jobs: a put with no consumer would block forever
+            if worker is not None and worker.is_alive() and not busy:
+                self._maybe_start_round(run, jobs)
+        run.reason = "source exhausted"
+
+    def _swap_if_ready(self, run: _Run) -> None:
+        """Swap in the candidate the worker persisted, between two frames. Its runner is opened and activated
+        here, on the serving thread that uses it (a CUDA/TensorRT context is not handed between threads)."""
+        with self.shared.lock:
+            pending, self.shared.pending = self.shared.pending, None
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            new = self._open(pending.state)
+            new.activate()
+        except Exception as e:  # serving goes on with the current model; the state folder already names the new
+            self.report(f"could not open round {pending.state.round} to serve it ({one_line(e)}); serving goes on "
+                        f"with round {run.served_round}")
+            return
+        run.runner.deactivate()
+        run.runner, run.served_round = new, pending.state.round
+        run.swaps += 1
+        if run.shift is not None:
+            run.shift.reset()  # the new model's outputs: a new reference once its first window is full
+        assert self.log is not None
+        self.log.write("swap", round=run.served_round, frames=run.frames,
+                       open_ms=round((time.perf_counter() - t0) * 1e3, 3))
+
+    def _serve_one(self, run: _Run, batch: Any, busy: bool) -> None:
+        t0 = time.perf_counter()
+        logits = run.runner.infer(batch.images)
+        ms = (time.perf_counter() - t0) * 1e3
+        if not self.serving_started:  # this run's first frame: a model that gives NaN/Inf does not start serving
+            run.reason = "non-finite model"
+            _require_finite(logits, self._model_file(run.state))
+            run.reason = "source exhausted"
+            self.serving_started = True
+        run.frames += 1
+        segment = run.names[int(batch.segment[0])] if run.names and hasattr(batch, "segment") else None
+        run.window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment,
+                       run.frames - 1)
+        run.buffer.append(batch.images[0])
+        if run.shift is not None:
+            run.shift.update(batch.images[0], logits[0])
+        if run.window.n >= self.config.window:
+            self._flush(run.window, run.frames, run.served_round)
+            run.window = Window()
+
+    def _maybe_start_round(self, run: _Run, jobs: queue.Queue[Job | None]) -> None:
+        """Start a round on the cadence (--every/--interval) or, earlier, once a detected shift has
+        `min_frames` frames of the new domain in the buffer (that round adapts on those frames only)."""
+        c = self.config
+        trigger, frames = self._shift_trigger(run), list(run.buffer)
+        if trigger is not None:
+            frames = frames[-(run.frames - (run.shift_at or 0)):]
+        else:
+            due = (run.frames - run.last_trigger_frames >= c.every if c.every is not None
+                   else time.perf_counter() - run.last_trigger_time >= (c.interval or 0))
+            if not due or len(run.buffer) < c.min_frames:
+                return
+            trigger = "cadence"
+        with self.shared.lock:
+            self.shared.busy = True
+            self.shared.state.rounds_tried = run.next_round_id
+        try:  # the frames are stacked on the worker: serving only copies the buffer's references
+            jobs.put_nowait(Job(run.next_round_id, frames, run.frames, trigger))
+        except queue.Full:  # cannot happen while busy is honoured; never block serving on it
+            with self.shared.lock:
+                self.shared.busy = False
+            return
+        run.next_round_id += 1
+        run.last_trigger_frames, run.last_trigger_time = run.frames, time.perf_counter()
+        run.shift_at = None
+        if run.shift is not None and run.shift.full:
+            run.shift.set_reference()  # the new domain is the reference now: the same shift does not fire again
+
+    def _shift_trigger(self, run: _Run) -> str | None:
+        """"shift: <what moved>" once a detected shift has min_frames new frames, else None."""
+        if run.shift is None:
+            return None
+        if run.shift.full and not run.shift.has_reference:
+            run.shift.set_reference()  # the first full window of this model's outputs
+        if run.shift_at is None:
+            reason = run.shift.check()
+            if reason is None:
+                return None
+            run.shift_at = max(0, run.frames - run.shift.config.window)
+            run.shift_reason = reason
+            assert self.log is not None
+            self.log.write("shift", frames=run.frames, reason=reason, detector=run.shift.state())
+        if run.frames - run.shift_at < min(self.config.min_frames, self.config.buffer):
+            return None
+        return f"shift: {run.shift_reason}"
+
+    def _finish(self, run: _Run, worker: threading.Thread | None, jobs: queue.Queue[Job | None], finished: bool,
+                switch_interval: float) -> None:
+        """On every way out: the last window, the worker stopped (bounded), the runners closed, the log's last
+        record. A stop request while the last round finishes drops that round and stops as asked."""
+        assert self.log is not None
+        if run.window.n:
+            self._flush(run.window, run.frames, run.served_round)
+        if worker is not None:
+            interrupted, run.worker_abandoned = self._stop_worker(worker, jobs, finish=finished)
+            if interrupted:
+                run.reason = "interrupted"
+        sys.setswitchinterval(switch_interval)
+        run.runner.deactivate()
+        with self.shared.lock:
+            self.shared.pending = None  # passed and persisted: it serves after a restart
+            run.rounds, run.passed, run.rollbacks = self.shared.rounds, self.shared.passed, self.shared.rollbacks
+            run.errors = list(self.shared.errors)
+        self.log.write("stop", frames=run.frames, reason=run.reason, served_round=run.served_round,
+                       skipped=len(getattr(self.source, "skipped", [])), errors=run.errors)
+        self.log.close()
+
+    def _stop_worker(self, worker: threading.Thread, jobs: queue.Queue[Job | None], finish: bool) -> tuple[bool, bool]:
         """Stop the worker thread before returning: a thread still inside torch or onnxruntime when the
         interpreter exits makes their native thread pools abort the process. At the source's end the round in
-        flight finishes and is logged (its swap is not served); on Ctrl-C, SIGTERM or an error it is dropped
-        at its next phase. Bounded either way: a worker that does not stop is reported, never waited for."""
+        flight finishes and is logged (its swap is not served); on a stop request or an error it is dropped at its
+        next step. Bounded either way: a worker that does not stop is reported, never waited for. Returns
+        (a stop request came while waiting, the worker is still running)."""
         if not finish:
             self.shared.stop.set()
         deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish else WORKER_STOP_TIMEOUT)
         sent = not finish
         interrupted = False
-        try:
-            while worker.is_alive() and time.monotonic() < deadline:
+        while worker.is_alive() and time.monotonic() < deadline:
+            try:
+                if not interrupted and self.should_stop():
+                    interrupted = self._drop_round()
+                    deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
                 if not sent:
                     try:
                         jobs.put(None, timeout=0.1)
@@ -438,16 +565,17 @@ class _Loop:
                     except queue.Full:
                         continue
                 worker.join(timeout=0.1)
-        except KeyboardInterrupt:  # Ctrl-C/SIGTERM while the last round finishes: drop it, then stop as asked
-            interrupted = True
-            self.shared.stop.set()
-            deadline = time.monotonic() + WORKER_STOP_TIMEOUT
-            while worker.is_alive() and time.monotonic() < deadline:
-                worker.join(timeout=0.1)
+            except KeyboardInterrupt:  # a library caller's Ctrl-C while the last round finishes: drop it, then
+                interrupted = self.raise_interrupt = self._drop_round()  # raise it once everything is closed
+                deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
         if worker.is_alive():
             self.shared.stop.set()
             self.report("the adaptation worker did not stop in time; its round is dropped")
-        return interrupted
+        return interrupted, worker.is_alive()
+
+    def _drop_round(self) -> bool:
+        self.shared.stop.set()
+        return True
 
     def _frames(self, spec: str, preprocess: Preprocess, runner: Runner | None) -> Any:
         """The frame source, in order: a video file or camera (OpenCV), sized to the runner's input where the
@@ -470,14 +598,10 @@ class _Loop:
                                 **window.record())
         with self.shared.lock:
             self.shared.state.frames = frames
-            try:
-                self.dir.write(self.shared.state)
-            except OSError as e:  # a full disk: serving goes on; the state keeps its last good frame count
-                error: OSError | None = e
-            else:
-                error = None
-        if error is not None:
-            self.disk_error(error)
+        try:
+            self.shared.persist(self.dir)
+        except OSError as e:  # a full disk: serving goes on; the state keeps its last good frame count
+            self.disk_error(e)
         if self.on_window is not None:
             self.on_window(record)
 
@@ -500,18 +624,26 @@ def _require_consent(checkpoint: Path, meta: dict[str, Any], consent: CodeConsen
 
 
 def _config_record(c: LoopConfig) -> dict[str, Any]:
-    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items() if k not in ("gates", "consent")}
+    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items()
+           if k not in ("gates", "consent", "shift")}
     out["gates"] = c.gates.__dict__
+    out["shift"] = None if c.shift is None else asdict(c.shift)
     out["consent"] = None if c.consent is None else asdict(c.consent)
     return out
 
 
 def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None = None,
-             on_notice: Callable[[str], None] | None = None) -> LoopResult:
+             on_notice: Callable[[str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> LoopResult:
     """Run the device loop until the source ends, `max_frames` frames were served, or Ctrl-C (which
     leaves the state folder servable and resumable). `on_window` gets each window's metrics record;
     `on_notice` each problem serving survives (a worker failure, a full disk), as one line, when it happens.
-    Worker failures are also in `LoopResult.errors`. A start that fails leaves no state folder behind."""
+    Worker failures are also in `LoopResult.errors`. A start that fails leaves no state folder behind.
+
+    `should_stop` is polled between frames and between start-up steps (a CLI's signal handler only sets a
+    flag it reads): when it turns true, a start is undone and KeyboardInterrupt raised; while serving, the loop
+    stops the worker, closes everything and returns with stop_reason "interrupted". A KeyboardInterrupt raised
+    into the loop (Ctrl-C without such a handler) is handled the same way, then raised again."""
     if not isinstance(config.state, Path):
         raise GprebnError("LoopConfig.state must be a Path")
-    return _Loop(config, on_window, on_notice).run()
+    return _Loop(config, on_window, on_notice, should_stop).run()

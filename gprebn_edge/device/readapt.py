@@ -12,6 +12,7 @@ restarts the adapter from a checkpoint (the last good round)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from gprebn_edge.adapt import statistics_shift
 from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
+from gprebn_edge.models.spec import batchnorm_layers
 
-__all__ = ["ReadaptConfig", "Candidate", "Readapter", "stats_drift"]
+__all__ = ["ReadaptConfig", "Candidate", "Diverged", "Readapter", "stats_drift", "input_shift"]
+
+
+class Diverged(GprebnError):
+    """Adaptation itself blew up (non-finite outputs): a verdict on the candidate, not a bug."""
 
 
 @dataclass
@@ -46,19 +53,34 @@ class Candidate:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _bn_stats(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return {name: (m.running_mean.detach().clone(), m.running_var.detach().clone())
-            for name, m in model.named_modules()
-            if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None}
-
-
 def stats_drift(old: torch.nn.Module, new: torch.nn.Module) -> float:
     """Mean over BN layers of mean |mu_new - mu_old| / sigma_old: how far the statistics moved, in units of
-    the serving model's standard deviations."""
-    a, b = _bn_stats(old), _bn_stats(new)
-    shifts = [float(((b[k][0] - mu).abs() / (var + 1e-5).sqrt()).mean()) for k, (mu, var) in a.items() if k in b]
+    the serving model's standard deviations (the per-layer figure `adapt` records as statistics_shift)."""
+    rows = statistics_shift(old, new)
+    return float(np.mean([r["mean_shift"] for r in rows])) if rows else 0.0
+
+
+@torch.no_grad()
+def input_shift(model: torch.nn.Module, frames: torch.Tensor) -> float:
+    """How unfamiliar `frames` are to an eval-mode `model`: mean over its BN layers of mean over channels of
+    |mu_frames - mu_running| / sigma_running, where mu_frames is the mean of the layer's input over the
+    frames. Near 0 on the domain the statistics were estimated on; several sigmas on a new one."""
+    shifts: list[float] = []
+
+    def hook(mean: torch.Tensor, var: torch.Tensor, eps: float) -> Callable[..., None]:
+        def pre(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            mu = x.mean(dim=[d for d in range(x.dim()) if d != 1])
+            shifts.append(float(((mu - mean).abs() / (var + eps).sqrt()).mean()))
+        return pre
+
+    handles = [bn.register_forward_pre_hook(hook(bn.running_mean, bn.running_var, bn.eps))
+               for _, bn in batchnorm_layers(model) if bn.running_mean is not None and bn.running_var is not None]
+    try:
+        model(frames)
+    finally:
+        for h in handles:
+            h.remove()
     return float(np.mean(shifts)) if shifts else 0.0
 
 
@@ -69,8 +91,15 @@ class Readapter:
         self.config = config or ReadaptConfig()
         if self.config.batch_size < 1:
             raise GprebnError(f"the adaptation batch size must be at least 1, got {self.config.batch_size}")
+        self._threads_before = torch.get_num_threads()  # put back by close()
         torch.set_num_threads(max(1, self.config.threads))
+        self.start = Path(checkpoint)
+        self._source: torch.nn.Module | None = None
         self.reset_to(checkpoint)
+
+    def close(self) -> None:
+        """Put the torch thread count back as it was."""
+        torch.set_num_threads(self._threads_before)
 
     def reset_to(self, checkpoint: str | Path) -> None:
         """Restart adaptation from `checkpoint` (an adapted artifact: the round that serves)."""
@@ -84,8 +113,23 @@ class Readapter:
         """The candidate now serves: drift is measured against it from here on."""
         self.serving = candidate.model
 
-    def round(self, frames: np.ndarray) -> Candidate:
-        """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate."""
+    @torch.no_grad()
+    def source_logits(self, frames: np.ndarray) -> np.ndarray:
+        """The unadapted (source) model's logits on `frames`: the gates' third opinion."""
+        if self._source is None:
+            self._source = rebuild_model(self.start, "source", consent=self.config.consent)[0]
+        return self._source(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))).numpy()
+
+    def input_shift(self, frames: np.ndarray) -> float:
+        """How far `frames` are from the serving model's BN statistics (see input_shift)."""
+        return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
+
+    def round(self, frames: np.ndarray, should_stop: Callable[[], bool] | None = None) -> Candidate:
+        """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `should_stop` is polled
+        before each step: when it turns true, Stopped is raised and the adapter keeps what it learnt so far.
+        Non-finite outputs raise Diverged."""
+        from gprebn_edge.device.worker import Stopped
+
         if len(frames) == 0:
             raise GprebnError("no frames to adapt on")
         start = time.perf_counter()
@@ -93,9 +137,11 @@ class Readapter:
         x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
         steps = 0
         for i in range(0, len(x), b):
+            if should_stop is not None and should_stop():
+                raise Stopped
             logits = self.adapter.step(x[i:i + b])
             if not torch.isfinite(logits).all():
-                raise GprebnError("adaptation produced non-finite logits")
+                raise Diverged(f"adaptation step {steps + 1} gave non-finite outputs")
             steps += 1
         model = self.adapter.freeze("refresh", lambda: (x[i:i + 64] for i in range(0, len(x), 64)))
         return Candidate(model=model, steps=steps, seconds=time.perf_counter() - start,

@@ -4,7 +4,7 @@ state and a restart resumes (torch-free).
     state.json                     which round serves, where its files are, frames served, failure count
     round-NNNNNN.safetensors       the round's adapted checkpoint (the model adaptation continues from)
     round-NNNNNN.onnx (+ .manifest.json, + .engine where TensorRT serves)
-    metrics.jsonl                  the JSON-lines metrics log, appended
+    metrics.jsonl                  the JSON-lines metrics log, appended (rotated to metrics.1.jsonl, ...: metrics_log.py)
 
 Order of writes for a new round: its checkpoint, ONNX (and engine) are written atomically first, then
 state.json is replaced atomically to point at them, and only then are the previous round's files removed.
@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from gprebn_edge.errors import ArtifactError, GprebnError
-from gprebn_edge.io import finite_json, strict_json, write_text_atomic
+from gprebn_edge.io import strict_json, write_text_atomic
 
-__all__ = ["LoopState", "StateDir", "MetricsLog", "STATE_VERSION"]
+__all__ = ["LoopState", "StateDir", "STATE_VERSION"]
 
 STATE_VERSION = 1
 _ROUND_FILE = re.compile(r"^round-(\d{6})\.(safetensors|onnx|engine|manifest\.json)$")
@@ -139,7 +136,7 @@ class StateDir:
         if not self.path.is_dir():
             return []
         keep = set() if state is None else {state.checkpoint, state.onnx, state.engine,
-                                            Path(state.onnx).stem + ".manifest.json"}
+                                            *(Path(f).stem + ".manifest.json" for f in (state.onnx, state.engine) if f)}
         removed = []
         for f in self.path.iterdir():
             stray_tmp = f.name.startswith(".") and f.name.endswith(".tmp")
@@ -147,51 +144,3 @@ class StateDir:
                 f.unlink(missing_ok=True)
                 removed.append(f.name)
         return sorted(removed)
-
-
-class MetricsLog:
-    """Append-only JSON lines, flushed and fsynced per record: a kill loses at most the line being written
-    (the reader skips a truncated last line). Safe to share between the serving thread and the worker."""
-
-    def __init__(self, path: str | Path, on_error: Callable[[OSError], None] | None = None) -> None:
-        self.path = Path(path)
-        self.on_error = on_error     # a failed write (a full disk) is reported here; the record is dropped
-        self._lock = threading.Lock()
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if self.path.stat().st_size and not self._ends_with_newline():
-            self._file.write("\n")  # a truncated last line from a kill: start on a fresh line
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-
-    def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        record = {"event": event, "t": round(time.time(), 3), **fields}
-        line = strict_json(record, default=_jsonable) + "\n"
-        with self._lock:
-            if self._file is None:  # closed at stop: a worker still finishing after Ctrl-C is not an error
-                return record
-            try:
-                self._file.write(line)
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                return record
-            except OSError as e:
-                error = e
-        if self.on_error is not None:  # outside the lock: the handler may log its own line
-            self.on_error(error)
-        return record
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-
-def _jsonable(value: Any) -> Any:
-    """numpy scalars and arrays in log records."""
-    if hasattr(value, "tolist"):
-        return finite_json(value.tolist())
-    raise TypeError(f"cannot log {type(value).__name__}")

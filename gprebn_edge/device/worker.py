@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gprebn_edge.device.gates import RecoveryPolicy, evaluate_gates
-from gprebn_edge.device.state import LoopState, MetricsLog, StateDir
+from gprebn_edge.device.metrics_log import MetricsLog
+from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.io import atomic_path
 from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner
@@ -25,7 +26,7 @@ from gprebn_edge.runtime.loading import open_runner
 if TYPE_CHECKING:
     from gprebn_edge.device.loop import LoopConfig
 
-__all__ = ["Job", "Shared", "Stopped", "Worker", "WORKER_NICE", "one_line"]
+__all__ = ["Job", "Pending", "Shared", "Stopped", "Worker", "WORKER_NICE", "one_line"]
 
 WORKER_NICE = 10  # the worker thread's nice increment
 
@@ -33,25 +34,60 @@ WORKER_NICE = 10  # the worker thread's nice increment
 @dataclass
 class Job:
     round_id: int
-    frames: np.ndarray
+    frames: list[np.ndarray]   # the buffer's frames, in stream order (stacked on the worker, not on serving)
     served_frames: int
+    trigger: str = "cadence"   # why the round started (the metrics log records it)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A candidate that passed and was persisted: the serving thread opens it (on its own thread) and swaps."""
+
+    state: LoopState
 
 
 class Shared:
-    """State the serving thread and the worker share, behind one lock."""
+    """State the serving thread and the worker share, behind one lock. state.json is written outside it."""
 
     def __init__(self, state: LoopState) -> None:
         self.lock = threading.Lock()
         self.state = state
-        self.pending: tuple[Runner, int] | None = None   # a passed candidate waiting to be swapped in
+        self.pending: Pending | None = None   # a passed candidate waiting to be swapped in
         self.busy = False
         self.rounds = self.passed = self.rollbacks = 0
         self.errors: list[str] = []      # worker failures (start or round): reported, and the command fails at the end
-        self.stop = threading.Event()    # set by the serving thread on Ctrl-C/SIGTERM: the round in flight is dropped
+        self.stop = threading.Event()    # set by the serving thread on a stop request: the round in flight is dropped
+        self._write_lock = threading.Lock()
+        self._version = self._written = 0
+
+    def persist(self, state_dir: StateDir) -> None:
+        """Write state.json with the state as it is now. The fsync happens outside `lock`, so serving never
+        waits on the disk; writes are ordered by version, so an older snapshot never replaces a newer one."""
+        with self.lock:
+            self._version += 1
+            version, snapshot = self._version, replace(self.state)
+        with self._write_lock:
+            if version > self._written:
+                state_dir.write(snapshot)
+                self._written = version
 
 
 class Stopped(Exception):
-    """The serving thread asked the worker to stop (raised between a round's phases)."""
+    """The serving thread asked the worker to stop (raised between a round's steps)."""
+
+
+@dataclass
+class _Outcome:
+    """One round's result: passed, rejected by its gates (or diverged), or an error (a bug, a full disk)."""
+
+    record: dict[str, Any]
+    files: list[Path]
+    candidate: Any = None
+    error: Exception | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.record.get("passed"))
 
 
 class Worker:
@@ -94,110 +130,143 @@ class Worker:
             self.fail(f"the adaptation worker failed to start ({one_line(e)}); serving goes on without adapting")
             return
         policy = RecoveryPolicy(max_failures=c.recovery)
-        while not self.shared.stop.is_set():
-            try:
-                job = jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if job is None:
-                return
-            try:
-                self.round(job, readapter, policy)
-            except Stopped:
-                return
-            except Exception as e:  # never let a worker crash silently: report it, keep serving
-                self.fail(f"adaptation round {job.round_id} failed ({one_line(e)})", e)
-            finally:
-                with self.shared.lock:
-                    self.shared.busy = False
+        try:
+            while not self.shared.stop.is_set():
+                try:
+                    job = jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if job is None:
+                    return
+                try:
+                    self.round(job, readapter, policy)
+                except Stopped:
+                    return
+                except Exception as e:  # never let a worker crash silently: report it, keep serving
+                    self.fail(f"adaptation round {job.round_id} failed ({one_line(e)})", e)
+                finally:
+                    with self.shared.lock:
+                        self.shared.busy = False
+        finally:
+            readapter.close()
 
     def round(self, job: Job, readapter: Any, policy: RecoveryPolicy) -> None:
-        c = self.config
         start = time.perf_counter()
-        held = max(8, int(round(len(job.frames) * c.holdout)))
-        adapt, holdout = job.frames[:-held], job.frames[-held:]
         with self.shared.lock:
             serving = replace(self.shared.state)
-        files: list[Path] = []
-        record: dict[str, Any] = {"round": job.round_id, "frames": job.served_frames, "buffer": len(job.frames),
-                                  "holdout": held, "error": None}
-        result = None
-        candidate_runner: Runner | None = None
-        failure: Exception | None = None
-        try:
-            self.check_stop()
-            candidate = readapter.round(adapt)
-            self.check_stop()
-            record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
-            onnx = self.dir.round_path(job.round_id, ".onnx")
-            files += [onnx, onnx.with_name(onnx.stem + ".manifest.json")]
-            from gprebn_edge.export.pipeline import export_model
-
-            export_model(candidate.model, readapter.meta, onnx, [holdout], data="loop buffer (held-back frames)")
-            self.check_stop()
-            engine = None
-            if serving.engine:
-                engine = self.refit(serving, onnx, job.round_id)
-                files.append(engine)
-            candidate_runner = (open_runner(engine, "tensorrt") if engine else
-                                open_runner(onnx, "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
-            candidate_runner.activate()
-            with self.open(serving) as current:
-                cand_logits, cur_logits = candidate_runner.infer(holdout), current.infer(holdout)
-                probe = None
-                if self.probe is not None:
-                    images, labels = self.probe
-                    probe = (candidate_runner.infer(images), current.infer(images), labels)
-            result = evaluate_gates(cand_logits, cur_logits, c.gates, probe=probe)
-            record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
-                          mean_entropy=float(metrics.entropy(cand_logits).mean()))
-        except Stopped:
-            if candidate_runner is not None:
-                candidate_runner.deactivate()
-            for f in files:
-                f.unlink(missing_ok=True)
-            raise
-        except Exception as e:
-            record.update(passed=False, reasons=[f"error: {one_line(e)}"], gates=None, error=one_line(e))
-            failure = e
-        if failure is not None:
-            self.fail(f"adaptation round {job.round_id} failed ({record['error']})", failure)
-        record["seconds"] = round(time.perf_counter() - start, 3)
+        outcome = self._try_candidate(job, readapter, serving)
+        outcome.record["seconds"] = round(time.perf_counter() - start, 3)
         with self.shared.lock:
             self.shared.rounds += 1
-        self.log.write("round", **record)
-        if record["passed"] and candidate_runner is not None:
-            ckpt = self.dir.round_path(job.round_id, ".safetensors")
-            readapter.save(candidate, ckpt, job.round_id, job.served_frames)
-            with self.shared.lock:
-                new = replace(self.shared.state, round=job.round_id, checkpoint=ckpt.name, onnx=files[0].name,
-                              engine=files[2].name if len(files) > 2 else None, failures=0)
-                self.dir.write(new)
-                self.dir.clean(new)  # the previous round's files: state.json no longer names them
-                self.shared.state = new
-                self.shared.pending = (candidate_runner, job.round_id)
-                self.shared.passed += 1
-            readapter.accept(candidate)
+        self.log.write("round", **outcome.record)
+        if outcome.error is not None:  # a bug or a full disk, not a verdict on the candidate: no rollback count
+            self._discard(outcome.files)
+            self.fail(f"adaptation round {job.round_id} failed ({outcome.record['error']})", outcome.error)
+        elif outcome.passed:
+            self._accept(job, readapter, outcome)
             policy.record(True)
-            return
-        if candidate_runner is not None:
-            candidate_runner.deactivate()
-        for f in files:
-            f.unlink(missing_ok=True)
+        else:
+            self._discard(outcome.files)
+            self._reject(job, readapter, policy, serving)
+
+    def _try_candidate(self, job: Job, readapter: Any, serving: LoopState) -> _Outcome:
+        """Adapt, freeze, export (parity-checked) and gate one candidate; Stopped drops it, files and all."""
+        from gprebn_edge.device.readapt import Diverged
+
+        c = self.config
+        frames = np.stack(job.frames)
+        held = max(8, int(round(len(frames) * c.holdout)))
+        adapt, holdout = frames[:-held], frames[-held:]
+        record: dict[str, Any] = {"round": job.round_id, "frames": job.served_frames, "buffer": len(frames),
+                                  "holdout": held, "trigger": job.trigger, "outcome": None, "error": None}
+        outcome = _Outcome(record, [])
+        try:
+            self.check_stop()
+            outcome.candidate = candidate = readapter.round(adapt, should_stop=self.shared.stop.is_set)
+            self.check_stop()
+            record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
+            self._export(candidate, readapter, holdout, serving, job.round_id, outcome.files)
+            self.check_stop()
+            result, cand_logits = self._gate(outcome.files, holdout, readapter, serving)
+            record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
+                          mean_entropy=float(metrics.entropy(cand_logits).mean()),
+                          outcome="passed" if result.passed else "rejected")
+        except Stopped:
+            self._discard(outcome.files)
+            raise
+        except Diverged as e:  # the adaptation itself blew up: a verdict on this candidate, counted as a failure
+            record.update(passed=False, reasons=[f"diverged: {e}"], gates=None, outcome="rejected")
+        except Exception as e:
+            record.update(passed=False, reasons=[], gates=None, error=one_line(e), outcome="error")
+            outcome.error = e
+        return outcome
+
+    def _export(self, candidate: Any, readapter: Any, holdout: np.ndarray, serving: LoopState, round_id: int,
+                files: list[Path]) -> None:
+        from gprebn_edge.export.pipeline import export_model
+
+        onnx = self.dir.round_path(round_id, ".onnx")
+        files += [onnx, onnx.with_name(onnx.stem + ".manifest.json")]
+        export_model(candidate.model, readapter.meta, onnx, [holdout], data="loop buffer (held-back frames)")
+        if serving.engine:
+            self.check_stop()
+            files.append(self.refit(serving, onnx, round_id))
+
+    def _gate(self, files: list[Path], holdout: np.ndarray, readapter: Any, serving: LoopState) -> tuple[Any, Any]:
+        """The candidate's, the serving model's and the source model's logits on the held-back frames (and the
+        probe), then the gates. Every runner here is opened, used and closed on this thread."""
+        engine = files[2] if len(files) > 2 else None
+        candidate = (open_runner(engine, "tensorrt") if engine else
+                     open_runner(files[0], "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
+        with candidate, self.open(serving) as current:
+            cand_logits, cur_logits = candidate.infer(holdout), current.infer(holdout)
+            probe = None
+            if self.probe is not None:
+                images, labels = self.probe
+                probe = (candidate.infer(images), current.infer(images), labels)
+        self.check_stop()
+        source_logits = readapter.source_logits(holdout)
+        shift = readapter.input_shift(holdout)
+        result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
+                                serving_input_shift=shift)
+        return result, cand_logits
+
+    def _accept(self, job: Job, readapter: Any, outcome: _Outcome) -> None:
+        ckpt = self.dir.round_path(job.round_id, ".safetensors")
+        readapter.save(outcome.candidate, ckpt, job.round_id, job.served_frames)
+        files = outcome.files
+        with self.shared.lock:
+            new = replace(self.shared.state, round=job.round_id, checkpoint=ckpt.name, onnx=files[0].name,
+                          engine=files[2].name if len(files) > 2 else None, failures=0)
+            self.shared.state = new
+        self.shared.persist(self.dir)
+        self.dir.clean(new)  # the previous round's files: state.json no longer names them
+        with self.shared.lock:
+            self.shared.pending = Pending(replace(new))
+            self.shared.passed += 1
+        readapter.accept(outcome.candidate)
+
+    def _reject(self, job: Job, readapter: Any, policy: RecoveryPolicy, serving: LoopState) -> None:
         policy.record(False)
         with self.shared.lock:
             self.shared.state.failures = policy.consecutive_failures
-            self.dir.write(self.shared.state)
             current_ckpt = self.dir.path / self.shared.state.checkpoint
-        if policy.should_reset():
-            readapter.reset_to(current_ckpt)
-            self.log.write("rollback", to_round=serving.round, failures=policy.consecutive_failures,
-                           frames=job.served_frames)
-            policy.reset()
-            with self.shared.lock:
-                self.shared.rollbacks += 1
-                self.shared.state.failures = 0
-                self.dir.write(self.shared.state)
+        self.shared.persist(self.dir)
+        if not policy.should_reset():
+            return
+        readapter.reset_to(current_ckpt)
+        self.log.write("rollback", to_round=serving.round, failures=policy.consecutive_failures,
+                       frames=job.served_frames)
+        policy.reset()
+        with self.shared.lock:
+            self.shared.rollbacks += 1
+            self.shared.state.failures = 0
+        self.shared.persist(self.dir)
+
+    @staticmethod
+    def _discard(files: list[Path]) -> None:
+        for f in files:
+            f.unlink(missing_ok=True)
 
     def refit(self, serving: LoopState, onnx: Path, round_id: int) -> Path:
         from gprebn_edge.export.tensorrt_build import folded_weights, refit_engine

@@ -115,7 +115,7 @@ def test_a_worker_that_fails_to_start_is_reported_and_serving_goes_on(tmp_path, 
 def test_a_failing_round_is_reported_and_serving_goes_on(tmp_path, start, monkeypatch):
     import gprebn_edge.device.readapt as readapt
 
-    def broken(self, frames):
+    def broken(self, frames, **kw):
         raise RuntimeError("boom in round")
 
     monkeypatch.setattr(readapt.Readapter, "round", broken)
@@ -132,7 +132,7 @@ def test_the_command_exits_non_zero_after_a_worker_failure(tmp_path, start, monk
     import gprebn_edge.device.readapt as readapt
     from gprebn_edge.cli import app
 
-    monkeypatch.setattr(readapt.Readapter, "round", lambda self, frames: 1 / 0)
+    monkeypatch.setattr(readapt.Readapter, "round", lambda self, frames, **kw: 1 / 0)
     r = CliRunner().invoke(app, ["loop", "--source", STREAM, "--state", str(tmp_path / "s"), "--model", str(start),
                                  "--every", "60", "--buffer", "128", "--fps", "400"])
     assert r.exit_code == 1, r.output
@@ -237,7 +237,7 @@ def test_a_full_disk_is_one_line_and_serving_goes_on(tmp_path, start, monkeypatc
 
 
 def test_a_full_disk_under_the_metrics_log_is_one_line(tmp_path, start, monkeypatch):
-    from gprebn_edge.device import state as loop_state
+    from gprebn_edge.device import metrics_log as loop_state
 
     real_fsync = os.fsync
 
@@ -320,7 +320,7 @@ def test_sigint_and_sigterm_at_random_moments_stop_cleanly(tmp_path, start):
 def _stuck_round(monkeypatch, seconds: float) -> None:
     import gprebn_edge.device.readapt as readapt
 
-    def stuck(self, frames):
+    def stuck(self, frames, **kw):
         time.sleep(seconds)  # a round that cannot be told to stop (deep inside a kernel)
         raise RuntimeError("stuck round ended")
 
