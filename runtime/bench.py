@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,9 @@ from gprebn_edge.errors import InputError
 from gprebn_edge.io import write_text_atomic
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.environment import describe_environment
+from gprebn_edge.runtime.metrics import latency_summary
 
-__all__ = ["BenchResult", "benchmark", "latency_stats", "write_json", "read_json", "format_table",
+__all__ = ["BenchResult", "benchmark", "time_interleaved", "latency_stats", "write_json", "read_json", "format_table",
            "CV_LIMIT", "DEFAULT_ITERS"]
 
 CV_LIMIT = 0.10        # trtexec flags a run whose coefficient of variation exceeds 10 %
@@ -41,7 +42,7 @@ class BenchResult:
     first_call_cold: bool           # the first call after activate (False: the runner was already warm)
     activate_ms: float | None       # loading the model, when the benchmark activated the runner
     latencies_ms: list[float]
-    stats: dict[str, float]         # p50, p90, p95, p99, mean, std, min, max (ms)
+    stats: dict[str, float]         # p50, p90, p95, p99, mean, std, min, max (ms), n
     throughput: float
     cv: float
     warnings: list[str]
@@ -65,13 +66,9 @@ class BenchResult:
 
 
 def latency_stats(latencies_ms: list[float] | np.ndarray) -> dict[str, float]:
-    """Percentiles (linear interpolation), mean, population std, min and max of latencies in ms."""
-    a = np.asarray(latencies_ms, dtype=np.float64)
-    if a.size == 0:
-        raise InputError("no latencies to summarize")
-    stats = {f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES}
-    stats.update(mean=float(a.mean()), std=float(a.std()), min=float(a.min()), max=float(a.max()))
-    return stats
+    """Percentiles (linear interpolation), mean, population std, min, max and count of latencies in ms:
+    metrics.latency_summary at PERCENTILES."""
+    return latency_summary(latencies_ms, PERCENTILES)
 
 
 def _peak_host_mb() -> float | None:
@@ -139,17 +136,7 @@ def benchmark(runner: Runner, *, batch: int = 1, warmup: int = 10, warmup_second
     `warmup_seconds`, then times `iters` iterations (default 200) or as many as fit in `duration` seconds.
     Inputs are seeded random float32 of the model's input shape (`input_shape` (C, H, W) where it is not
     fixed), or the images of `inputs` (N, C, H, W), cycled."""
-    if batch < 1:
-        raise InputError(f"batch must be at least 1, got {batch}")
-    if iters is not None and duration is not None:
-        raise InputError("give either a number of iterations or a duration, not both")
-    if iters is None and duration is None:
-        iters = DEFAULT_ITERS
-    if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
-        raise InputError("the benchmark needs at least one iteration (a positive iters or duration)")
-    if warmup < 0 or (warmup_seconds is not None and warmup_seconds < 0):
-        raise InputError("warm-up cannot be negative")
-
+    iters = _check_request(batch, warmup, warmup_seconds, iters, duration)
     owned = not runner.active
     activate_ms = None
     if owned:
@@ -166,31 +153,8 @@ def benchmark(runner: Runner, *, batch: int = 1, warmup: int = 10, warmup_second
         start = time.perf_counter()
         runner.infer(batches[0])
         first_ms = 1e3 * (time.perf_counter() - start)
-
-        done = 0
-        start = time.perf_counter()
-        while done < warmup or (warmup_seconds is not None and time.perf_counter() - start < warmup_seconds):
-            runner.infer(batches[done % len(batches)])
-            done += 1
-        warmup_done = done
-
-        latencies: list[float] = []
-        total = iters if iters is not None else int(1e3 * (duration or 0.0))
-        last_report = begin = time.perf_counter()
-        perf_counter, infer = time.perf_counter, runner.infer
-        while True:
-            x = batches[len(latencies) % len(batches)]
-            t0 = perf_counter()
-            infer(x)
-            t1 = perf_counter()
-            latencies.append(1e3 * (t1 - t0))
-            finished = len(latencies) >= iters if iters is not None else t1 - begin >= (duration or 0.0)
-            if progress is not None and (finished or t1 - last_report >= 0.1):
-                progress(total if finished else (len(latencies) if iters is not None else int(1e3 * (t1 - begin))),
-                         total)
-                last_report = t1
-            if finished:
-                break
+        warmup_done = _warm_up(runner, batches, warmup, warmup_seconds)
+        latencies = _timed(runner, batches, iters, duration, progress)
 
         peak_device = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch is not None else None
         info = runner.info()
@@ -209,6 +173,75 @@ def benchmark(runner: Runner, *, batch: int = 1, warmup: int = 10, warmup_second
         warnings=_warnings(stats, cv, len(latencies), cv_limit), peak_host_memory_mb=_peak_host_mb(),
         peak_device_memory_mb=peak_device, runner=asdict(info),
         environment=describe_environment(info) if environment else {}, real_inputs=inputs is not None)
+
+
+def _check_request(batch: int, warmup: int, warmup_seconds: float | None, iters: int | None,
+                   duration: float | None) -> int | None:
+    """The number of iterations to time (None in duration mode); InputError for a request that makes no sense."""
+    if batch < 1:
+        raise InputError(f"batch must be at least 1, got {batch}")
+    if iters is not None and duration is not None:
+        raise InputError("give either a number of iterations or a duration, not both")
+    if iters is None and duration is None:
+        iters = DEFAULT_ITERS
+    if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
+        raise InputError("the benchmark needs at least one iteration (a positive iters or duration)")
+    if warmup < 0 or (warmup_seconds is not None and warmup_seconds < 0):
+        raise InputError("warm-up cannot be negative")
+    return iters
+
+
+def _warm_up(runner: Runner, batches: list[np.ndarray], warmup: int, warmup_seconds: float | None) -> int:
+    """At least `warmup` calls and `warmup_seconds`; the number of calls made."""
+    done = 0
+    start = time.perf_counter()
+    while done < warmup or (warmup_seconds is not None and time.perf_counter() - start < warmup_seconds):
+        runner.infer(batches[done % len(batches)])
+        done += 1
+    return done
+
+
+def _timed(runner: Runner, batches: list[np.ndarray], iters: int | None, duration: float | None,
+           progress: Progress | None) -> list[float]:
+    """Milliseconds per call, for `iters` calls or as many as fit in `duration` seconds; progress at most
+    every 0.1 s, so reporting costs the loop nothing measurable."""
+    latencies: list[float] = []
+    total = iters if iters is not None else int(1e3 * (duration or 0.0))
+    last_report = begin = time.perf_counter()
+    perf_counter, infer = time.perf_counter, runner.infer
+    while True:
+        x = batches[len(latencies) % len(batches)]
+        t0 = perf_counter()
+        infer(x)
+        t1 = perf_counter()
+        latencies.append(1e3 * (t1 - t0))
+        finished = len(latencies) >= iters if iters is not None else t1 - begin >= (duration or 0.0)
+        if progress is not None and (finished or t1 - last_report >= 0.1):
+            progress(total if finished else (len(latencies) if iters is not None else int(1e3 * (t1 - begin))),
+                     total)
+            last_report = t1
+        if finished:
+            return latencies
+
+
+def time_interleaved(runners: Sequence[Runner], images: np.ndarray, rounds: int, warmup: int = 0,
+                     progress: Progress | None = None) -> np.ndarray:
+    """(2, rounds) milliseconds of two active runners timed in `rounds` interleaved rounds on `images`, the
+    two calls of a round back to back and alternating which goes first (ABBA, so an order effect cancels),
+    after `warmup` calls of each: drift (clocks, thermals, other load) hits both alike, so paired ratios
+    (metrics.paired_ratio) of the rounds compare them fairly on a busy machine."""
+    for _ in range(warmup):
+        for r in runners:
+            r.infer(images)
+    times = np.zeros((2, rounds))
+    for i in range(rounds):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            runners[k].infer(images)  # synchronized by the Runner contract
+            times[k, i] = (time.perf_counter() - start) * 1e3
+        if progress is not None:
+            progress(i + 1, rounds)
+    return times
 
 
 def write_json(result: BenchResult, path: str | Path) -> Path:

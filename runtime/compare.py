@@ -5,8 +5,9 @@ drift (clocks, thermals, other load) hits both models alike. numpy only."""
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+import functools
+import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ import numpy as np
 
 from gprebn_edge.data.source_base import Batch, ImageSource
 from gprebn_edge.errors import InputError
-from gprebn_edge.io import write_text_atomic
+from gprebn_edge.io import strict_json, write_text_atomic
 from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner, TensorInfo
+from gprebn_edge.runtime.bench import time_interleaved
 from gprebn_edge.runtime.loading import health_note
+from gprebn_edge.runtime.tables import fmt_ms, fmt_num, fmt_pct, fmt_ratio, fmt_shape, md_escape, md_table
 
 __all__ = ["ModelReport", "CompareResult", "compare", "write_json", "Progress"]
 
@@ -43,7 +46,7 @@ class ModelReport:
     ece: float | None = None
     per_class_accuracy: list[float | None] | None = None
     reliability: dict[str, list] | None = None  # edges, confidence, accuracy (None where empty), count
-    latency_ms: dict[str, float] | None = None  # p50, p90, mean, std, min
+    latency_ms: dict[str, float] | None = None  # metrics.latency_summary at p50, p90 over the rounds
 
 
 @dataclass
@@ -77,47 +80,62 @@ class CompareResult:
 
     def to_markdown(self) -> str:
         a, b = self.models
-        head = [f"| | {_md(a.name)} | {_md(b.name)} |", "|---|---:|---:|"]
         rows: list[tuple[str, Callable[[ModelReport], str]]] = []
         if self.has_labels:
-            rows += [("top-1 accuracy", lambda m: _pct(m.accuracy)), ("top-1 error", lambda m: _pct(m.error)),
-                     (f"ECE ({len(a.reliability['count']) if a.reliability else metrics.DEFAULT_BINS} bins)",
-                      lambda m: _num(m.ece))]
-        rows += [("mean entropy (nats)", lambda m: _num(m.mean_entropy)),
-                 ("mean confidence", lambda m: _num(m.mean_confidence)),
+            bins = len(a.reliability["count"]) if a.reliability else metrics.DEFAULT_BINS
+            rows += [("top-1 accuracy", lambda m: fmt_pct(m.accuracy)), ("top-1 error", lambda m: fmt_pct(m.error)),
+                     (f"ECE ({bins} bins)", lambda m: fmt_num(m.ece))]
+        rows += [("mean entropy (nats)", lambda m: fmt_num(m.mean_entropy)),
+                 ("mean confidence", lambda m: fmt_num(m.mean_confidence)),
                  ("predicted classes", lambda m: f"{m.predicted_classes} / {self.num_classes}")]
         if self.latency is not None:
-            batch = self.latency["batch"]
-            rows += [(f"latency p50 (ms, batch {batch})", lambda m: _ms(m, "p50")),
-                     ("latency p90 (ms)", lambda m: _ms(m, "p90")), ("latency mean (ms)", lambda m: _ms(m, "mean"))]
-        lines = head + [f"| {label} | {fmt(a)} | {fmt(b)} |" for label, fmt in rows]
-        lines += ["", f"Agreement (same top-1 class): {_pct(self.agreement)} of {self.images} images."]
+            units = {"p50": f"ms, batch {self.latency['batch']}", "p90": "ms", "mean": "ms"}
+            rows += [(f"latency {k} ({unit})", functools.partial(_latency_cell, key=k)) for k, unit in units.items()]
+        lines = md_table(["", a.name, b.name], [[label, fmt(a), fmt(b)] for label, fmt in rows])
+        lines += ["", f"Agreement (same top-1 class): {fmt_pct(self.agreement)} of {self.images} images."]
         for name, health in (self.data.get("health") or {}).items():
             note = health_note(health)
             if note is not None:
-                lines.append(f"Warning: {_md(name)}: {_md(note)}.")
+                lines.append(f"Warning: {md_escape(name)}: {md_escape(note)}.")
         if self.latency is not None:
-            lo, hi = self.latency["ratio_ci95"]
-            lines.append(f"Latency {_md(b.name)} / {_md(a.name)} (median of paired ratios): "
-                         f"{self.latency['ratio']:.3f}x "
-                         f"(95 % bootstrap interval {lo:.3f}-{hi:.3f}x over {self.latency['rounds']} interleaved "
-                         f"rounds).")
+            lines += _latency_lines(self.latency, a.name, b.name)
         if self.has_labels and a.per_class_accuracy is not None and b.per_class_accuracy is not None:
-            if self.num_classes <= 20:
-                names = self.data.get("class_names") or [str(c) for c in range(self.num_classes)]
-                lines += ["", f"| class | {_md(a.name)} | {_md(b.name)} |", "|---|---:|---:|"]
-                lines += [f"| {_md(str(names[c]) if c < len(names) else str(c))} | "
-                          f"{_pct(a.per_class_accuracy[c])} | {_pct(b.per_class_accuracy[c])} |"
-                          for c in range(self.num_classes)]
-            else:
-                lines += ["", "Per-class accuracy: see the JSON report."]
+            lines += ["", *self._per_class()]
         return "\n".join(lines) + "\n"
+
+    def _per_class(self) -> list[str]:
+        a, b = self.models
+        assert a.per_class_accuracy is not None and b.per_class_accuracy is not None
+        if self.num_classes > 20:
+            return ["Per-class accuracy: see the JSON report."]
+        names = self.data.get("class_names") or [str(c) for c in range(self.num_classes)]
+        return md_table(["class", a.name, b.name],
+                        [[str(names[c]) if c < len(names) else str(c), fmt_pct(a.per_class_accuracy[c]),
+                          fmt_pct(b.per_class_accuracy[c])] for c in range(self.num_classes)])
+
+
+def _latency_cell(m: ModelReport, key: str) -> str:
+    return fmt_ms(m.latency_ms[key] if m.latency_ms else None)
+
+
+def _latency_lines(lat: dict[str, Any], name_a: str, name_b: str) -> list[str]:
+    """The ratio lines under the table: the paired ratio and the ratio of the table's p50s side by side, from
+    the same rounds, and a note when the second lies outside the first's interval."""
+    lo, hi = lat["ratio_ci95"]
+    lines = [f"Latency {md_escape(name_b)} / {md_escape(name_a)}, paired (median of paired ratios): "
+             f"{fmt_ratio(lat['ratio'])} (95 % bootstrap interval {lo:.3f}-{hi:.3f}x); ratio of the p50s in the "
+             f"table: {fmt_ratio(lat['ratio_of_medians'])}. Both come from the same {lat['rounds']} interleaved "
+             f"rounds at batch {lat['batch']} (A and B back to back, ABBA order): the table gives each model's "
+             f"own times over those rounds, the paired ratio compares the two calls of each round."]
+    if not lat.get("ratio_of_medians_in_ci", True):
+        lines.append("Note: the ratio of the p50s lies outside the paired interval. Most often the times switch "
+                     "between fast and slow modes (a busy machine) and the two p50s fall in different latency "
+                     "modes; the paired ratio, which compares calls made back to back, is the one to trust.")
+    return lines
 
 
 def write_json(result: CompareResult, path: str | Path) -> None:
     """Write the result as JSON, atomically."""
-    from gprebn_edge.io import strict_json
-
     write_text_atomic(path, strict_json(result.to_dict(), indent=2, default=str) + "\n")  # NaN/inf: null
 
 
@@ -130,13 +148,40 @@ def compare(runner_a: Runner, runner_b: Runner, source: ImageSource, *, batch: i
     data's image shape must agree, else InputError. Runners not yet active are activated here and
     deactivated at the end. Accuracy metrics use the labels when `labels` is set and the source has them.
 
-    Latency: after `latency_warmup` calls each, `latency_iters` rounds on one fixed batch of the first
-    `latency_batch` images, alternating the order A,B / B,A each round (ABBA) so an order effect cancels.
-    The ratio is the median over rounds of B's time / A's time in that round (paired: the two calls are
-    back to back, so drift and the slow latency modes of a busy CPU cancel; a ratio of the two medians does
-    not, and is reported beside it); its spread is a 95 % percentile bootstrap interval over the rounds,
-    1000 resamples with a fixed seed, hence reproducible for the same timings. `latency_iters=0` skips it.
-    """
+    Latency: bench.time_interleaved, `latency_iters` ABBA rounds on one fixed batch of the first
+    `latency_batch` images after `latency_warmup` calls each (0 rounds: skipped). Each model's summary
+    (p50, p90, ...) and the ratio come from the same rounds: metrics.paired_ratio, the median over rounds of
+    B/A with a reproducible 95 % bootstrap interval, and beside it the ratio of the two p50s, flagged where
+    it falls outside that interval (the p50s then sit in different latency modes of a busy machine)."""
+    _check_request(source, batch, latency_iters, latency_batch, latency_warmup, names)
+    runners = (runner_a, runner_b)
+    with contextlib.ExitStack() as stack:
+        for r in runners:
+            if not r.active:
+                r.activate()
+                stack.callback(r.deactivate)
+        input_shape, statics, num_classes = _check_models(runners, names, latency_batch if latency_iters else None)
+        passes = _AccuracyPass(names, num_classes, labels and source.has_labels)
+        fixed, data_shape = _run_accuracy(runners, statics, source, batch, input_shape, passes, latency_batch,
+                                          progress)
+        reports = passes.reports([r.info() for r in runners])
+        latency = None
+        if latency_iters:
+            if len(fixed) < latency_batch:
+                raise InputError(f"only {len(fixed)} readable images for a latency batch of {latency_batch}: "
+                                 f"pass a smaller latency batch")
+            report = None if progress is None else lambda done, total: progress("latency", done, total)
+            times = time_interleaved(runners, fixed, latency_iters, latency_warmup, report)
+            for rep, t in zip(reports, times, strict=True):
+                rep.latency_ms = metrics.latency_summary(t, (50, 90))
+            latency = _ratio(times, latency_batch, latency_warmup)
+    return CompareResult(models=reports, agreement=passes.agreement, images=passes.n,
+                         num_classes=passes.num_classes or 0, input_shape=list(data_shape),
+                         has_labels=passes.use_labels, data=source.describe(), latency=latency)
+
+
+def _check_request(source: ImageSource, batch: int, latency_iters: int, latency_batch: int, latency_warmup: int,
+                   names: tuple[str, str]) -> None:
     if batch < 1 or latency_batch < 1:
         raise InputError(f"batch sizes must be at least 1, got batch={batch}, latency batch={latency_batch}")
     if latency_iters < 0 or latency_warmup < 0:
@@ -148,53 +193,31 @@ def compare(runner_a: Runner, runner_b: Runner, source: ImageSource, *, batch: i
     if latency_iters and len(source) < latency_batch:
         raise InputError(f"the latency batch of {latency_batch} needs at least as many images; {source.spec} "
                          f"has {len(source)}: pass a smaller latency batch")
-    runners = (runner_a, runner_b)
-    with contextlib.ExitStack() as stack:
-        for r in runners:
-            if not r.active:
-                r.activate()
-                stack.callback(r.deactivate)
-        (in_a, out_a), (in_b, out_b) = (_io(r, n) for r, n in zip(runners, names, strict=True))
-        input_shape = _check_models(in_a, in_b, out_a, out_b, names)
-        statics = (_static_batch(in_a), _static_batch(in_b))
-        for s, n in zip(statics, names, strict=True):
-            if latency_iters and s is not None and s != latency_batch:
-                raise InputError(f"{n} has a fixed batch size of {s}: pass a latency batch of {s}")
-        it = iter(source.batches(batch))
-        first = next(it, None)
-        if first is None:
-            raise InputError(f"no readable images to compare on in {source.spec}")
-        data_shape = tuple(first.images.shape[1:])
-        if any(isinstance(d, int) and d != x for d, x in zip(input_shape, data_shape, strict=True)):
-            raise InputError(f"the data's images are {_shape(('batch', *data_shape))} but the models expect "
-                             f"{_shape(('batch', *input_shape))}: set the preprocessing (resize/crop) to match")
-        num_classes = _classes(out_a) or _classes(out_b)
-        use_labels = labels and source.has_labels
-        passes = _AccuracyPass(names, num_classes, use_labels)
-        lat_images: list[np.ndarray] = []
-        have = 0
-        total = len(source)
-        for b in _chain(first, it):
-            passes.add(b, [_infer(r, b.images, s, n) for r, s, n in zip(runners, statics, names, strict=True)])
-            if have < latency_batch:
-                lat_images.append(b.images[: latency_batch - have])
-                have += len(lat_images[-1])
-            if progress is not None:
-                progress("accuracy", passes.n, total)
-        reports = passes.reports([r.info() for r in runners])
-        latency = None
-        if latency_iters:
-            if have < latency_batch:
-                raise InputError(f"only {have} readable images for a latency batch of {latency_batch}: pass a "
-                                 f"smaller latency batch")
-            fixed = np.ascontiguousarray(np.concatenate(lat_images))
-            times = _time_rounds(runners, fixed, latency_iters, latency_warmup, progress)
-            for rep, t in zip(reports, times, strict=True):
-                rep.latency_ms = _summary(t)
-            latency = _ratio(times, latency_batch, latency_warmup)
-    return CompareResult(models=reports, agreement=passes.agreement, images=passes.n,
-                         num_classes=passes.num_classes or 0, input_shape=list(data_shape), has_labels=use_labels,
-                         data=source.describe(), latency=latency)
+
+
+def _run_accuracy(runners: tuple[Runner, Runner], statics: tuple[int | None, int | None], source: ImageSource,
+                  batch: int, input_shape: tuple[int | str | None, ...], passes: _AccuracyPass, latency_batch: int,
+                  progress: Progress | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Feed every batch to A then B into `passes`; the first `latency_batch` images (fewer if the source has
+    fewer readable ones) and the data's image shape."""
+    it = iter(source.batches(batch))
+    first = next(it, None)
+    if first is None:
+        raise InputError(f"no readable images to compare on in {source.spec}")
+    data_shape = tuple(first.images.shape[1:])
+    if any(isinstance(d, int) and d != x for d, x in zip(input_shape, data_shape, strict=True)):
+        raise InputError(f"the data's images are {fmt_shape(('batch', *data_shape))} but the models expect "
+                         f"{fmt_shape(('batch', *input_shape))}: set the preprocessing (resize/crop) to match")
+    lat_images: list[np.ndarray] = []
+    have = 0
+    for b in itertools.chain([first], it):
+        passes.add(b, [_infer(r, b.images, s, n) for r, s, n in zip(runners, statics, passes.names, strict=True)])
+        if have < latency_batch:
+            lat_images.append(b.images[: latency_batch - have])
+            have += len(lat_images[-1])
+        if progress is not None:
+            progress("accuracy", passes.n, len(source))
+    return np.ascontiguousarray(np.concatenate(lat_images)), data_shape
 
 
 class _AccuracyPass:
@@ -243,9 +266,7 @@ class _AccuracyPass:
         labels = np.concatenate(self.labels) if self.use_labels else None
         out = []
         for k, name in enumerate(self.names):
-            pred = np.concatenate(self.pred[k])
-            conf = np.concatenate(self.conf[k])
-            ent = np.concatenate(self.ent[k])
+            pred, conf, ent = (np.concatenate(kept[k]) for kept in (self.pred, self.conf, self.ent))
             rep = ModelReport(name=name, runner=asdict(infos[k]), mean_entropy=float(ent.mean()),
                               mean_confidence=float(conf.mean()),
                               predicted_classes=int((np.bincount(pred, minlength=c) > 0).sum()))
@@ -268,35 +289,36 @@ def _io(runner: Runner, name: str) -> tuple[TensorInfo, TensorInfo]:
         raise InputError(f"{name} has {len(ins)} inputs and {len(outs)} outputs: compare needs a classifier "
                          f"with one image input and a logits output")
     if len(ins[0].shape) != 4:
-        raise InputError(f"{name} takes input {ins[0].name!r} of shape {_shape(ins[0].shape)}: compare needs "
+        raise InputError(f"{name} takes input {ins[0].name!r} of shape {fmt_shape(ins[0].shape)}: compare needs "
                          f"images (batch, channels, height, width)")
     return ins[0], outs[0]
 
 
-def _check_models(in_a: TensorInfo, in_b: TensorInfo, out_a: TensorInfo, out_b: TensorInfo,
-                  names: tuple[str, str]) -> tuple[int | str | None, ...]:
-    """The non-batch input dimensions (static where either model fixes them); InputError on a mismatch."""
+def _check_models(runners: tuple[Runner, Runner], names: tuple[str, str], latency_batch: int | None
+                  ) -> tuple[tuple[int | str | None, ...], tuple[int | None, int | None], int | None]:
+    """The non-batch input dimensions (static where either model fixes them), each model's fixed batch size
+    (None where dynamic) and the number of classes where known; InputError on a mismatch."""
+    (in_a, out_a), (in_b, out_b) = (_io(r, n) for r, n in zip(runners, names, strict=True))
     dims = []
     for da, db in zip(in_a.shape[1:], in_b.shape[1:], strict=True):
         if isinstance(da, int) and isinstance(db, int) and da != db:
-            raise InputError(f"the models take different inputs: {names[0]} {_shape(in_a.shape)}, {names[1]} "
-                             f"{_shape(in_b.shape)}")
+            raise InputError(f"the models take different inputs: {names[0]} {fmt_shape(in_a.shape)}, {names[1]} "
+                             f"{fmt_shape(in_b.shape)}")
         dims.append(da if isinstance(da, int) else db)
-    ca, cb = _classes(out_a), _classes(out_b)
+    ca, cb = _dim(out_a, -1), _dim(out_b, -1)
     if ca is not None and cb is not None and ca != cb:
-        raise InputError(f"the models have different outputs: {names[0]} {_shape(out_a.shape)}, {names[1]} "
-                         f"{_shape(out_b.shape)} ({ca} vs {cb} classes)")
-    return tuple(dims)
+        raise InputError(f"the models have different outputs: {names[0]} {fmt_shape(out_a.shape)}, {names[1]} "
+                         f"{fmt_shape(out_b.shape)} ({ca} vs {cb} classes)")
+    statics = (_dim(in_a, 0), _dim(in_b, 0))
+    for s, n in zip(statics, names, strict=True):
+        if latency_batch is not None and s is not None and s != latency_batch:
+            raise InputError(f"{n} has a fixed batch size of {s}: pass a latency batch of {s}")
+    return tuple(dims), statics, ca or cb
 
 
-def _classes(out: TensorInfo) -> int | None:
-    last = out.shape[-1] if out.shape else None
-    return last if isinstance(last, int) else None
-
-
-def _static_batch(info: TensorInfo) -> int | None:
-    first = info.shape[0]
-    return first if isinstance(first, int) else None
+def _dim(info: TensorInfo, index: int) -> int | None:
+    size = info.shape[index] if info.shape else None
+    return size if isinstance(size, int) else None
 
 
 def _infer(runner: Runner, images: np.ndarray, static: int | None, name: str) -> np.ndarray:
@@ -314,43 +336,9 @@ def _infer(runner: Runner, images: np.ndarray, static: int | None, name: str) ->
     return np.concatenate(outs)
 
 
-def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
-    yield first
-    yield from rest
-
-
-def _time_rounds(runners: tuple[Runner, Runner], images: np.ndarray, rounds: int, warmup: int,
-                 progress: Progress | None) -> np.ndarray:
-    """(2, rounds) milliseconds, A and B alternating which goes first."""
-    for _ in range(warmup):
-        for r in runners:
-            r.infer(images)
-    times = np.zeros((2, rounds))
-    for i in range(rounds):
-        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            runners[k].infer(images)  # synchronized by the Runner contract
-            times[k, i] = (time.perf_counter() - start) * 1e3
-        if progress is not None:
-            progress("latency", i + 1, rounds)
-    return times
-
-
-def _summary(ms: np.ndarray) -> dict[str, float]:
-    return {"p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)), "mean": float(ms.mean()),
-            "std": float(ms.std()), "min": float(ms.min())}
-
-
 def _ratio(times: np.ndarray, batch: int, warmup: int) -> dict[str, Any]:
-    a, b = times
-    rounds = len(a)
-    paired = b / a  # one round's two calls are adjacent in time: their ratio cancels slow drift and modes
-    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, rounds, size=(BOOTSTRAP_RESAMPLES, rounds))
-    boot = np.median(paired[idx], axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"batch": batch, "rounds": rounds, "warmup": warmup, "order": "ABBA",
-            "ratio": float(np.median(paired)), "ratio_ci95": [float(lo), float(hi)],
-            "ratio_of_medians": float(np.median(b) / np.median(a)),
+    ratio = metrics.paired_ratio(times[0], times[1], resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+    return {"batch": batch, "rounds": times.shape[1], "warmup": warmup, "order": "ABBA", **ratio,
             "ratio_method": f"median over rounds of B/A (each round times A and B back to back, ABBA order); "
                             f"95 % percentile bootstrap over rounds, {BOOTSTRAP_RESAMPLES} resamples, seed "
                             f"{BOOTSTRAP_SEED}"}
@@ -358,23 +346,3 @@ def _ratio(times: np.ndarray, batch: int, warmup: int) -> dict[str, Any]:
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if np.isnan(v) else float(v) for v in values]
-
-
-def _shape(shape: tuple[int | str | None, ...] | list[int | str | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f} %"
-
-
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def _ms(m: ModelReport, key: str) -> str:
-    return "-" if m.latency_ms is None else f"{m.latency_ms[key]:.3f}"

@@ -7,7 +7,9 @@ entropies are in nats."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -19,9 +21,11 @@ __all__ = [
     "per_class_accuracy_from_predictions", "agreement", "reliability", "reliability_from_confidence",
     "expected_calibration_error",
     "class_histogram", "histogram_entropy", "predicted_class_entropy", "distinct_classes",
+    "LATENCY_QUANTILES", "latency_summary", "paired_ratio",
 ]
 
 DEFAULT_BINS = 15  # the usual choice for ECE (Guo et al. 2017)
+LATENCY_QUANTILES = (50, 90, 99)
 
 
 def check_logits(logits: np.ndarray, what: str = "logits") -> np.ndarray:
@@ -185,3 +189,56 @@ def predicted_class_entropy(logits: np.ndarray) -> float:
 def distinct_classes(logits: np.ndarray) -> int:
     """Number of different top-1 classes predicted."""
     return int((class_histogram(logits) > 0).sum())
+
+
+@overload
+def latency_summary(ms: Sequence[float] | np.ndarray, quantiles: Sequence[float] = ...,
+                    *, allow_empty: Literal[False] = ...) -> dict[str, float]: ...
+@overload
+def latency_summary(ms: Sequence[float] | np.ndarray, quantiles: Sequence[float] = ...,
+                    *, allow_empty: bool) -> dict[str, float] | None: ...
+
+
+def latency_summary(ms: Sequence[float] | np.ndarray, quantiles: Sequence[float] = LATENCY_QUANTILES,
+                    *, allow_empty: bool = False) -> dict[str, float] | None:
+    """The one latency summary of the package: "p50", "p90", ... for each quantile (in percent, linear
+    interpolation as np.percentile; 99.9 gives "p99.9"), then mean, population std (bench's CV is std /
+    mean), min, max and the count "n". Empty input is an InputError, or None with `allow_empty` (a log with
+    no adapting frames); a NaN or infinite latency is always an InputError (a broken clock or log)."""
+    a = np.asarray(ms, dtype=np.float64).ravel()
+    if not all(0 <= q <= 100 for q in quantiles):
+        raise InputError(f"latency quantiles are percentages in [0, 100], got {list(quantiles)}")
+    if a.size == 0:
+        if allow_empty:
+            return None
+        raise InputError("no latencies to summarize: time at least one call")
+    bad = int((~np.isfinite(a)).sum())
+    if bad:
+        raise InputError(f"{bad} of {a.size} latencies are NaN or infinite: the timings are broken (a clock or a "
+                         f"log that is not a latency)")
+    out = {f"p{q:g}": float(v) for q, v in zip(quantiles, np.percentile(a, list(quantiles)), strict=True)}
+    out.update(mean=float(a.mean()), std=float(a.std()), min=float(a.min()), max=float(a.max()), n=int(a.size))
+    return out
+
+
+def paired_ratio(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, resamples: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """B / A from paired timings (a[i], b[i] measured back to back): "ratio", the median over pairs of
+    b/a, which cancels drift and the slow modes of a busy machine; "ratio_ci95", its 95 % percentile bootstrap
+    interval over pairs (`resamples`, fixed `seed`: reproducible); "ratio_cv", the std / mean of the paired
+    ratios; "ratio_of_medians", median(b) / median(a), what two p50s side by side suggest, and
+    "ratio_of_medians_in_ci", whether it lies in that interval (at 3 decimals, as printed): when it does not,
+    the two medians fell in different latency modes and contradict the paired ratio."""
+    for x in (a, b):
+        latency_summary(x, (50,))  # empty or non-finite: InputError
+    ta, tb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if ta.shape != tb.shape or (ta <= 0).any() or (tb <= 0).any():
+        raise InputError(f"paired timings need two equally long lists of positive times, got {ta.size} and "
+                         f"{tb.size}")
+    paired = tb / ta
+    idx = np.random.default_rng(seed).integers(0, len(paired), size=(resamples, len(paired)))
+    lo, hi = np.percentile(np.median(paired[idx], axis=1), [2.5, 97.5])
+    of_medians = float(np.median(tb) / np.median(ta))
+    return {"ratio": float(np.median(paired)), "ratio_ci95": [float(lo), float(hi)],
+            "ratio_cv": float(paired.std() / paired.mean()), "ratio_of_medians": of_medians,
+            "ratio_of_medians_in_ci": bool(round(lo, 3) <= round(of_medians, 3) <= round(hi, 3))}

@@ -145,7 +145,8 @@ def test_markdown(result):
                 "| latency p90 (ms) |"):
         assert row in md
     assert f"| top-1 accuracy | {100 * result.a.accuracy:.2f} % | {100 * result.b.accuracy:.2f} % |" in md
-    assert "Agreement (same top-1 class)" in md and "Latency adapted / source (median of paired ratios)" in md
+    assert "Agreement (same top-1 class)" in md and "Latency adapted / source, paired (median of paired ratios)" in md
+    assert "ratio of the p50s in the table" in md and "n/a" not in md
     assert "| class | source | adapted |" in md and md.count("\n| ") >= 10 + 8
 
 
@@ -239,3 +240,108 @@ def test_latency_ratio_is_the_median_of_paired_round_ratios():
     assert out["ratio"] == pytest.approx(float(np.median(1.1 * jitter)))
     lo, hi = out["ratio_ci95"]
     assert lo <= out["ratio"] <= hi and hi - lo < 0.05 and "ratio_of_medians" in out
+
+
+class _Clock:
+    """A fake `time` for compare's latency rounds (bench.time_interleaved): each runner's infer advances it
+    by its next scripted duration (ms), so the interleaved samples are known exactly."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self):
+        return self.t
+
+
+def _timed(clock, durations_ms):
+    todo = [0.0] + list(durations_ms)  # the accuracy pass's one call costs nothing
+
+    def fn(x):
+        clock.t += todo.pop(0) / 1e3
+        return _by_mean(x)
+    return fn
+
+
+def test_table_p50s_and_ratio_line_cannot_contradict(models, monkeypatch):
+    """Bimodal latencies (a busy CPU switching between a fast and a slow mode), the same mode for A and B in
+    all but 3 rounds: the paired ratio is 1.00x while A's p50 falls in the fast mode and B's in the slow
+    one (1.12x apart). The markdown must print both ratios, say which is which, and flag the gap."""
+    from gprebn_edge.runtime import bench
+
+    clock = _Clock()
+    monkeypatch.setattr(bench, "time", clock)
+    modes = [0.157] * 49 + [0.176] * 49
+    a = modes[:49] + [0.157] * 3 + modes[49:]
+    b = modes[:49] + [0.176] * 3 + modes[49:]
+    data = open_source(DATA, models[2], limit=10)
+    r = compare(_Fake(_timed(clock, a)), _Fake(_timed(clock, b)), data, batch=10, latency_iters=101,
+                latency_warmup=0)
+    assert r.a.latency_ms["p50"] == pytest.approx(0.157) and r.b.latency_ms["p50"] == pytest.approx(0.176)
+    assert r.latency["ratio"] == pytest.approx(1.0)
+    md = r.to_markdown()
+    row = next(line for line in md.splitlines() if line.startswith("| latency p50"))
+    p50_a, p50_b = (float(c) for c in row.strip("|").split("|")[1:])
+    lo, hi = r.latency["ratio_ci95"]
+    shown = p50_b / p50_a
+    assert not lo <= shown <= hi  # the case the issue saw: the table alone suggests 12 % apart
+    assert f"{shown:.3f}x" in md and f"{r.latency['ratio']:.3f}x" in md
+    assert "ratio of the p50s" in md and "paired" in md and "101 interleaved rounds" in md
+    assert "Note:" in md and "different latency modes" in md
+    assert r.latency["ratio_of_medians_in_ci"] is False
+
+
+def test_agreeing_ratios_carry_no_note(models, monkeypatch):
+    from gprebn_edge.runtime import bench
+
+    clock = _Clock()
+    monkeypatch.setattr(bench, "time", clock)
+    a = list(np.linspace(0.15, 0.2, 41))
+    data = open_source(DATA, models[2], limit=10)
+    r = compare(_Fake(_timed(clock, a)), _Fake(_timed(clock, [1.1 * v for v in a])), data, batch=10,
+                latency_iters=41, latency_warmup=0)
+    assert r.latency["ratio"] == pytest.approx(1.1) and r.latency["ratio_of_medians_in_ci"] is True
+    assert "Note:" not in r.to_markdown()
+
+
+def _captured(monkeypatch, module):
+    figures = []
+    monkeypatch.setattr(module, "save_figure", lambda fig, path: figures.append(fig))
+    return figures
+
+
+def test_reliability_bins_carry_counts_and_the_plot_marks_thin_bins(result, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gprebn_edge.runtime import compare_plot
+
+    for m in result.models:
+        counts = m.reliability["count"]
+        assert len(counts) == len(m.reliability["edges"]) - 1 and sum(counts) == result.images
+    figures = _captured(monkeypatch, compare_plot)
+    plot_compare(result, "unused.png")
+    ax = figures[0].axes[0]
+    counts = result.a.reliability["count"]
+    texts = {t.get_text() for t in ax.texts}
+    assert {str(c) for c in counts if c > 0} <= texts  # every non-empty bin is labelled with its count
+    thin = [c for c in counts if 0 < c < compare_plot.MIN_BIN_COUNT]
+    greyed = [p for p in ax.patches if p.get_label() == "_thin" or p.get_facecolor()[:3] == (0.75, 0.75, 0.75)]
+    assert len(greyed) >= len(thin)
+    assert any(compare_plot.MIN_BIN_COUNT == 10 and "fewer than 10" in t.get_text()
+               for t in ax.get_legend().get_texts()) or not thin
+
+
+def test_plot_titles_wrap_rather_than_cut(result, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gprebn_edge.runtime import compare_plot
+
+    long_a, long_b = "unadapted-" + "x" * 20 + ".onnx", "adapted-after-a-long-run-" + "y" * 8 + ".onnx"
+    d = result.to_dict()
+    d["models"][0]["name"], d["models"][1]["name"] = long_a, long_b
+    figures = _captured(monkeypatch, compare_plot)
+    plot_compare(CompareResult.from_dict(d), "unused.png")
+    fig = figures[0]
+    titles = [fig._suptitle.get_text()] + [ax.get_title() for ax in fig.axes]
+    assert "\n" in titles[0] and long_a in titles[0].replace("\n", " ") and long_b in titles[0].replace("\n", " ")
+    for title in titles:
+        assert all(len(line) <= compare_plot.TITLE_WIDTH for line in title.split("\n")), title
+    latency = fig.axes[-1].get_title().replace("\n", " ")
+    assert "paired" in latency and "p50" in latency

@@ -45,3 +45,20 @@ def test_without_matplotlib(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"gprebn-edge\[plot\]"):
         plot_latency(fake_result(0, "x"), tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_1_and_batch_32_do_not_share_a_linear_axis(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from gprebn_edge.runtime import latency_plot
+
+    figures = []
+    monkeypatch.setattr(latency_plot, "save_figure", lambda fig, path: figures.append(fig) or path)
+    slow = fake_result(1, "onnxruntime").to_dict()
+    slow["batch"], slow["latencies_ms"] = 32, [30 * v for v in slow["latencies_ms"]]
+    plot_latency([fake_result(0, "onnxruntime"), slow], tmp_path / "x.png", title="t " * 80)
+    hist_ax, time_ax = figures[0].axes
+    assert hist_ax.get_xscale() == "log" and time_ax.get_yscale() == "log"
+    assert all(len(line) <= latency_plot.TITLE_WIDTH for line in figures[0]._suptitle.get_text().split("\n"))
+    figures.clear()
+    plot_latency([fake_result(0, "onnxruntime"), fake_result(1, "torch")], tmp_path / "y.png")
+    assert figures[0].axes[0].get_xscale() == "linear"  # one scale of latencies: a linear axis reads best

@@ -125,3 +125,39 @@ def test_collapse_statistics():
     for bad in ([0, 0], [], [1, -1]):
         with pytest.raises(InputError, match="histogram"):
             metrics.histogram_entropy(np.array(bad))
+
+
+def test_latency_summary_percentiles_and_moments():
+    s = metrics.latency_summary([4.0, 1.0, 3.0, 2.0])
+    assert list(s) == ["p50", "p90", "p99", "mean", "std", "min", "max", "n"]
+    assert s["p50"] == pytest.approx(2.5) and s["p90"] == pytest.approx(3.7)  # linear interpolation
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 4.0, 4)
+    assert s["std"] == pytest.approx(np.std([1, 2, 3, 4]))  # population std, as bench's CV
+    t = metrics.latency_summary(np.arange(101.0), quantiles=(50, 99.9))
+    assert (t["p50"], t["p99.9"]) == pytest.approx((50.0, 99.9))
+
+
+def test_latency_summary_rejects_empty_and_non_finite():
+    with pytest.raises(InputError, match="no latencies"):
+        metrics.latency_summary([])
+    assert metrics.latency_summary([], allow_empty=True) is None
+    assert metrics.latency_summary([2.0], allow_empty=True) == metrics.latency_summary([2.0])
+    with pytest.raises(InputError, match=r"2 of 3 latencies are NaN or infinite"):
+        metrics.latency_summary([1.0, float("nan"), float("inf")])
+    with pytest.raises(InputError, match="quantiles"):
+        metrics.latency_summary([1.0], quantiles=(50, 101))
+
+
+def test_paired_ratio_cancels_drift_and_flags_a_misleading_ratio_of_medians():
+    drift = np.linspace(0.1, 0.2, 101)
+    r = metrics.paired_ratio(drift, 1.1 * drift)
+    assert r["ratio"] == pytest.approx(1.1) and r["ratio_cv"] == pytest.approx(0, abs=1e-12)
+    assert r["ratio_ci95"] == pytest.approx([1.1, 1.1]) and r["ratio_of_medians_in_ci"]
+    a = [1.0] * 52 + [2.0] * 49  # A's median in the fast mode,
+    b = [1.0] * 49 + [2.0] * 52  # B's in the slow one: the pairs still agree in 98 of 101 rounds
+    r = metrics.paired_ratio(a, b)
+    assert r["ratio"] == 1.0 and r["ratio_of_medians"] == 2.0 and not r["ratio_of_medians_in_ci"]
+    with pytest.raises(InputError, match="equally long"):
+        metrics.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(InputError, match="NaN"):
+        metrics.paired_ratio([1.0, float("nan")], [1.0, 1.0])
