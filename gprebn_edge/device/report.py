@@ -19,6 +19,7 @@ from gprebn_edge.device.histogram import MAX_RELATIVE_ERROR, LatencyHistogram, c
 from gprebn_edge.device.metrics_log import LoopLog, read_log
 from gprebn_edge.errors import ArtifactError, InputError
 from gprebn_edge.optional import new_figure, save_figure
+from gprebn_edge.runtime.tables import fmt_ms, fmt_pct, fmt_ratio, md_escape, md_table
 
 __all__ = ["LoopLog", "read_log", "summarize", "summary_to_json", "format_summary", "plot_loop"]
 
@@ -160,6 +161,25 @@ def _windows(log: LoopLog) -> dict[str, Any]:
     }
 
 
+def _triggers(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    """Rounds by why they started: "cadence" (--every/--interval) or "shift" (the shift detector); a log
+    written before rounds recorded it counts as cadence."""
+    out = {"cadence": 0, "shift": 0}
+    for r in rounds:
+        out["shift" if str(r.get("trigger") or "").startswith("shift") else "cadence"] += 1
+    return out
+
+
+def _rejection_reasons(rejected: list[dict[str, Any]]) -> dict[str, int]:
+    """Rejected candidates by failed check (the text before the first colon of each reason)."""
+    out: dict[str, int] = {}
+    for r in rejected:
+        for reason in r.get("reasons") or ["failed"]:
+            key = str(reason).split(":", 1)[0]
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def summarize(log: LoopLog) -> dict[str, Any]:
     """Totals, online accuracy (overall, per segment, per window), latency idle vs adapting and the
     served-only-passed check of one run (of the parts rotation kept). Plain JSON types; None where a value
@@ -168,7 +188,8 @@ def summarize(log: LoopLog) -> dict[str, Any]:
     rounds = log.events("round")
     starts = log.events("start")
     stops = log.events("stop")
-    rejected = [r for r in rounds if not r["passed"] or r.get("error") is not None]
+    errors = [r for r in rounds if r.get("error") is not None]
+    rejected = [r for r in rounds if not r["passed"] and r.get("error") is None]
     drift = [float(r["stats_drift"]) for r in rounds if _is_number(r.get("stats_drift"))]
     violations = _served_only_passed(recs, complete=not log.dropped_parts)
     with_frames = [r for r in recs if "frames" in r]
@@ -187,15 +208,17 @@ def summarize(log: LoopLog) -> dict[str, Any]:
         "resumes": sum(bool(s.get("resumed")) for s in starts),
         "stop_reason": stops[-1].get("reason") if stops and recs[-1]["event"] == "stop" else None,
         "rounds": len(rounds),
-        "passed": len(rounds) - len(rejected),
+        "passed": len(rounds) - len(rejected) - len(errors),
         "rejected": len(rejected),
-        "errors": sum(r.get("error") is not None for r in rounds),
+        "errors": len(errors),
+        "triggers": _triggers(rounds),
+        "rejection_reasons": _rejection_reasons(rejected),
         "swaps": len(log.events("swap")),
         "rollbacks": len(log.events("rollback")),
         **windows,
         "stats_drift": {"mean": float(np.mean(drift)), "max": float(np.max(drift))} if drift else None,
         "rejected_rounds": [{"round": r["round"], "frames": r["frames"], "error": r.get("error"),
-                             "reasons": list(r.get("reasons") or [])} for r in rejected],
+                             "reasons": list(r.get("reasons") or [])} for r in rejected + errors],
         "served_only_passed": not violations,
         "violations": violations,
     }
@@ -215,18 +238,6 @@ def summary_to_json(summary: Mapping[str, Any]) -> str:
     return json.dumps(clean(summary), indent=2, allow_nan=False)
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f} %"
-
-
-def _ms(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
     """Markdown: totals, accuracy per segment, serving latency idle vs adapting, and any violations."""
     s = summary
@@ -235,12 +246,15 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
         ("frames served", f"{s['frames']}"),
         ("wall time", f"{s['wall_seconds']:.1f} s (serving {s['serving_seconds']:.1f} s)"),
         ("starts (resumed)", f"{s['starts']} ({s['resumes']})"),
-        ("adaptation rounds", f"{s['rounds']}"),
+        ("adaptation rounds", f"{s['rounds']} ({s['triggers']['shift']} started by a shift, "
+                              f"{s['triggers']['cadence']} on the cadence)"),
         ("passed gates", f"{s['passed']}"),
-        ("rejected candidates", f"{s['rejected']} ({s['errors']} worker errors)"),
+        ("rejected candidates", f"{s['rejected']}" + (" (" + ", ".join(
+            f"{k} {v}" for k, v in s["rejection_reasons"].items()) + ")" if s["rejection_reasons"] else "")),
+        ("worker errors", f"{s['errors']}"),
         ("swaps", f"{s['swaps']}"),
         ("rollbacks", f"{s['rollbacks']}"),
-        ("online accuracy", f"{_pct(s['accuracy'])} of {s['labeled']} labeled" if s["labeled"] else "no labels"),
+        ("online accuracy", f"{fmt_pct(s['accuracy'], 1)} of {s['labeled']} labeled" if s["labeled"] else "no labels"),
         ("served only candidates that passed", ok),
     ]
     if s["truncated_lines"]:
@@ -248,21 +262,19 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
     if s["dropped_parts"]:
         totals.append(("log parts dropped by rotation", f"{s['dropped_parts']} (the figures cover the "
                                                          f"{s['log_parts']} kept)"))
-    out = [f"# Loop run: {_md(s['log'])}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in totals]
+    out = [f"# Loop run: {md_escape(s['log'])}", "", *md_table(["", ""], totals, align="ll")]
     if s["segments"]:
-        out += ["", "## Online accuracy per segment", "", "| segment | labeled | correct | accuracy |",
-                "|---|---:|---:|---:|"]
-        out += [f"| {_md(g['name'])} | {g['labeled']} | {g['correct']} | {_pct(g['accuracy'])} |"
-                for g in s["segments"]]
+        out += ["", "## Online accuracy per segment", ""]
+        out += md_table(["segment", "labeled", "correct", "accuracy"],
+                        [(g["name"], g["labeled"], g["correct"], fmt_pct(g["accuracy"], 1)) for g in s["segments"]])
     lat = s["latency_ms"]
     out += ["", "## Serving latency (ms)", "", f"From histograms: within {100 * lat['max_relative_error']:.1f} %.",
-            "", "| adaptation in background | frames | p50 | p99 |",
-            "|---|---:|---:|---:|"]
-    for label, key in (("any", "all"), ("idle", "idle"), ("running", "adapting")):
-        p = lat[key]
-        out.append(f"| {label} | {0 if p is None else p['n']} | {_ms(p and p['p50'])} | {_ms(p and p['p99'])} |")
-    ratio = [("n/a" if r is None else f"{r:.2f}x") for r in (lat["ratio"]["p50"], lat["ratio"]["p99"])]
-    out.append(f"| ratio running / idle | | {ratio[0]} | {ratio[1]} |")
+            ""]
+    rows: list[tuple[object, ...]] = [
+        (label, 0 if p is None else p["n"], fmt_ms(p and p["p50"]), fmt_ms(p and p["p99"]))
+        for label, p in (("any", lat["all"]), ("idle", lat["idle"]), ("running", lat["adapting"]))]
+    rows.append(("ratio running / idle", "", fmt_ratio(lat["ratio"]["p50"], 2), fmt_ratio(lat["ratio"]["p99"], 2)))
+    out += md_table(["adaptation in background", "frames", "p50", "p99"], rows)
     for title, items in (("Violations", s["violations"]),
                          ("Rejected candidates", [f"round {r['round']} at frame {r['frames']}: "
                                                   f"{r['error'] or '; '.join(r['reasons']) or 'failed'}"

@@ -4,7 +4,7 @@ state and a restart resumes (torch-free).
     state.json                     which round serves, where its files are, frames served, failure count
     round-NNNNNN.safetensors       the round's adapted checkpoint (the model adaptation continues from)
     round-NNNNNN.onnx (+ .manifest.json, + .engine where TensorRT serves)
-    metrics.jsonl                  the JSON-lines metrics log, appended (rotated to metrics.1.jsonl, ...: metrics_log.py)
+    metrics.jsonl                  the JSON-lines metrics log, appended (rotated: metrics_log.py)
 
 Order of writes for a new round: its checkpoint, ONNX (and engine) are written atomically first, then
 state.json is replaced atomically to point at them, and only then are the previous round's files removed.

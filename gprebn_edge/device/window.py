@@ -63,24 +63,15 @@ class Window:
                 by_segment.setdefault(name, [0, 0])
                 by_segment[name][0] += c
                 by_segment[name][1] += 1
-        return {"n": self.n, "latency_ms": _percentiles(ms), "latency_idle_ms": _split(ms[~busy]),
-                "latency_adapting_ms": _split(ms[busy]), "adapting_fraction": float(busy.mean()),
+        return {"n": self.n, "latency_ms": metrics.latency_summary(ms),
+                "latency_idle_ms": metrics.latency_summary(ms[~busy], (50, 99), allow_empty=True),
+                "latency_adapting_ms": metrics.latency_summary(ms[busy], (50, 99), allow_empty=True),
+                "adapting_fraction": float(busy.mean()),
                 "mean_entropy": float(ent.mean()), "non_finite": int((~finite).sum()), "labeled": len(labeled),
                 "correct": sum(correct) if labeled else None, "by_segment": by_segment,
                 "segment_frames": segment_frames,
                 "latency_hist_ms": {**LAYOUT, "idle": LatencyHistogram(ms[~busy]).to_json(),
                                     "adapting": LatencyHistogram(ms[busy]).to_json()}}
-
-
-def _percentiles(ms: np.ndarray) -> dict[str, float]:
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())}
-
-
-def _split(ms: np.ndarray) -> dict[str, float] | None:
-    if not len(ms):
-        return None
-    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "n": int(len(ms))}
 
 
 def segment_names(source: Any) -> list[str] | None:

@@ -91,7 +91,9 @@ def test_summary_of_a_resumed_run(run):
     s = summarize(log)
     assert (s["frames"], s["frames_in_windows"], s["windows"]) == (400, 400, 4)
     assert (s["starts"], s["resumes"], s["stop_reason"], s["truncated_lines"]) == (2, 1, "end of stream", 1)
-    assert (s["rounds"], s["passed"], s["rejected"], s["errors"]) == (4, 2, 2, 1)
+    # a worker error is not a rejected candidate: 4 rounds = 2 passed + 1 rejected + 1 error
+    assert (s["rounds"], s["passed"], s["rejected"], s["errors"]) == (4, 2, 1, 1)
+    assert s["triggers"] == {"cadence": 4, "shift": 0} and s["rejection_reasons"] == {"mean_entropy 0.01 < 0.02": 1}
     assert (s["swaps"], s["rollbacks"]) == (1 + 1, 1)
     assert s["wall_seconds"] == pytest.approx(4.0) and s["serving_seconds"] == pytest.approx(4.0)
     assert (s["correct"], s["labeled"], s["accuracy"]) == (260, 400, 0.65)
@@ -123,7 +125,7 @@ def test_latency_percentiles_and_ratio(run):
 def test_markdown_has_the_rows(run):
     md = format_summary(summarize(read_log(run)))
     for row in ("| frames served | 400 |", "| starts (resumed) | 2 (1) |", "| swaps | 2 |", "| rollbacks | 1 |",
-                "| rejected candidates | 2 (1 worker errors) |", "| online accuracy | 65.0 % of 400 labeled |",
+                "| rejected candidates | 1 (mean_entropy 0.01 < 0.02 1) |", "| worker errors | 1 |", "| online accuracy | 65.0 % of 400 labeled |",
                 "| served only candidates that passed | yes |", "| clean#0 | 140 | 80 | 57.1 % |",
                 "| fog-5#1 | 260 | 180 | 69.2 % |", "| idle | 4 | ", "| running | 3 | ",
                 "| ratio running / idle | | 2.",
