@@ -3,12 +3,15 @@ arbitrary objects), load it into a model after checking names and shapes, and ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import pickle
 import pickletools
+import threading
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,18 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence warnings on the main thread only: warnings.catch_warnings swaps the process-wide filter list,
+    which another thread (the device loop's worker, which also reads weights) could see or undo halfway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch.save file, with `torch.load(weights_only=True)`:
     a file of arbitrary pickled objects is refused, never unpickled."""
@@ -94,8 +109,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ModelError(f"{path} is not a readable safetensors file ({_oneline(e)})") from None
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on files it then refuses
-            warnings.simplefilter("ignore")
+        with _quiet():  # torch warns about pickle protocols on files it then refuses
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if _has_pickled_objects(path):
