@@ -417,6 +417,7 @@ def _parity(c: Check, case: Case, n: int) -> None:
     import numpy as np
     import torch
 
+    from gprebn_edge.export.fold import fold_batchnorm
     from gprebn_edge.export.pipeline import export_model
     from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
     from gprebn_edge.runtime.torch_runner import TorchRunner
@@ -434,18 +435,18 @@ def _parity(c: Check, case: Case, n: int) -> None:
     tf32 = torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = False
-        with TorchRunner(case.model, device=c.device, input_shape=shape) as r:
+        with TorchRunner(case.model, device=c.device, input_shape=shape, prepare=fold_batchnorm) as r:
             got["fp32"] = r.infer(images)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     if c.cuda:
-        with TorchRunner(case.model, device=c.device, input_shape=shape) as r:
+        with TorchRunner(case.model, device=c.device, input_shape=shape, prepare=fold_batchnorm) as r:
             got["fp32 default (TF32 conv)" if tf32 else "fp32 default"] = r.infer(images)
-        with TorchRunner(case.model, device=c.device, input_shape=shape, cuda_graphs=True) as r:
+        with TorchRunner(case.model, device=c.device, input_shape=shape, cuda_graphs=True, prepare=fold_batchnorm) as r:
             got["fp32 CUDA graphs"] = r.infer(images)
             r.infer(images[:3])  # a new shape: re-captured
             got["fp32 CUDA graphs, after re-capture"] = r.infer(images)
-    with TorchRunner(case.model, device=c.device, input_shape=shape, fp16=True) as r:
+    with TorchRunner(case.model, device=c.device, input_shape=shape, fp16=True, prepare=fold_batchnorm) as r:
         got["fp16"] = r.infer(images)
     c.entry.setdefault("export", {})[case.name] = manifest["parity"]
     for mode, logits in got.items():
@@ -566,11 +567,14 @@ def _batches(c: Check) -> tuple[int, int]:
 
 
 def _latency(c: Check, case: Case, mode: str, options: dict[str, Any]) -> None:
+    from gprebn_edge.export.fold import fold_batchnorm
     from gprebn_edge.runtime.bench import benchmark
     from gprebn_edge.runtime.torch_runner import TorchRunner
 
     duration, warm = (0.2, 0.1) if c.quick else (0.6, 0.2)
     shape = (3, case.size, case.size)
+    if options.get("folded", True):  # the unfolded mode takes no fold
+        options = {"prepare": fold_batchnorm, **options}
     with TorchRunner(case.model, device=c.device, input_shape=shape, **options) as r:  # folds once, both batches
         for b in _batches(c):
             res = benchmark(r, batch=b, warmup=3, warmup_seconds=warm, duration=duration, input_shape=shape,
@@ -585,6 +589,7 @@ def _latency(c: Check, case: Case, mode: str, options: dict[str, Any]) -> None:
 
 def _latency_ratio(c: Check, case: Case) -> None:
     from gprebn_edge.adapt import AdaptConfig
+    from gprebn_edge.export.fold import fold_batchnorm
     from gprebn_edge.runtime.compare import compare
     from gprebn_edge.runtime.torch_runner import TorchRunner
 
@@ -595,8 +600,8 @@ def _latency_ratio(c: Check, case: Case) -> None:
     rounds = 20 if c.quick else 150
     shape = (3, case.size, case.size)
     for b in _batches(c):
-        a = TorchRunner(case.model, device=c.device, input_shape=shape, cuda_graphs=c.cuda)
-        d = TorchRunner(adapted, device=c.device, input_shape=shape, cuda_graphs=c.cuda)
+        a = TorchRunner(case.model, device=c.device, input_shape=shape, cuda_graphs=c.cuda, prepare=fold_batchnorm)
+        d = TorchRunner(adapted, device=c.device, input_shape=shape, cuda_graphs=c.cuda, prepare=fold_batchnorm)
         res = compare(a, d, source, batch=32, latency_iters=rounds, latency_batch=b, names=("unadapted", "adapted"))
         lat = res.latency or {}
         lo, hi = lat.get("ratio_ci95", (math.nan, math.nan))

@@ -9,17 +9,38 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gprebn_edge.errors import GprebnError
 
-__all__ = ["atomic_path", "write_text_atomic", "finite_json", "strict_json"]
+__all__ = ["atomic_path", "write_text_atomic", "finite_json", "strict_json", "current_umask"]
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-_UMASK = os.umask(0o022)  # read once, at import (setting it is process-wide: not from a worker thread)
-os.umask(_UMASK)
+_PROC_STATUS = "/proc/self/status"
+_fallback_lock = threading.Lock()
+_fallback_umask: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: `Umask:` in /proc/self/status,
+    read afresh each time). Elsewhere it can only be read by setting it and putting it back, which is
+    process-wide: that is done once, at first use and under a lock, and the value kept."""
+    global _fallback_umask
+    try:
+        with open(_PROC_STATUS, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _fallback_lock:
+        if _fallback_umask is None:
+            _fallback_umask = os.umask(0o022)
+            os.umask(_fallback_umask)
+        return _fallback_umask
 
 
 @contextlib.contextmanager
@@ -59,7 +80,7 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
-        return 0o666 & ~_UMASK
+        return 0o666 & ~current_umask()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.errors import ArtifactError, InputError
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 from gprebn_edge.validate import check, check_preprocess, oneline, optional
+
+if TYPE_CHECKING:
+    from gprebn_edge.runtime.torch_runner import Prepare
 
 __all__ = ["BACKENDS", "SUFFIXES", "backend_for", "open_runner", "model_metadata", "health_note", "verify_file",
            "manifest_beside"]
@@ -97,13 +100,15 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
                 fp16: bool = False, cuda_graphs: bool = False, providers: tuple[str, ...] | None = None,
                 engine_cache: str | Path | None = None, which: str = "adapted",
                 input_shape: tuple[int, ...] | None = None, shared_cpu: bool = False,
-                consent: CodeConsent | None = None, verify: bool = True) -> Runner:
+                consent: CodeConsent | None = None, verify: bool = True, prepare: Prepare | None = None) -> Runner:
     """A (not yet activated) runner for `path`. `device` defaults to "cpu" for onnxruntime and torch and to
     "cuda" for TensorRT; for onnxruntime a CUDA device means the CUDA provider unless `providers` says
     otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints. `shared_cpu`:
     other work runs beside this runner (a second model, adaptation), so onnxruntime must not busy-wait.
     `consent`: to the model code a checkpoint names (ONNX files and engines run no code and need none).
-    `verify`: check an ONNX file or engine against the hash in its manifest (see verify_file) first."""
+    `verify`: check an ONNX file or engine against the hash in its manifest (see verify_file) first.
+    `prepare`: for a checkpoint, turns the model into what was exported (pass the export stage's
+    fold_batchnorm, or the runs are of the unfolded model; see TorchRunner)."""
     kind = backend_for(path, backend)
     if verify and kind in ("onnxruntime", "tensorrt"):
         verify_file(path)
@@ -137,7 +142,7 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
         if dev != "cpu":
             dev = f"cuda:{_gpu_index(dev)}"
         return TorchRunner(path, device=dev, fp16=fp16, cuda_graphs=cuda_graphs, which=which,
-                           input_shape=input_shape, threads=threads, consent=consent)
+                           input_shape=input_shape, threads=threads, consent=consent, prepare=prepare)
     raise AssertionError(kind)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
@@ -16,6 +16,9 @@ from gprebn_edge.errors import InputError
 from gprebn_edge.runtime.bench import BenchResult, benchmark
 from gprebn_edge.runtime.compare import CompareResult, compare
 from gprebn_edge.runtime.loading import model_metadata, open_runner
+
+if TYPE_CHECKING:
+    from gprebn_edge.runtime.torch_runner import Prepare
 
 __all__ = ["RunnerOptions", "parse_warmup", "parse_shape", "bench_model", "compare_models", "open_data"]
 
@@ -35,11 +38,12 @@ class RunnerOptions:
     shared_cpu: bool = False         # another runner or other work shares the CPU: no busy-waiting threads
     consent: CodeConsent | None = None  # to the model code a checkpoint names (see gprebn_edge/consent.py)
     verify: bool = True              # check an ONNX file or engine against its manifest's hash
+    prepare: Prepare | None = None   # a checkpoint's model -> what was exported: the caller's fold (TorchRunner)
 
     def open(self, path: str | Path) -> Any:
         return open_runner(path, self.backend, device=self.device, threads=self.threads, fp16=self.fp16,
                            cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu,
-                           consent=self.consent, verify=self.verify)
+                           consent=self.consent, verify=self.verify, prepare=self.prepare)
 
 
 def parse_warmup(text: str) -> tuple[int, float | None]:

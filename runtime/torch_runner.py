@@ -25,7 +25,7 @@ __all__ = ["Prepare", "TorchRunner", "import_torch", "torch_threads"]
 
 Prepare = Callable[[Any, Any], tuple[Any, Any]]
 """(eval-mode module, example batch) -> (prepared module, report): the report a dict of lists or an object
-with `to_dict()`, e.g. gprebn_edge.export.fold.fold_batchnorm."""
+with `to_dict()`, e.g. the export stage's fold_batchnorm (export/fold.py)."""
 
 
 def import_torch() -> Any:
@@ -33,7 +33,8 @@ def import_torch() -> Any:
         import torch
     except ImportError:
         raise MissingDependencyError("PyTorch is not installed: the torch backend and .safetensors checkpoints "
-                                     "need it (pip install torch); ONNX files and engines run without it") from None
+                                     "need it (pip install 'gprebn-edge[adapt]'); ONNX files and engines run "
+                                     "without it") from None
     return torch
 
 
@@ -79,22 +80,13 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         _SCOPES.exit(torch, token)
 
 
-def _export_fold(model: Any, example: Any) -> tuple[Any, Any]:
-    """TRANSITIONAL, the one runtime -> export edge left: the default `prepare` for callers that do not pass
-    one yet (open_runner's callers in cli/ and runtime/tasks.py, benchmarks/gpu_check.py). Delete it, and
-    make folding need `prepare`, once they pass prepare=fold_batchnorm."""
-    from gprebn_edge.export.fold import fold_batchnorm
-
-    return fold_batchnorm(model, example)
-
-
 class TorchRunner(Runner):
     """Run an nn.Module, or the model of an adapted checkpoint (`which`: "adapted" or "source"), in eval mode.
 
     `prepare` (module, example batch) -> (module, report) turns the model into what was exported, so timings
-    compare with the ONNX/TensorRT runs: pass gprebn_edge.export.fold.fold_batchnorm. Until every caller
-    does, `folded=True` without `prepare` still uses that fold (see _export_fold); `folded=False` runs the
-    model as given (e.g. one the caller folded already). Preparing traces the model on an example batch: of
+    compare with the ONNX/TensorRT runs: pass the export stage's fold_batchnorm (export/fold.py; the runtime
+    does not import it). Without `prepare` the model runs as given (e.g. one the caller folded already);
+    `folded=False` says so explicitly and refuses a `prepare`. Preparing traces the model on an example batch: of
     `input_shape` (C, H, W) when given, else of the checkpoint's crop size, else of the first batch passed to
     `infer` (then the first call also pays for it). `cuda_graphs` (CUDA only) captures the forward pass once
     per batch shape and replays it, re-capturing when the shape changes. `threads` sets torch's intra-op
@@ -131,7 +123,7 @@ class TorchRunner(Runner):
             raise InputError(f"threads must be at least 1, got {threads}")
         if prepare is not None and not folded:
             raise InputError("prepare= is how the model gets folded: drop folded=False, or drop prepare")
-        self.prepare: Prepare | None = (prepare or _export_fold) if folded else None
+        self.prepare: Prepare | None = prepare if folded else None
         self.device = device
         self.fp16 = fp16
         self.cuda_graphs = cuda_graphs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gprebn_edge.cli._app import _state, app, err_console, error_line, stop_signals, stopped_exit
+from gprebn_edge.cli._app import app, err_console, error_line, session, stop_signals, stopped_exit
 from gprebn_edge.errors import GprebnError, missing_extra
 
 # each module registers its commands on `app`, in this order, which is the order of `gprebn-edge --help`
@@ -28,8 +28,8 @@ def main() -> None:
             err_console.print(error_line("error:", str(e)), soft_wrap=True)
             sys.exit(1)
         except ModuleNotFoundError as e:  # an extra (torch) imported before a command's error mapping
-            missing = missing_extra(e, _state["command"])
-            if missing is None or _state["debug"]:
+            missing = missing_extra(e, session.command)
+            if missing is None or session.debug:
                 raise
             err_console.print(error_line("error:", str(missing)), soft_wrap=True)
             sys.exit(1)

@@ -1,25 +1,26 @@
-"""The command line's shared pieces: the typer app, the error mapping, progress and small formatters.
-Each command module registers its commands on `app`."""
+"""The command line's shared pieces: the typer app, the `command` decorator that registers a command under
+the one error mapping, per-invocation state, the --json convention, progress and output checks.
+Each command module registers its commands with `@command()`."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand
 
 from gprebn_edge.errors import GprebnError, missing_extra
 
-__all__ = ["app", "console", "err_console", "cli_errors", "stop_signals", "stopped_exit", "progress", "status",
-           "key_value_table", "pct",
-           "check_outputs", "error_line", "existing", "say_replaced", "BACKEND_HELP", "TRUST_HELP", "VERIFY_HELP"]
+__all__ = ["app", "command", "session", "console", "err_console", "cli_errors", "stop_signals", "stopped_exit",
+           "progress", "status", "error_line", "STOPPED"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GpreBN test-time adaptation of BatchNorm CNNs, folded for edge GPUs.")
@@ -27,7 +28,24 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # no rich markup and no :emoji: codes
 console = Console(markup=False, emoji=False)
 err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
-_state: dict[str, Any] = {"debug": False, "command": None}
+
+STOPPED = "interrupted: nothing was written"
+
+
+@dataclass
+class _Session:
+    """The state of one invocation, the one place the CLI keeps any: reset by the root callback each time
+    the app runs (tests run it many times in one process)."""
+
+    debug: bool = False          # --debug: tracebacks instead of one-line errors
+    command: str | None = None   # the sub-command, named by a missing-dependency error
+    interrupted: str = STOPPED   # the line for a Ctrl-C (SIGTERM: "terminated"); a command may say more
+
+    def reset(self, debug: bool = False, command: str | None = None) -> None:
+        self.debug, self.command, self.interrupted = debug, command, STOPPED
+
+
+session = _Session()
 
 
 class _Signals:
@@ -40,6 +58,46 @@ class _Signals:
 _signals = _Signals()
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(name: str | None = None) -> Callable[[F], F]:
+    """Register a command on `app` with its body under `cli_errors`, the one error mapping: the body only
+    parses, calls one library function and prints."""
+    def register(body: F) -> F:
+        @functools.wraps(body)  # typer reads the options from the wrapped signature
+        def mapped(*args: Any, **kwargs: Any) -> Any:
+            session.interrupted = STOPPED  # a command that writes elsewhere (loop) says so itself
+            with cli_errors():
+                return body(*args, **kwargs)
+
+        app.command(name, cls=_Command)(mapped)
+        return mapped  # type: ignore[return-value]
+    return register
+
+
+class _Command(TyperCommand):
+    """A command whose `--json` also works bare: the older flag form (`adapt ... --json`) means `--json -`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if any("--json" in getattr(p, "opts", ()) for p in self.params):
+            args = bare_json_as_stdout(args)
+        return super().parse_args(ctx, args)
+
+
+def bare_json_as_stdout(args: list[str]) -> list[str]:
+    """`--json` given last, or followed by another option, gets the value `-` (stdout)."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":  # the rest are arguments, not options
+            return out + args[i:]
+        out.append(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg == "--json" and (following is None or (following.startswith("-") and following != "-")):
+            out.append("-")
+    return out
+
+
 def error_line(label: str, message: str) -> Text:
     return Text.assemble((label, "red"), " ", message)
 
@@ -47,36 +105,36 @@ def error_line(label: str, message: str) -> Text:
 @app.callback()
 def _root(ctx: typer.Context,
           debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
-    _state["debug"] = debug
-    _state["command"] = ctx.invoked_subcommand  # named by a missing-dependency error
+    session.reset(debug=debug, command=ctx.invoked_subcommand)
 
 
 @contextlib.contextmanager
-def cli_errors(interrupted: str = "interrupted: nothing was written") -> Iterator[None]:
+def cli_errors(interrupted: str | None = None) -> Iterator[None]:
     """Map the project's errors to one line and exit code 1; anything else to exit code 2; Ctrl-C to 130
-    with the line `interrupted`, and SIGTERM (see `stop_signals`) to 143 with that line saying "terminated"."""
+    with the line `interrupted` (default: the session's), and SIGTERM (see `stop_signals`) to 143 with that
+    line saying "terminated". Commands get it from `@command()`."""
     try:
         try:
             yield
         except ModuleNotFoundError as e:  # an extra this install lacks (torch): one line naming it
-            missing = missing_extra(e, _state["command"])
+            missing = missing_extra(e, session.command)
             if missing is None:
                 raise
             raise missing from e
         _signals.finished = True
     except GprebnError as e:
         if _signals.signum is not None:  # the stop signal broke the work (e.g. an import): report the stop
-            _report_stop(interrupted, _signals.signum)
-        if _state["debug"]:
+            _report_stop(interrupted or session.interrupted, _signals.signum)
+        if session.debug:
             raise
         err_console.print(error_line("error:", str(e)), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        _report_stop(interrupted, _signals.signum or signal.SIGINT)
+        _report_stop(interrupted or session.interrupted, _signals.signum or signal.SIGINT)
     except (typer.Exit, typer.Abort):
         raise
     except Exception as e:  # a bug, not a user error: still one line unless --debug
-        if _state["debug"]:
+        if session.debug:
             raise
         first = str(e).splitlines()[0] if str(e) else ""
         err_console.print(error_line("internal error:", f"{type(e).__name__}: {first} (rerun with --debug for "
@@ -180,43 +238,3 @@ def status() -> Iterator[Callable[[str], None]]:
     finally:
         if status is not None:
             status.stop()
-
-
-def key_value_table(title: str) -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_column("field", no_wrap=True)
-    table.add_column("value", overflow="fold")  # paths and hashes wrap whole, never cut with an ellipsis
-    return table
-
-
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f} %"
-
-def check_outputs(*paths: Path | None) -> None:
-    """Fail before any work when an output cannot be written."""
-    for path in paths:
-        if path is not None and (path.is_dir() or not (path.parent if str(path.parent) else Path(".")).is_dir()):
-            raise GprebnError(f"cannot write {path}: give a file in an existing folder")
-
-
-TRUST_HELP = ("Import whatever model code (file.py:factory, module:factory) a checkpoint names: only for "
-              "checkpoints you trust, since that code runs. builtin: and torchvision: models, ONNX files and "
-              "engines need no consent.")
-
-VERIFY_HELP = ("Check an ONNX file or engine against the sha256 its export manifest (NAME.manifest.json beside "
-               "it) records, and refuse it when they differ; --no-verify runs it anyway.")
-
-
-def existing(*paths: Path | None) -> list[Path]:
-    """The outputs that exist before a run (checked before any work: `say_replaced` names them after it)."""
-    return [p for p in paths if p is not None and p.is_file()]
-
-
-def say_replaced(paths: list[Path]) -> None:
-    """One line on stderr naming the files a successful run replaced."""
-    if paths:
-        err_console.print(f"replaced existing {', '.join(map(str, paths))}", soft_wrap=True)
-
-
-BACKEND_HELP = "auto (by suffix: .onnx onnxruntime, .engine/.plan tensorrt, .safetensors torch), onnxruntime, " \
-                "torch or tensorrt."

@@ -13,23 +13,13 @@ from typing import Annotated, Any
 
 import typer
 
-from gprebn_edge.cli._app import (
-    TRUST_HELP,
-    VERIFY_HELP,
-    app,
-    check_outputs,
-    cli_errors,
-    console,
-    err_console,
-    error_line,
-    existing,
-    say_replaced,
-    status,
-)
+from gprebn_edge.cli._app import command, console, err_console, error_line, session, status
+from gprebn_edge.cli.options import JsonOut, TrustModelCode, Verify
+from gprebn_edge.cli.output import check_outputs, emit_json, existing, json_to_stdout, note, say_replaced
 from gprebn_edge.errors import GprebnError
 
 
-@app.command()
+@command()
 def loop(
     source: Annotated[str, typer.Option(help="Frames, served in order: an image folder, .npy/.npz, synthetic:..., "
                                         "stream[:SEGMENTS] (the built-in shifting stream), video:FILE or camera:N.")],
@@ -55,17 +45,18 @@ def loop(
     serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = 1,
     shift_trigger: Annotated[bool, typer.Option(help="Also start a round early when the inputs or the serving "
                                                 "model's outputs shift (the log says why each round started).")] = True,
-    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
-    verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
+    trust_model_code: TrustModelCode = False,
+    verify: Verify = True,
 ) -> None:
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
+    stopped = f"the state in {state} is servable; run the same command again to resume"
+    session.interrupted = f"interrupted: {stopped}"  # the line @command's error mapping prints on a stop
     from gprebn_edge.consent import CodeConsent
     from gprebn_edge.device.loop import LoopConfig
     from gprebn_edge.device.shift import ShiftConfig
 
-    stopped = f"the state in {state} is servable; run the same command again to resume"
-    with cli_errors(f"interrupted: {stopped}"), _stop_signals() as stop:
+    with _stop_signals() as stop:
         try:
             _run(LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
                             every=every if every is not None or interval is not None else 500, interval=interval,
@@ -77,7 +68,7 @@ def loop(
             # after a stop signal, an error on the way out is its consequence: the signal is reported
             if stop.signum is None:
                 raise
-            if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to cli_errors: exit 130
+            if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to the error mapping: exit 130
                 err_console.print(f"terminated: {stopped}", soft_wrap=True)
                 raise typer.Exit(128 + signal.SIGTERM) from None
             raise KeyboardInterrupt from None
@@ -156,27 +147,23 @@ def _stop_signals() -> Iterator[_Stop]:
             signal.signal(s, h)
 
 
-@app.command("loop-report")
+@command("loop-report")
 def loop_report(
     log: Annotated[Path, typer.Argument(help="A loop's metrics.jsonl.")],
     plot: Annotated[Path | None, typer.Option(help="Write accuracy/latency over time (PNG) here.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON here.")] = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Summarize a loop run: frames, rounds, swaps, rollbacks, accuracy per segment, latency while adapting."""
     from gprebn_edge.device.report import format_summary, plot_loop, read_log, summarize, summary_to_json
 
-    with cli_errors():
-        check_outputs(plot, json_out)
-        replaced = existing(json_out, plot)
-        parsed = read_log(log)
-        summary = summarize(parsed)
+    check_outputs(plot, json_out)
+    replaced = existing(json_out, plot)
+    parsed = read_log(log)
+    summary = summarize(parsed)
+    if not json_to_stdout(json_out):
         console.print(format_summary(summary), soft_wrap=True)
-        if json_out is not None:
-            from gprebn_edge.io import write_text_atomic
-
-            write_text_atomic(json_out, summary_to_json(summary) + "\n")
-            console.print(f"json: {json_out}")
-        if plot is not None:
-            plot_loop(parsed, plot)
-            console.print(f"plot: {plot}")
-        say_replaced(replaced)
+    emit_json(json_out, summary_to_json(summary))
+    if plot is not None:
+        plot_loop(parsed, plot)
+        note(f"plot: {plot}", json_out)
+    say_replaced(replaced)

@@ -7,21 +7,20 @@ from typing import Annotated, Any
 
 import typer
 
-from gprebn_edge.cli._app import (
-    BACKEND_HELP,
-    TRUST_HELP,
-    VERIFY_HELP,
-    app,
-    check_outputs,
-    cli_errors,
-    console,
-    existing,
-    progress,
-    say_replaced,
-)
+from gprebn_edge.cli._app import command, console, progress
+from gprebn_edge.cli.options import BACKEND_HELP, Backend, Device, JsonOut, Limit, Threads, TrustModelCode, Verify
+from gprebn_edge.cli.output import check_outputs, emit_json, existing, json_to_stdout, note, say_replaced
 from gprebn_edge.errors import GprebnError
-from gprebn_edge.io import strict_json, write_text_atomic
+from gprebn_edge.io import strict_json
 from gprebn_edge.validate import flag_number
+
+
+def _fold(model: Any, example: Any) -> tuple[Any, Any]:
+    """A checkpoint run with the torch backend is folded as its export is (the runtime does not import the
+    export stage: the fold is handed in as `prepare`); imported on first use, so ONNX runs need no torch."""
+    from gprebn_edge.export.fold import fold_batchnorm
+
+    return fold_batchnorm(model, example)
 
 
 def _batch_list(text: str) -> list[int]:
@@ -34,63 +33,57 @@ def _batch_list(text: str) -> list[int]:
     return values
 
 
-@app.command()
+@command()
 def bench(
     model: Annotated[Path, typer.Argument(help="An ONNX file, a TensorRT engine or an adapted checkpoint.")],
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu; cuda for engines).")] = None,
+    backend: Backend = "auto",
+    device: Device = None,
     batch: Annotated[str, typer.Option(help="Batch size(s), comma-separated, e.g. 1,32.")] = "1",
     warmup: Annotated[str, typer.Option(help="Warm-up: iterations (10) or seconds (2s).")] = "10",
     iters: Annotated[int | None, typer.Option(help="Timed iterations (default 200).")] = None,
     duration: Annotated[float | None, typer.Option(help="Time for this many seconds instead of --iters.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (onnxruntime intra-op, torch).")] = None,
+    threads: Threads = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="fp16 (torch on CUDA; onnxruntime TensorRT provider).")] = False,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay CUDA graphs (torch, tensorrt).")] = False,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W where the model does not fix it.")] = None,
     data: Annotated[str | None, typer.Option(help="Time on these images instead of random inputs.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    json_out: JsonOut = None,
     plot: Annotated[Path | None, typer.Option(help="Write a latency plot (PNG) here.")] = None,
-    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
-    verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
+    trust_model_code: TrustModelCode = False,
+    verify: Verify = True,
 ) -> None:
     """Latency of one model: first call, percentiles, throughput, memory and the environment."""
     from gprebn_edge.consent import CodeConsent
     from gprebn_edge.runtime.bench import format_table
     from gprebn_edge.runtime.tasks import RunnerOptions, bench_model, parse_shape
 
-    with cli_errors():
-        if iters is not None and duration is not None:
-            raise GprebnError("give --iters or --duration, not both")
-        if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
-            raise GprebnError("--iters must be at least 1 and --duration positive")
-        flag_number(duration, "--duration", positive=True)  # NaN passes the comparisons above
-        flag_number(threads, "--threads", low=1)
-        options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
-                                input_shape=parse_shape(input_shape) if input_shape else None,
-                                consent=CodeConsent(any_code=trust_model_code), verify=verify)
-        batches = _batch_list(batch)
-        check_outputs(json_out, plot)
-        replaced = existing(json_out, plot)
-        with progress() as update:
-            results = bench_model(model, options, batches=batches, warmup=warmup, iters=iters, duration=duration,
-                                  data=data, progress=update)
+    if iters is not None and duration is not None:
+        raise GprebnError("give --iters or --duration, not both")
+    if (iters is not None and iters < 1) or (duration is not None and duration <= 0):
+        raise GprebnError("--iters must be at least 1 and --duration positive")
+    flag_number(duration, "--duration", positive=True)  # NaN passes the comparisons above
+    flag_number(threads, "--threads", low=1)
+    options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
+                            input_shape=parse_shape(input_shape) if input_shape else None,
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify, prepare=_fold)
+    batches = _batch_list(batch)
+    check_outputs(json_out, plot)
+    replaced = existing(json_out, plot)
+    with progress() as update:
+        results = bench_model(model, options, batches=batches, warmup=warmup, iters=iters, duration=duration,
+                              data=data, progress=update)
+    if not json_to_stdout(json_out):
         for result in results:
             console.print(format_table(result))
-        env = results[0].environment
-        console.print("environment: " + ", ".join(f"{k} {v}" for k, v in _flat_environment(env).items()),
-                      soft_wrap=True)
-        if json_out is not None:
-            payload = {"model": str(model), "results": [r.to_dict() for r in results]}
-            write_text_atomic(json_out, strict_json(payload, indent=1) + "\n")
-            console.print(f"json: {json_out}")
-        if plot is not None:
-            from gprebn_edge.runtime.latency_plot import plot_latency
+        console.print("environment: " + ", ".join(f"{k} {v}" for k, v in _flat_environment(results[0].environment)
+                                                  .items()), soft_wrap=True)
+    emit_json(json_out, strict_json({"model": str(model), "results": [r.to_dict() for r in results]}, indent=1))
+    if plot is not None:
+        from gprebn_edge.runtime.latency_plot import plot_latency
 
-            plot_latency(results, plot, labels=[r.label() for r in results], title=model.name)
-            console.print(f"plot: {plot}")
-        say_replaced(replaced)
-
-
+        plot_latency(results, plot, labels=[r.label() for r in results], title=model.name)
+        note(f"plot: {plot}", json_out)
+    say_replaced(replaced)
 
 
 def _flat_environment(env: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +97,7 @@ def _flat_environment(env: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-@app.command()
+@command()
 def compare(
     model_a: Annotated[Path, typer.Argument(help="Model A (typically the unadapted export).")],
     model_b: Annotated[Path, typer.Argument(help="Model B (typically the adapted export).")],
@@ -112,42 +105,40 @@ def compare(
                                       "subfolders give accuracy.")],
     backend_a: Annotated[str, typer.Option(help="Backend for A: " + BACKEND_HELP)] = "auto",
     backend_b: Annotated[str, typer.Option(help="Backend for B.")] = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for both.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per model.")] = None,
+    device: Device = None,
+    threads: Threads = None,
     batch: Annotated[int, typer.Option(help="Batch size for the accuracy pass.")] = 32,
-    limit: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
+    limit: Limit = None,
     latency_iters: Annotated[int, typer.Option(help="Interleaved A/B latency rounds (0: none).")] = 50,
     latency_batch: Annotated[int, typer.Option(help="Batch size of the latency rounds.")] = 1,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON here.")] = None,
+    json_out: JsonOut = None,
     plot: Annotated[Path | None, typer.Option(help="Write reliability diagrams and bars (PNG) here.")] = None,
-    trust_model_code: Annotated[bool, typer.Option("--trust-model-code", help=TRUST_HELP)] = False,
-    verify: Annotated[bool, typer.Option(help=VERIFY_HELP)] = True,
+    trust_model_code: TrustModelCode = False,
+    verify: Verify = True,
 ) -> None:
     """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
     accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
     from gprebn_edge.consent import CodeConsent
     from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
 
-    with cli_errors():
-        check_outputs(json_out, plot)
-        replaced = existing(json_out, plot)
-        consent = CodeConsent(any_code=trust_model_code)
-        for value, flag, low in ((threads, "--threads", 1), (batch, "--batch", 1), (limit, "--limit", 1),
-                                 (latency_iters, "--latency-iters", 0), (latency_batch, "--latency-batch", 1)):
-            flag_number(value, flag, low=low)
-        options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify)
-                   for b in (backend_a, backend_b)]
-        with progress() as update:
-            result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
-                                    limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,
-                                    progress=update)
+    check_outputs(json_out, plot)
+    replaced = existing(json_out, plot)
+    consent = CodeConsent(any_code=trust_model_code)
+    for value, flag, low in ((threads, "--threads", 1), (batch, "--batch", 1), (limit, "--limit", 1),
+                             (latency_iters, "--latency-iters", 0), (latency_batch, "--latency-batch", 1)):
+        flag_number(value, flag, low=low)
+    options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify, prepare=_fold)
+               for b in (backend_a, backend_b)]
+    with progress() as update:
+        result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
+                                limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,
+                                progress=update)
+    if not json_to_stdout(json_out):
         console.print(result.to_markdown(), soft_wrap=True)
-        if json_out is not None:
-            write_text_atomic(json_out, strict_json(result.to_dict(), indent=2, default=str) + "\n")
-            console.print(f"json: {json_out}")
-        if plot is not None:
-            from gprebn_edge.runtime.compare_plot import plot_compare
+    emit_json(json_out, strict_json(result.to_dict(), indent=2, default=str))
+    if plot is not None:
+        from gprebn_edge.runtime.compare_plot import plot_compare
 
-            plot_compare(result, plot)
-            console.print(f"plot: {plot}")
-        say_replaced(replaced)
+        plot_compare(result, plot)
+        note(f"plot: {plot}", json_out)
+    say_replaced(replaced)
