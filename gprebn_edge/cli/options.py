@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 __all__ = ["TRUST_HELP", "VERIFY_HELP", "BACKEND_HELP", "JSON_HELP", "TrustModelCode", "Verify", "JsonOut",
-           "Threads", "Device", "Backend", "Limit", "Plot"]
+           "Threads", "Device", "Backend", "Limit"]
 
 TRUST_HELP = ("Import whatever model code (file.py:factory, module:factory) a checkpoint names: only for "
               "checkpoints you trust, since that code runs. builtin: and torchvision: models, ONNX files and "
@@ -31,4 +31,3 @@ Threads = Annotated[int | None, typer.Option(help="CPU threads per model (onnxru
 Device = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu; cuda for engines).")]
 Backend = Annotated[str, typer.Option(help=BACKEND_HELP)]
 Limit = Annotated[int | None, typer.Option(help="Use at most N images.")]
-Plot = Annotated[Path | None, typer.Option(help="Write a plot (PNG) here: see the command's description.")]
