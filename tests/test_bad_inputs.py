@@ -404,7 +404,7 @@ MODEL_FILE_FAILS = [
     ("onnx/random_bytes.onnx", "not an ONNX model", "not an ONNX model"),
     ("onnx/truncated.onnx", "not an ONNX model", "not an ONNX model"),
     ("onnx/zero_bytes.onnx", "cannot load", "cannot load"),
-    ("onnx/two_inputs.onnx", "2 inputs", "2 inputs"),
+    ("onnx/two_inputs.onnx", "one image batch in", "one image batch in"),
     ("onnx/other_classes.onnx", None, "10 vs 5 classes"),
     ("onnx/other_input.onnx", None, "different inputs"),
     ("onnx/other_preprocess.onnx", None, "different preprocessing"),
@@ -634,7 +634,7 @@ def test_loop_skips_corrupt_frames(built, out):
 LOOP_MODEL_FAILS = [("--model", "artifacts/plain.safetensors", "not a gprebn-edge checkpoint"),
                     ("--model", "artifacts/meta_not_object.safetensors", "not an object"),
                     ("--onnx", "onnx/random_bytes.onnx", "not an ONNX model"),
-                    ("--onnx", "onnx/other_input.onnx", "expects")]
+                    ("--onnx", "onnx/other_input.onnx", "preprocess the images to")]
 
 
 @pytest.mark.parametrize("flag, entry, words", LOOP_MODEL_FAILS, ids=[e for _, e, _ in LOOP_MODEL_FAILS])

@@ -287,7 +287,7 @@ def test_sigint_and_sigterm_at_random_moments_stop_cleanly(tmp_path, start):
     state = tmp_path / "state"
     cmd = [sys.executable, "-c", "from gprebn_edge.cli import main; main()", "loop", "--source",
            "stream:clean*300,gaussian_noise-5*6000", "--state", str(state), "--model", str(start), "--every", "60",
-           "--buffer", "64", "--window", "50", "--fps", "400"]
+           "--buffer", "128", "--window", "50", "--fps", "400"]
     seen = []
     for k in range(moments):
         sig = (signal.SIGINT, signal.SIGTERM)[k % 2]

@@ -125,7 +125,8 @@ def test_latency_percentiles_and_ratio(run):
 def test_markdown_has_the_rows(run):
     md = format_summary(summarize(read_log(run)))
     for row in ("| frames served | 400 |", "| starts (resumed) | 2 (1) |", "| swaps | 2 |", "| rollbacks | 1 |",
-                "| rejected candidates | 1 (mean_entropy 0.01 < 0.02 1) |", "| worker errors | 1 |", "| online accuracy | 65.0 % of 400 labeled |",
+                "| rejected candidates | 1 (mean_entropy 0.01 < 0.02 1) |", "| worker errors | 1 |",
+                "| online accuracy | 65.0 % of 400 labeled |",
                 "| served only candidates that passed | yes |", "| clean#0 | 140 | 80 | 57.1 % |",
                 "| fog-5#1 | 260 | 180 | 69.2 % |", "| idle | 4 | ", "| running | 3 | ",
                 "| ratio running / idle | | 2.",

@@ -7,6 +7,7 @@ import torch
 
 from gprebn_edge.checkpoint import rebuild_model
 from gprebn_edge.errors import InputError, MissingDependencyError
+from gprebn_edge.export.fold import fold_batchnorm
 from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 from gprebn_edge.runtime.torch_runner import TorchRunner
 
@@ -22,7 +23,7 @@ def ort_logits(exported):
 
 
 def test_checkpoint_on_cpu_equals_onnxruntime(exported, ort_logits):
-    runner = TorchRunner(exported.checkpoint)
+    runner = TorchRunner(exported.checkpoint, prepare=fold_batchnorm)
     # the built-in model's preprocessing has no crop, so the input size is learnt from the first batch
     assert runner.inputs()[0].shape == ("batch", None, None, None)
     with runner:
@@ -36,7 +37,7 @@ def test_checkpoint_on_cpu_equals_onnxruntime(exported, ort_logits):
 
 
 def test_input_shape_folds_at_activate_and_unfolded_agrees(exported, ort_logits):
-    with TorchRunner(exported.checkpoint, input_shape=(3, 32, 32), threads=1) as runner:
+    with TorchRunner(exported.checkpoint, input_shape=(3, 32, 32), threads=1, prepare=fold_batchnorm) as runner:
         assert runner.info().details["fold"]["folded"] == 9  # before any inference
         folded = runner.infer(exported.images)
     with TorchRunner(exported.checkpoint, folded=False) as runner:
