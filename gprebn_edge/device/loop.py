@@ -176,6 +176,7 @@ class _Run:
         self.worker_abandoned = False
         self.shift = ShiftDetector(config.shift) if config.shift is not None else None
         self.shift_at: int | None = None  # the frame a detected shift began at, until its round starts
+        self.domain_start = 0             # the frame the current domain began at (the last detected shift)
         self.shift_reason = ""
 
 
@@ -477,17 +478,19 @@ class _Loop:
 
     def _maybe_start_round(self, run: _Run, jobs: queue.Queue[Job | None]) -> None:
         """Start a round on the cadence (--every/--interval) or, earlier, once a detected shift has
-        `min_frames` frames of the new domain in the buffer (that round adapts on those frames only)."""
+        `min_frames` frames of the new domain in the buffer. Every round after a detected shift adapts on the
+        frames since it only: frames of the old domain would pull the statistics back."""
         c = self.config
-        trigger, frames = self._shift_trigger(run), list(run.buffer)
-        if trigger is not None:
-            frames = frames[-(run.frames - (run.shift_at or 0)):]
-        else:
+        trigger = self._shift_trigger(run)
+        if trigger is None:
             due = (run.frames - run.last_trigger_frames >= c.every if c.every is not None
                    else time.perf_counter() - run.last_trigger_time >= (c.interval or 0))
-            if not due or len(run.buffer) < c.min_frames:
+            if not due or min(len(run.buffer), run.frames - run.domain_start) < c.min_frames:
                 return
             trigger = "cadence"
+        else:
+            run.domain_start = run.shift_at or 0
+        frames = list(run.buffer)[-(run.frames - run.domain_start):]
         with self.shared.lock:
             self.shared.busy = True
             self.shared.state.rounds_tried = run.next_round_id
