@@ -29,130 +29,32 @@ source)."""
 
 from __future__ import annotations
 
-import math
 import os
-import queue
 import shutil
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
-from gprebn_edge.device.gates import GateConfig
+from gprebn_edge.device.config import LoopConfig, LoopResult, config_record
 from gprebn_edge.device.metrics_log import MetricsLog
-from gprebn_edge.device.shift import ShiftConfig, ShiftDetector
+from gprebn_edge.device.shift import ShiftDetector
+from gprebn_edge.device.start import initial_state, open_frames, require_checkpoint_consent, require_finite
 from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.device.window import Window, segment_names
-from gprebn_edge.device.worker import Job, Shared, Worker, one_line
-from gprebn_edge.errors import ArtifactError, GprebnError, InputError
-from gprebn_edge.io import atomic_path
+from gprebn_edge.device.worker import Job, Shared, Worker, WorkerThread, one_line
+from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.loading import manifest_beside, model_metadata, open_runner, verify_file
+from gprebn_edge.runtime.loading import model_metadata, open_runner
 
 __all__ = ["LoopConfig", "LoopResult", "run_loop"]
 
-SERVING_SWITCH_INTERVAL = 0.0005  # seconds: how long serving may wait for the GIL while a round runs
-WORKER_FINISH_TIMEOUT = 600.0     # seconds the round in flight may take to finish when the source ends
-WORKER_STOP_TIMEOUT = 30.0        # seconds the worker may take to drop its round on Ctrl-C/SIGTERM or an error
-
-
-@dataclass
-class LoopConfig:
-    """What `gprebn-edge loop` runs. `model` None serves without adapting (a static baseline)."""
-
-    state: Path
-    source: str
-    model: Path | None = None        # adapted checkpoint to keep adapting
-    onnx: Path | None = None         # what serves at first (default: exported from `model`)
-    engine: Path | None = None       # a refittable TensorRT engine to serve instead of the ONNX file
-    every: int | None = 500          # frames between rounds
-    interval: float | None = None    # or seconds between rounds
-    buffer: int = 512
-    holdout: float = 0.25            # newest fraction of a snapshot, held back from adaptation for the gates
-    min_frames: int = 128            # no round before the buffer holds this many frames
-    max_frames: int | None = None
-    fps: float | None = None         # pace a file or built-in source like a camera (None: as fast as it serves)
-    window: int = 250                # frames per metrics record
-    probe: str | None = None         # labeled images for the probe-accuracy gate
-    probe_limit: int = 256
-    gates: GateConfig = field(default_factory=GateConfig)
-    shift: ShiftConfig | None = field(default_factory=ShiftConfig)  # None: rounds on the cadence only
-    recovery: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3
-    momentum: float = 0.1
-    adapt_threads: int = 1
-    serve_threads: int | None = 1
-    consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
-    verify: bool = True              # check --onnx/--engine (and the state's files) against their manifest hash
-
-    def check(self) -> None:
-        for name, flag in (("interval", "--interval"), ("fps", "--fps"), ("holdout", "--holdout"), ("lr", "--lr"),
-                           ("momentum", "momentum")):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise InputError(f"{flag} must be a finite number, got {value}")
-        if self.lr <= 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
-        if not 0 < self.momentum <= 1:
-            raise InputError(f"momentum must be in (0, 1], got {self.momentum}")
-        if self.adapt_threads < 1:
-            raise InputError(f"--adapt-threads must be at least 1, got {self.adapt_threads}")
-        if self.serve_threads is not None and self.serve_threads < 1:
-            raise InputError(f"--serve-threads must be at least 1, got {self.serve_threads}")
-        if self.min_frames < 1 or self.probe_limit < 1:
-            raise InputError("min_frames and probe_limit must be at least 1")
-        if (self.every is None) == (self.interval is None):
-            raise InputError("give one of --every N (frames) and --interval S (seconds)")
-        if self.every is not None and self.every < 1:
-            raise InputError(f"--every must be at least 1 frame, got {self.every}")
-        if self.interval is not None and self.interval <= 0:
-            raise InputError(f"--interval must be positive, got {self.interval}")
-        if self.buffer < 16:
-            raise InputError(f"--buffer must hold at least 16 frames, got {self.buffer}")
-        if not 0.05 <= self.holdout <= 0.5:
-            raise InputError(f"--holdout must be in [0.05, 0.5], got {self.holdout}")
-        if self.model is not None and self.buffer < self.min_frames:
-            raise InputError(f"--buffer {self.buffer} holds fewer frames than a round needs ({self.min_frames}): "
-                             f"give --buffer {self.min_frames} or more, or serve without --model")
-        if self.window < 1 or self.recovery < 1 or self.batch_size < 1:
-            raise InputError("--window, --recovery and --batch-size must be at least 1")
-        if self.fps is not None and self.fps <= 0:
-            raise InputError(f"--fps must be positive, got {self.fps}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise InputError(f"--frames must be at least 1, got {self.max_frames}")
-        if self.onnx is not None and self.engine is not None:
-            raise InputError("give --onnx or --engine, not both")
-        for name in ("model", "onnx", "engine"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise InputError(f"--{name} {path}: no such file")
-
-
-@dataclass
-class LoopResult:
-    frames: int
-    rounds: int
-    passed: int
-    swaps: int
-    rollbacks: int
-    served_round: int
-    resumed: bool
-    seconds: float
-    stop_reason: str
-    log: Path
-    skipped: int = 0                 # unreadable frames skipped (image folders)
-    errors: list[str] = field(default_factory=list)  # worker failures, each reported when it happened
-    worker_abandoned: bool = False   # the worker did not stop in time and still runs (exit with os._exit)
 
 
 class _Run:
@@ -178,11 +80,6 @@ class _Run:
         self.shift_at: int | None = None  # the frame a detected shift began at, until its round starts
         self.domain_start = 0             # the frame the current domain began at (the last detected shift)
         self.shift_reason = ""
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 class _Loop:
@@ -215,66 +112,6 @@ class _Loop:
         self.report(f"cannot write under --state {self.dir.path} ({e.strerror or e}): serving goes on; free space "
                     "there so that rounds and metrics are saved again")
 
-    # -- start / resume -----------------------------------------------------------------------------
-    def _initial_state(self) -> LoopState:
-        c = self.config
-        if c.model is None and c.onnx is None and c.engine is None:
-            raise InputError("give --model (to adapt) and/or --onnx/--engine (what serves)")
-        self._check_inputs()
-        self.dir.create()
-        checkpoint = ""
-        if c.model is not None:
-            checkpoint = self.dir.round_path(0, ".safetensors").name
-            _copy_atomic(Path(c.model), self.dir.path / checkpoint)
-        onnx = self.dir.round_path(0, ".onnx")
-        if c.onnx is not None:
-            _copy_atomic(Path(c.onnx), onnx)
-        elif c.engine is None:
-            from gprebn_edge.export.pipeline import export_artifact  # torch: only to export the first model
-
-            export_artifact(self.dir.path / checkpoint, onnx, check_images=256, consent=c.consent)
-        engine = None
-        if c.engine is not None:  # with its manifest: the engine's preprocessing and classes are recorded there
-            engine = self.dir.round_path(0, ".engine").name
-            _copy_atomic(Path(c.engine), self.dir.path / engine)
-            if manifest_beside(c.engine).is_file():
-                _copy_atomic(manifest_beside(c.engine), manifest_beside(self.dir.path / engine))
-        return LoopState(round=0, checkpoint=checkpoint, onnx=onnx.name if onnx.exists() else "",
-                         engine=engine, source=c.source, rounds_tried=0)
-
-    def _check_inputs(self) -> None:
-        """Refuse a bad --model/--onnx/--engine before anything is copied into the state folder."""
-        c = self.config
-        served = c.onnx or c.engine
-        if c.engine is not None and c.verify:
-            verify_file(c.engine)
-        served_meta = model_metadata(served) if served is not None else None
-        if served_meta is not None and not served_meta.get("preprocess"):
-            raise InputError(f"{served} does not record its preprocessing: serve an ONNX file exported by gprebn-edge "
-                             "(or keep the engine's manifest, NAME.manifest.json, beside it)")
-        if c.model is not None:
-            from gprebn_edge.checkpoint import load_checkpoint  # torch: adapting needs it anyway
-
-            _, meta = load_checkpoint(c.model)
-            _require_consent(c.model, meta, c.consent)
-            if served is None and meta.get("preprocess"):  # a bad --source fails before the state is made
-                self._frames(c.source, Preprocess.from_dict(meta["preprocess"]), None)
-            classes = meta.get("num_classes")
-            if served_meta is not None and served_meta.get("num_classes") not in (None, classes):
-                raise InputError(f"{served} has {served_meta['num_classes']} classes but --model {c.model} has "
-                                 f"{classes}: serve an export of that checkpoint")
-        if c.onnx is not None:
-            # a file onnxruntime cannot load, or that differs from its manifest, fails here
-            with open_runner(c.onnx, "onnxruntime", verify=c.verify) as probe:
-                if len(probe.inputs()) != 1:
-                    raise InputError(f"{c.onnx} expects {len(probe.inputs())} inputs; the loop serves models with one "
-                                     "image input")
-                if served_meta and served_meta.get("preprocess"):  # one frame through it: sizes must fit
-                    frames = self._frames(c.source, Preprocess.from_dict(served_meta["preprocess"]), probe)
-                    for batch in frames.batches(1):
-                        _require_finite(probe.infer(batch.images), c.onnx)
-                        break
-
     def _open(self, state: LoopState) -> Runner:
         if state.engine:
             return open_runner(self.dir.path / state.engine, "tensorrt", verify=self.config.verify)
@@ -284,7 +121,6 @@ class _Loop:
     def _model_file(self, state: LoopState) -> Path:
         return self.dir.path / (state.engine or state.onnx)
 
-    # -- the worker -----------------------------------------------------------------------------------
     # -- serving ----------------------------------------------------------------------------------------
     def run(self) -> LoopResult:
         c = self.config
@@ -330,7 +166,7 @@ class _Loop:
         resumed = state is not None
         self.dir.clean(state)
         if state is None:
-            state = self._initial_state()
+            state = initial_state(self.config, self.dir)
             self._stop_point()
             self.dir.write(state)
             self.dir.clean(state)
@@ -340,7 +176,7 @@ class _Loop:
             from gprebn_edge.checkpoint import load_checkpoint
 
             checkpoint = self.dir.path / state.checkpoint
-            _require_consent(checkpoint, load_checkpoint(checkpoint)[1], c.consent)
+            require_checkpoint_consent(checkpoint, load_checkpoint(checkpoint)[1], c.consent)
         self.shared = Shared(state)
         try:
             self.log = MetricsLog(self.dir.log_file, on_error=self.disk_error)
@@ -371,24 +207,23 @@ class _Loop:
         everything (on every path), and say why it stopped."""
         assert self.log is not None
         run = _Run(state, resumed, runner, self.config)
-        jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
-        worker: threading.Thread | None = None
-        switch_interval = sys.getswitchinterval()
+        worker: WorkerThread | None = None
         finished = False
         try:
-            source = self.source = self._frames(self.config.source, preprocess, runner)
+            source = self.source = open_frames(self.config.source, preprocess, runner)
             run.names = segment_names(source)
             self.log.write("start", resumed=resumed, round=state.round, frames=state.frames,
-                           config=_config_record(self.config), adapting=self.adapting)
+                           config=config_record(self.config), adapting=self.adapting)
             if self.adapting:
-                worker = self._start_worker(jobs)
-            self._serve_frames(run, source, worker, jobs)
+                worker = WorkerThread(Worker(self.config, self.dir, self.shared, self.log, self.probe, self._open,
+                                             self.report))
+            self._serve_frames(run, source, worker)
             finished = run.reason != "interrupted"
         except KeyboardInterrupt:  # a library caller's Ctrl-C, raised at any point: stop the same way
             run.reason = "interrupted"
             raise
         finally:
-            self._finish(run, worker, jobs, finished, switch_interval)
+            self._finish(run, worker, finished)
         if self.raise_interrupt:
             raise KeyboardInterrupt
         return LoopResult(frames=run.frames, rounds=run.rounds, passed=run.passed, swaps=run.swaps,
@@ -397,18 +232,7 @@ class _Loop:
                           skipped=len(getattr(self.source, "skipped", [])), errors=run.errors,
                           worker_abandoned=run.worker_abandoned)
 
-    def _start_worker(self, jobs: queue.Queue[Job | None]) -> threading.Thread:
-        assert self.log is not None
-        work = Worker(self.config, self.dir, self.shared, self.log, self.probe, self._open, self.report)
-        # the worker runs Python between its kernels while holding the GIL; the default 5 ms switch interval
-        # would let it keep serving waiting that long, which is what a frame's p99 then shows (put back in _finish)
-        sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
-        worker = threading.Thread(target=work.run, args=(jobs,), name="gprebn-readapt", daemon=True)
-        worker.start()
-        return worker
-
-    def _serve_frames(self, run: _Run, source: Any, worker: threading.Thread | None,
-                      jobs: queue.Queue[Job | None]) -> None:
+    def _serve_frames(self, run: _Run, source: Any, worker: WorkerThread | None) -> None:
         c = self.config
         for batch in source.batches(1):
             if self.should_stop():  # Ctrl-C/SIGTERM: acted on here, between two frames, never inside native code
@@ -428,8 +252,8 @@ class _Loop:
                 busy = self.shared.busy
             self._serve_one(run, batch, busy)
             # a worker that died (it reported why) gets no jobs: a put with no consumer would block forever
-            if worker is not None and worker.is_alive() and not busy:
-                self._maybe_start_round(run, jobs)
+            if worker is not None and worker.alive and not busy:
+                self._maybe_start_round(run, worker)
         run.reason = "source exhausted"
 
     def _swap_if_ready(self, run: _Run) -> None:
@@ -462,7 +286,7 @@ class _Loop:
         ms = (time.perf_counter() - t0) * 1e3
         if not self.serving_started:  # this run's first frame: a model that gives NaN/Inf does not start serving
             run.reason = "non-finite model"
-            _require_finite(logits, self._model_file(run.state))
+            require_finite(logits, self._model_file(run.state))
             run.reason = "source exhausted"
             self.serving_started = True
         run.frames += 1
@@ -476,7 +300,7 @@ class _Loop:
             self._flush(run.window, run.frames, run.served_round)
             run.window = Window()
 
-    def _maybe_start_round(self, run: _Run, jobs: queue.Queue[Job | None]) -> None:
+    def _maybe_start_round(self, run: _Run, worker: WorkerThread) -> None:
         """Start a round on the cadence (--every/--interval) or, earlier, once a detected shift has
         `min_frames` frames of the new domain in the buffer. Every round after a detected shift adapts on the
         frames since it only: frames of the old domain would pull the statistics back."""
@@ -494,9 +318,8 @@ class _Loop:
         with self.shared.lock:
             self.shared.busy = True
             self.shared.state.rounds_tried = run.next_round_id
-        try:  # the frames are stacked on the worker: serving only copies the buffer's references
-            jobs.put_nowait(Job(run.next_round_id, frames, run.frames, trigger))
-        except queue.Full:  # cannot happen while busy is honoured; never block serving on it
+        # the frames are stacked on the worker: serving only copies the buffer's references
+        if not worker.submit(Job(run.next_round_id, frames, run.frames, trigger)):
             with self.shared.lock:
                 self.shared.busy = False
             return
@@ -524,18 +347,18 @@ class _Loop:
             return None
         return f"shift: {run.shift_reason}"
 
-    def _finish(self, run: _Run, worker: threading.Thread | None, jobs: queue.Queue[Job | None], finished: bool,
-                switch_interval: float) -> None:
+    def _finish(self, run: _Run, worker: WorkerThread | None, finished: bool) -> None:
         """On every way out: the last window, the worker stopped (bounded), the runners closed, the log's last
         record. A stop request while the last round finishes drops that round and stops as asked."""
         assert self.log is not None
         if run.window.n:
             self._flush(run.window, run.frames, run.served_round)
         if worker is not None:
-            interrupted, run.worker_abandoned = self._stop_worker(worker, jobs, finish=finished)
-            if interrupted:
+            stopped = worker.stop(finish=finished, should_stop=self.should_stop)
+            run.worker_abandoned = stopped.abandoned
+            self.raise_interrupt = stopped.keyboard_interrupt
+            if stopped.interrupted:
                 run.reason = "interrupted"
-        sys.setswitchinterval(switch_interval)
         run.runner.deactivate()
         with self.shared.lock:
             self.shared.pending = None  # passed and persisted: it serves after a restart
@@ -544,55 +367,6 @@ class _Loop:
         self.log.write("stop", frames=run.frames, reason=run.reason, served_round=run.served_round,
                        skipped=len(getattr(self.source, "skipped", [])), errors=run.errors)
         self.log.close()
-
-    def _stop_worker(self, worker: threading.Thread, jobs: queue.Queue[Job | None], finish: bool) -> tuple[bool, bool]:
-        """Stop the worker thread before returning: a thread still inside torch or onnxruntime when the
-        interpreter exits makes their native thread pools abort the process. At the source's end the round in
-        flight finishes and is logged (its swap is not served); on a stop request or an error it is dropped at its
-        next step. Bounded either way: a worker that does not stop is reported, never waited for. Returns
-        (a stop request came while waiting, the worker is still running)."""
-        if not finish:
-            self.shared.stop.set()
-        deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish else WORKER_STOP_TIMEOUT)
-        sent = not finish
-        interrupted = False
-        while worker.is_alive() and time.monotonic() < deadline:
-            try:
-                if not interrupted and self.should_stop():
-                    interrupted = self._drop_round()
-                    deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
-                if not sent:
-                    try:
-                        jobs.put(None, timeout=0.1)
-                        sent = True
-                    except queue.Full:
-                        continue
-                worker.join(timeout=0.1)
-            except KeyboardInterrupt:  # a library caller's Ctrl-C while the last round finishes: drop it, then
-                interrupted = self.raise_interrupt = self._drop_round()  # raise it once everything is closed
-                deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
-        if worker.is_alive():
-            self.shared.stop.set()
-            self.report("the adaptation worker did not stop in time; its round is dropped")
-        return interrupted, worker.is_alive()
-
-    def _drop_round(self) -> bool:
-        self.shared.stop.set()
-        return True
-
-    def _frames(self, spec: str, preprocess: Preprocess, runner: Runner | None) -> Any:
-        """The frame source, in order: a video file or camera (OpenCV), sized to the runner's input where the
-        preprocessing sets no size, else any image source."""
-        from gprebn_edge.data.video import VideoFrames, is_video_spec
-
-        if is_video_spec(spec):
-            size = None
-            if runner is not None:
-                shape = list(runner.inputs()[0].shape)
-                if len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
-                    size = (shape[2], shape[3])
-            return VideoFrames(spec, preprocess, size=size)
-        return open_source(spec, preprocess, shuffle=False)
 
     def _flush(self, window: Window, frames: int, served_round: int) -> None:
         skipped = len(getattr(self.source, "skipped", []))
@@ -607,32 +381,6 @@ class _Loop:
             self.disk_error(e)
         if self.on_window is not None:
             self.on_window(record)
-
-
-def _require_finite(logits: np.ndarray, model: Path) -> None:
-    """Refuse to start serving a model whose outputs on the first frame are NaN or infinite."""
-    if not np.isfinite(logits).all():
-        raise InputError(f"{model} gives non-finite outputs (NaN/Inf) on the first frame: the loop does not serve "
-                         "it; serve an export checked by `gprebn-edge export`, or adapt again")
-
-
-def _require_consent(checkpoint: Path, meta: dict[str, Any], consent: CodeConsent | None) -> None:
-    """Refuse, before anything is written or served, a checkpoint naming model code without consent."""
-    model = meta.get("model")
-    spec = model.get("spec") if isinstance(model, dict) else None
-    if not isinstance(spec, str):
-        raise ArtifactError(f"{checkpoint}: its metadata field 'model.spec' is missing or not a string: re-create "
-                            "it with gprebn-edge adapt")
-    require_consent(spec, consent, str(checkpoint))
-
-
-def _config_record(c: LoopConfig) -> dict[str, Any]:
-    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in c.__dict__.items()
-           if k not in ("gates", "consent", "shift")}
-    out["gates"] = c.gates.__dict__
-    out["shift"] = None if c.shift is None else asdict(c.shift)
-    out["consent"] = None if c.consent is None else asdict(c.consent)
-    return out
 
 
 def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | None = None,

@@ -328,10 +328,10 @@ def _stuck_round(monkeypatch, seconds: float) -> None:
 
 
 def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monkeypatch):
-    from gprebn_edge.device import loop
+    from gprebn_edge.device import worker
 
     _stuck_round(monkeypatch, 20)
-    monkeypatch.setattr(loop, "WORKER_FINISH_TIMEOUT", 1.0)
+    monkeypatch.setattr(worker, "WORKER_FINISH_TIMEOUT", 1.0)
     notices: list[str] = []
     t0 = time.monotonic()
     result = _run(_config(tmp_path / "state", start), notices)
@@ -342,13 +342,13 @@ def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monk
 def test_ctrl_c_while_the_last_round_finishes_stops_promptly(tmp_path, start, monkeypatch):
     """Ctrl-C (here from a timer, in this main thread) while the loop waits for a stuck round at the source's
     end: the loop still stops the worker (bounded), closes everything, and raises KeyboardInterrupt."""
-    from gprebn_edge.device import loop
+    from gprebn_edge.device import worker
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
     _stuck_round(monkeypatch, 20)
-    monkeypatch.setattr(loop, "WORKER_FINISH_TIMEOUT", 12.0)  # the bound if the interrupt were lost
-    monkeypatch.setattr(loop, "WORKER_STOP_TIMEOUT", 0.5)
+    monkeypatch.setattr(worker, "WORKER_FINISH_TIMEOUT", 12.0)  # the bound if the interrupt were lost
+    monkeypatch.setattr(worker, "WORKER_STOP_TIMEOUT", 0.5)
     timer = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     t0 = time.monotonic()
