@@ -18,20 +18,25 @@ With a labeled probe, the probe decides:
 
 Without a probe, every model gets a health summary on the slice (mean entropy / log C, predicted-class
 histogram entropy / log C, top-class share, distinct classes). A reference model (serving or source) is
-**degenerate**, and so no evidence about the candidate, when its top-class share >= degenerate_top_share
-and its mean entropy <= degenerate_entropy (confident collapse), or its mean entropy < min_mean_entropy,
-or (serving only) the worker measured the slice's input statistics >= max_input_shift sigmas from its BN
-statistics (it sees a domain it does not know). The references are the non-degenerate ones.
+**degenerate**, and so no evidence about the candidate, when one class dominates the slice (top-class share
+>= degenerate_top_share), its mean entropy is under min_mean_entropy, or the worker measured the slice's
+input statistics >= max_input_shift sigmas from its BN statistics (it sees a domain it does not know). The
+references are the non-degenerate ones.
 
 - mean_entropy:     mean softmax entropy / log(C) >= min_mean_entropy. An absolute floor: entropy
                     minimization that collapses drives it to ~0.
 - class_entropy:    entropy of the predicted-class histogram >= min_class_entropy x the best reference's.
-                    Relative, because the slice itself may be imbalanced (a camera that sees mostly one
-                    class). With no reference, the candidate must itself not be degenerate.
-- distinct_classes: distinct predicted classes >= ceil(min_distinct_classes x the best reference's); with
-                    no reference, as class_entropy.
-- agreement:        top-1 agreement >= min_agreement OR Cohen's kappa >= min_kappa, with ANY reference.
-                    Skipped (not a failure) when there is none: nothing trustworthy to agree with.
+                    Relative, because the slice itself may be imbalanced. With no reference, the candidate
+                    must itself not be degenerate (one class dominating, or entropy under the floor).
+- distinct_classes: distinct predicted classes >= ceil(min_distinct_classes x the best reference's), and at
+                    least 2 where a reference has 2 or more; with no reference, as class_entropy.
+- agreement:        Cohen's kappa (agreement above chance) >= min_kappa with ANY reference. Raw agreement is
+                    reported but never enough: a collapsed candidate agrees with a model that predicts two
+                    classes at chance level (0.56 raw at 0.57 chance, kappa -0.02, lr x 1000 in
+                    benchmarks/loop_streams.py). Skipped (not a failure) when there is no reference.
+
+A slice where one class really dominates (a camera that sees mostly one class) leaves no reference, so the
+candidate must be diverse itself: such a loop rarely swaps, which is safe.
 
 Taking the best of serving and source for the diversity floor stops a slow ratchet where each swap may
 halve diversity; agreement with either keeps an unrelated (random, permuted) candidate out.
@@ -69,20 +74,17 @@ class GateConfig:
       adaptation; a collapsed one is ~0.
     - min_class_entropy 0.5 and min_distinct_classes 0.5 (fractions of the best reference's value): adapted
       models measured 0.95-1.0 of log C even where the source model was down to 0.32 (impulse noise).
-    - min_agreement 0.5 with min_kappa 0.05: where a reference is poor, a good candidate MUST disagree
-      with it (impulse noise: 18.7 % -> 79.8 % accuracy at 0.20 agreement, chance 0.11, kappa 0.11;
-      gaussian noise 0.27 / kappa 0.17), so raw agreement alone would reject the most useful swaps. Kappa
-      alone misfires on imbalanced slices (two models that both say "class 3" 95 % of the time and agree on
-      93 % have kappa ~0.1), so the check passes when either holds. An unrelated candidate (random or
-      permuted outputs) sits at kappa ~0 (+-0.02 on 256 frames).
-    - degenerate_top_share 0.9 with degenerate_entropy 0.1: a reference that puts 90 % of the slice in one
-      class at under a tenth of the maximum entropy is confidently collapsed (the issue-11 model: one class
-      at 0.01); a healthy model on an imbalanced slice keeps its entropy (0.12 and up, above).
-    - max_input_shift 1.0 (mean over BN layers of |batch mean - running mean| / running std): the mean of
-      a slice of in-domain frames sits well under one running sigma from the running mean (its sampling
-      error alone is sigma / sqrt(frames x pixels)); a move of a whole sigma, averaged over every layer, is
-      a domain the serving model's BN statistics do not describe, so its outputs are no evidence. A
-      reasoned default, not yet measured on the built-in stream; the worker should log the value.
+    - min_kappa 0.05: where a reference is poor, a good candidate MUST disagree with it (impulse noise:
+      18.7 % -> 79.8 % accuracy at 0.20 agreement, chance 0.11, kappa 0.11; gaussian noise 0.27 / kappa
+      0.17), so the floor is on agreement above chance, not on raw agreement. An unrelated candidate (random
+      or permuted outputs) sits at kappa ~0 (+-0.02 on 256 frames).
+    - degenerate_top_share 0.9: a reference that puts 90 % of the slice in one class tells nothing about a
+      candidate (the issue-11 model: one class at entropy 0.01; the 0.05x exposure segment of
+      benchmarks/loop_streams.py: 98 % one class at entropy 0.57 of log C).
+    - max_input_shift 0.1 (mean over BN layers of |batch mean - running mean| / running std, worker's
+      input_shift): measured on the built-in model adapted on clean images, 32-96 frames: 0.02-0.05 on
+      clean frames; 0.12 (brightness-5) to 0.31 (gaussian_noise-5) on shifted ones, 0.23 at 0.05x exposure
+      (python benchmarks/input_shift.py).
     - max_accuracy_drop 0.02 on the probe set; require_finite True (False drops non-finite rows from the
       statistics and counts them as wrong on the probe; a candidate with no finite row still fails).
     """
@@ -90,17 +92,15 @@ class GateConfig:
     min_mean_entropy: float = 0.02
     min_class_entropy: float = 0.5
     min_distinct_classes: float = 0.5
-    min_agreement: float = 0.5
     min_kappa: float = 0.05
     max_accuracy_drop: float = 0.02
     degenerate_top_share: float = 0.9
-    degenerate_entropy: float = 0.1
-    max_input_shift: float = 1.0
+    max_input_shift: float = 0.1
     require_finite: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("min_mean_entropy", "min_class_entropy", "min_distinct_classes", "min_agreement",
-                     "max_accuracy_drop", "degenerate_top_share", "degenerate_entropy"):
+        for name in ("min_mean_entropy", "min_class_entropy", "min_distinct_classes",
+                     "max_accuracy_drop", "degenerate_top_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"gate threshold {name} must lie in [0, 1], got {value}")
@@ -123,15 +123,12 @@ class Health:
     distinct: int
     input_shift: float | None = None
 
-    def collapsed(self, config: GateConfig) -> bool:
-        """Confident collapse: one class for almost everything, at almost no entropy."""
-        return self.top_share >= config.degenerate_top_share - _EPS and self.mean_entropy <= config.degenerate_entropy
-
     def degenerate(self, config: GateConfig) -> str | None:
-        """Why this model's outputs are no evidence about a candidate, or None."""
-        if self.collapsed(config):
-            return (f"top class share {self.top_share:.2f} >= {config.degenerate_top_share} at mean entropy "
-                    f"{self.mean_entropy:.4f} <= {config.degenerate_entropy} of log(C)")
+        """Why this model's outputs are no evidence about a candidate, or None: one class dominating the
+        slice, entropy near zero, or inputs far from its BN statistics (a domain it does not know)."""
+        if self.top_share >= config.degenerate_top_share - _EPS:
+            return (f"one class for {100 * self.top_share:.0f} % of the slice (>= "
+                    f"{100 * config.degenerate_top_share:.0f} %), mean entropy {self.mean_entropy:.4f} of log(C)")
         if self.mean_entropy < config.min_mean_entropy - _EPS:
             return f"mean entropy {self.mean_entropy:.4f} < floor {config.min_mean_entropy} of log(C)"
         if self.input_shift is not None and self.input_shift >= config.max_input_shift - _EPS:
@@ -262,24 +259,22 @@ def _agreement_check(cand: np.ndarray, refs: dict[str, np.ndarray], config: Gate
         names = "/".join(degenerate)
         return Check("agreement", False, None, None, f"skipped: no evidence: {names} degenerate ({why})",
                      skipped=True)
-    best: tuple[bool, float, float] | None = None
+    best: tuple[float, float] | None = None
     parts = []
     for name, ref in refs.items():
         agree = metrics.agreement(cand, ref)
         chance, kappa = _kappa(cand, ref, agree)
-        ok = agree >= config.min_agreement - _EPS or kappa >= config.min_kappa - _EPS
         parts.append(f"top-1 agreement {agree:.4f} with the {name} model, chance {chance:.4f}, kappa {kappa:.4f}")
-        if best is None or (ok, agree) > best[:2]:
-            best = (ok, agree, kappa)
+        if best is None or kappa > best[0]:
+            best = (kappa, agree)
     assert best is not None
-    return Check("agreement", best[0], best[1], config.min_agreement,
-                 "; ".join(parts) + f" (floors: agreement {config.min_agreement} or kappa {config.min_kappa}, "
-                 f"with any reference)")
+    return Check("agreement", best[0] >= config.min_kappa - _EPS, best[0], config.min_kappa,
+                 "; ".join(parts) + f" (floor: kappa {config.min_kappa} with any reference)")
 
 
 def _diversity_checks(cand: Health, refs: dict[str, Health], config: GateConfig) -> list[Check]:
     if not refs:
-        why = cand.degenerate(config) if cand.collapsed(config) else None
+        why = cand.degenerate(config)
         detail = ("no non-degenerate reference, so the candidate must not be degenerate itself: "
                   + (why or f"top class share {cand.top_share:.2f}, mean entropy {cand.mean_entropy:.4f} "
                                 f"of log(C)"))
@@ -289,18 +284,19 @@ def _diversity_checks(cand: Health, refs: dict[str, Health], config: GateConfig)
     best_d = max(refs, key=lambda k: refs[k].distinct)
     hr, dr = refs[best_h].class_entropy, refs[best_d].distinct
     t = config.min_class_entropy * hr
-    td = math.ceil(config.min_distinct_classes * dr - _EPS)
+    # never one class where a reference has more
+    td = max(min(2, dr), math.ceil(config.min_distinct_classes * dr - _EPS))
     return [Check("class_entropy", cand.class_entropy >= t - _EPS, cand.class_entropy, t,
                   f"class-histogram entropy {cand.class_entropy:.4f} of log(C), best reference {hr:.4f} "
                   f"({best_h}; floor {config.min_class_entropy} x reference = {t:.4f})"),
             Check("distinct_classes", cand.distinct >= td, float(cand.distinct), float(td),
                   f"{cand.distinct} distinct predicted classes, best reference {dr} ({best_d}; floor "
-                  f"{config.min_distinct_classes} x reference, rounded up = {td})")]
+                  f"{config.min_distinct_classes} x reference, rounded up, at least 2 = {td})")]
 
 
 def evaluate_gates(candidate_logits: np.ndarray, serving_logits: np.ndarray, config: GateConfig | None = None,
                    *, probe: Probe | None = None, source_logits: np.ndarray | None = None,
-                   serving_input_shift: float | None = None) -> GateResult:
+                   serving_input_shift: float | None = None, source_input_shift: float | None = None) -> GateResult:
     """Run every gate on logits of one held-back slice through the candidate, the serving model and
     (optionally) the source model; see the module docstring. Non-finite candidate logits fail `finite`
     (the rest is then skipped); non-finite serving/source logits, mismatched shapes, a bad input shift or
@@ -314,8 +310,10 @@ def evaluate_gates(candidate_logits: np.ndarray, serving_logits: np.ndarray, con
         if arr.shape != cand.shape:
             raise InputError(f"candidate logits {cand.shape} and {name} model's logits {arr.shape} must have "
                              f"one shape: the same held-back frames through every model")
-    if serving_input_shift is not None and not (math.isfinite(serving_input_shift) and serving_input_shift >= 0):
-        raise InputError(f"serving_input_shift must be a finite number of sigmas >= 0, got {serving_input_shift}")
+    shifts = {"serving": serving_input_shift, "source": source_input_shift}
+    for name, shift in shifts.items():
+        if shift is not None and not (math.isfinite(shift) and shift >= 0):
+            raise InputError(f"{name}_input_shift must be a finite number of sigmas >= 0, got {shift}")
     n, classes = cand.shape
     if probe is not None:
         probe = _check_probe(probe, classes)
@@ -335,8 +333,7 @@ def evaluate_gates(candidate_logits: np.ndarray, serving_logits: np.ndarray, con
         models = {name: arr[rows] for name, arr in models.items()}
 
     healths = {"candidate": health(cand)}
-    healths.update({name: health(arr, serving_input_shift if name == "serving" else None)
-                    for name, arr in models.items()})
+    healths.update({name: health(arr, shifts[name]) for name, arr in models.items()})
     degenerate = {name: why for name in models if (why := healths[name].degenerate(config)) is not None}
     refs = [name for name in models if name not in degenerate]
 

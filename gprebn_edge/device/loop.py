@@ -274,8 +274,10 @@ class _Loop:
         run.runner.deactivate()
         run.runner, run.served_round = new, pending.state.round
         run.swaps += 1
-        if run.shift is not None:
-            run.shift.reset()  # the new model's outputs: a new reference once its first window is full
+        if run.shift is not None:  # the new reference: the domain the new model was gated on, through it
+            run.shift.reset()
+            if pending.reference is not None:
+                run.shift.set_reference_from(*pending.reference)
         assert self.log is not None
         self.log.write("swap", round=run.served_round, frames=run.frames,
                        open_ms=round((time.perf_counter() - t0) * 1e3, 3))

@@ -103,26 +103,42 @@ class Readapter:
 
     def reset_to(self, checkpoint: str | Path) -> None:
         """Restart adaptation from `checkpoint` (an adapted artifact: the round that serves)."""
+        self.serving = self._fresh_adapter(checkpoint)
+
+    def restart(self) -> None:
+        """Restart adaptation from the run's starting checkpoint, keeping what serves (drift and input shift
+        are still measured against it): after a detected shift, what was learnt on the previous domain (its
+        gamma/beta and statistics) would only hold the new domain's adaptation back."""
+        self._fresh_adapter(self.start)
+
+    def _fresh_adapter(self, checkpoint: str | Path) -> torch.nn.Module:
         model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
         self.meta = meta
-        self.serving = model
         stats = StatsConfig(momentum=self.config.momentum, init="source")
         self.adapter = make_adapter("gprebn", model, lr=self.config.lr, stats=stats)
+        return model
 
     def accept(self, candidate: Candidate) -> None:
         """The candidate now serves: drift is measured against it from here on."""
         self.serving = candidate.model
 
+    def _source_model(self) -> torch.nn.Module:
+        if self._source is None:
+            self._source = rebuild_model(self.start, "source", consent=self.config.consent)[0]
+        return self._source
+
     @torch.no_grad()
     def source_logits(self, frames: np.ndarray) -> np.ndarray:
         """The unadapted (source) model's logits on `frames`: the gates' third opinion."""
-        if self._source is None:
-            self._source = rebuild_model(self.start, "source", consent=self.config.consent)[0]
-        return self._source(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))).numpy()
+        return self._source_model()(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))).numpy()
 
     def input_shift(self, frames: np.ndarray) -> float:
         """How far `frames` are from the serving model's BN statistics (see input_shift)."""
         return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
+
+    def source_input_shift(self, frames: np.ndarray) -> float:
+        """How far `frames` are from the source model's BN statistics."""
+        return input_shift(self._source_model(), torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
 
     def round(self, frames: np.ndarray, should_stop: Callable[[], bool] | None = None) -> Candidate:
         """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `should_stop` is polled

@@ -134,6 +134,33 @@ class ShiftDetector:
                              f"{self.config.window} frames so far")
         self._reference = self._summary()
 
+    def set_reference_from(self, images: np.ndarray, logits: np.ndarray) -> None:
+        """Make a batch the reference: (N, C, H, W) images and the (N, classes) logits the serving model gives
+        on them. The device loop passes the held-back frames a candidate was gated on and its logits there,
+        so that after a swap the reference is the domain the new model was adapted for, and a stream that
+        moved on while the round ran is caught as soon as a window of the new model's outputs is full."""
+        images, logits = np.asarray(images), np.asarray(logits)
+        if images.ndim != 4 or logits.ndim != 2 or len(images) != len(logits) or not len(images):
+            raise InputError(f"a shift reference is (N, C, H, W) images and their (N, classes) logits, got shapes "
+                             f"{images.shape} and {logits.shape}")
+        if self._channels is None:
+            self._start(images.shape[1], logits.shape[1])
+        if (images.shape[1], logits.shape[1]) != (self._channels, self._classes):
+            raise InputError(f"a reference with {images.shape[1]} channels and {logits.shape[1]} classes, for "
+                             f"frames with {self._channels} and {self._classes}: one detector serves one model")
+        flat = images.reshape(len(images), images.shape[1], -1).astype(np.float64)
+        z = logits.astype(np.float64)
+        keep = np.isfinite(flat).all(axis=(1, 2)) & np.isfinite(z).all(axis=1)
+        if not keep.any():
+            raise InputError("a shift reference needs at least one frame with finite pixels and logits")
+        flat, z = flat[keep], z[keep]
+        mean = flat.mean(axis=2).mean(axis=0)
+        var = np.maximum(np.square(flat).mean(axis=2).mean(axis=0) - np.square(mean), 0.0)
+        log_c = math.log(z.shape[1])
+        hist = np.bincount(z.argmax(axis=1), minlength=z.shape[1])
+        self._reference = _Summary(mean, np.maximum(np.sqrt(var), _STD_FLOOR),
+                                   float(metrics.entropy(z).mean()) / log_c, metrics.histogram_entropy(hist) / log_c)
+
     def check(self) -> str | None:
         """None, or one line saying what moved past its threshold (the largest relative move first)."""
         if self._reference is None or not self.full:

@@ -45,9 +45,11 @@ class Job:
 
 @dataclass(frozen=True)
 class Pending:
-    """A candidate that passed and was persisted: the serving thread opens it (on its own thread) and swaps."""
+    """A candidate that passed and was persisted: the serving thread opens it (on its own thread) and swaps.
+    reference: the held-back frames it was gated on and its logits there (the shift detector's new reference)."""
 
     state: LoopState
+    reference: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Shared:
@@ -88,6 +90,7 @@ class _Outcome:
     files: list[Path]
     candidate: Any = None
     error: Exception | None = None
+    reference: tuple[np.ndarray, np.ndarray] | None = None  # held-back frames and the candidate's logits there
 
     @property
     def passed(self) -> bool:
@@ -179,13 +182,16 @@ class Worker:
 
         c = self.config
         frames = np.stack(job.frames)
-        held = max(8, int(round(len(frames) * c.holdout)))
+        # enough held-back frames for the gates to tell a candidate from chance (48), but never over half
+        held = max(min(48, len(frames) // 2), int(round(len(frames) * c.holdout)))
         adapt, holdout = frames[:-held], frames[-held:]
         record: dict[str, Any] = {"round": job.round_id, "frames": job.served_frames, "buffer": len(frames),
                                   "holdout": held, "trigger": job.trigger, "outcome": None, "error": None}
         outcome = _Outcome(record, [])
         try:
             self.check_stop()
+            if job.trigger.startswith("shift"):  # a new domain: adapt from the start, not from the old domain
+                readapter.restart()
             outcome.candidate = candidate = readapter.round(adapt, should_stop=self.shared.stop.is_set)
             self.check_stop()
             record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
@@ -195,6 +201,7 @@ class Worker:
             record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
                           mean_entropy=float(metrics.entropy(cand_logits).mean()),
                           outcome="passed" if result.passed else "rejected")
+            outcome.reference = (holdout, cand_logits)
         except Stopped:
             self._discard(outcome.files)
             raise
@@ -230,9 +237,9 @@ class Worker:
                 probe = (candidate.infer(images), current.infer(images), labels)
         self.check_stop()
         source_logits = readapter.source_logits(holdout)
-        shift = readapter.input_shift(holdout)
         result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
-                                serving_input_shift=shift)
+                                serving_input_shift=readapter.input_shift(holdout),
+                                source_input_shift=readapter.source_input_shift(holdout))
         return result, cand_logits
 
     def _accept(self, job: Job, readapter: Any, outcome: _Outcome) -> None:
@@ -246,7 +253,7 @@ class Worker:
         self.shared.persist(self.dir)
         self.dir.clean(new)  # the previous round's files: state.json no longer names them
         with self.shared.lock:
-            self.shared.pending = Pending(replace(new))
+            self.shared.pending = Pending(replace(new), outcome.reference)
             self.shared.passed += 1
         readapter.accept(outcome.candidate)
 
