@@ -144,6 +144,28 @@ def test_defaults_never_fire_on_a_long_stationary_clean_segment():
     assert len(states) == 2000 and fired == []
 
 
+def test_a_batch_reference_catches_a_stream_that_moved_on_during_a_round():
+    """After a swap the reference is the held-back frames the candidate was gated on (through it): frames of
+    the same domain do not fire; a stream that has moved on (the round adapted on clean frames, fog came
+    during the round) fires as soon as a window is full."""
+    images, logits, segments = served(SHIFT_STREAM)
+    clean, fog = segments[0], segments[1]
+    det = ShiftDetector()
+    det.set_reference_from(images[clean.start:clean.start + 48], logits[clean.start:clean.start + 48])
+    for i in range(clean.start + 48, clean.start + 48 + 64):
+        det.update(images[i], logits[i])
+    assert det.check() is None
+    det.reset()
+    det.set_reference_from(images[fog.start - 48:fog.start], logits[fog.start - 48:fog.start])
+    for i in range(fog.start, fog.start + 64):
+        det.update(images[i], logits[i])
+    assert det.check() is not None
+    with pytest.raises(InputError, match="one detector serves one model"):
+        det.set_reference_from(images[:4, :2], logits[:4])
+    with pytest.raises(InputError, match="shift reference is"):
+        det.set_reference_from(images[:4], logits[:3])
+
+
 def _margins(seeds: range = range(5)) -> None:
     """Print the largest stationary moves and the smallest peak move after each change, per signal."""
     config = ShiftConfig()
