@@ -251,6 +251,7 @@ class _Loop:
             with self.shared.lock:
                 busy = self.shared.busy
             self._serve_one(run, batch, busy)
+            self._watch_shift(run)
             # a worker that died (it reported why) gets no jobs: a put with no consumer would block forever
             if worker is not None and worker.alive and not busy:
                 self._maybe_start_round(run, worker)
@@ -331,21 +332,25 @@ class _Loop:
         if run.shift is not None and run.shift.full:
             run.shift.set_reference()  # the new domain is the reference now: the same shift does not fire again
 
-    def _shift_trigger(self, run: _Run) -> str | None:
-        """"shift: <what moved>" once a detected shift has min_frames new frames, else None."""
+    def _watch_shift(self, run: _Run) -> None:
+        """Every frame, also while a round runs: note (and log) where a shift began, once."""
         if run.shift is None:
-            return None
+            return
         if run.shift.full and not run.shift.has_reference:
             run.shift.set_reference()  # the first full window of this model's outputs
-        if run.shift_at is None:
-            reason = run.shift.check()
-            if reason is None:
-                return None
-            run.shift_at = max(0, run.frames - run.shift.config.window)
-            run.shift_reason = reason
-            assert self.log is not None
-            self.log.write("shift", frames=run.frames, reason=reason, detector=run.shift.state())
-        if run.frames - run.shift_at < min(self.config.min_frames, self.config.buffer):
+        if run.shift_at is not None:
+            return
+        reason = run.shift.check()
+        if reason is None:
+            return
+        run.shift_at = max(0, run.frames - run.shift.config.window)
+        run.shift_reason = reason
+        assert self.log is not None
+        self.log.write("shift", frames=run.frames, reason=reason, detector=run.shift.state())
+
+    def _shift_trigger(self, run: _Run) -> str | None:
+        """"shift: <what moved>" once a detected shift has min_frames new frames, else None."""
+        if run.shift_at is None or run.frames - run.shift_at < min(self.config.min_frames, self.config.buffer):
             return None
         return f"shift: {run.shift_reason}"
 

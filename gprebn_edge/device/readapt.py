@@ -11,6 +11,7 @@ restarts the adapter from a checkpoint (the last good round)."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from gprebn_edge.adapt import statistics_shift
 from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
 from gprebn_edge.consent import CodeConsent
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.errors import ArtifactError, GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
 from gprebn_edge.models.spec import batchnorm_layers
@@ -84,8 +85,21 @@ def input_shift(model: torch.nn.Module, frames: torch.Tensor) -> float:
     return float(np.mean(shifts)) if shifts else 0.0
 
 
+def _source_model(checkpoint: str | Path, consent: CodeConsent | None) -> torch.nn.Module | None:
+    """The unadapted model, or None when the checkpoint holds no source BN statistics."""
+    try:
+        return rebuild_model(checkpoint, "source", consent=consent)[0]
+    except ArtifactError as e:
+        if "holds no source BatchNorm tensors" in str(e):
+            return None
+        raise
+
+
 class Readapter:
     """Owns the adapter; `round(frames)` returns a frozen candidate; `save` writes it as a checkpoint."""
+
+    serving: torch.nn.Module   # eval copy of what serves: drift and input shift are measured against it
+    meta: dict[str, Any]
 
     def __init__(self, checkpoint: str | Path, config: ReadaptConfig | None = None) -> None:
         self.config = config or ReadaptConfig()
@@ -93,9 +107,11 @@ class Readapter:
             raise GprebnError(f"the adaptation batch size must be at least 1, got {self.config.batch_size}")
         self._threads_before = torch.get_num_threads()  # put back by close()
         torch.set_num_threads(max(1, self.config.threads))
-        self.start = Path(checkpoint)
-        self._source: torch.nn.Module | None = None
-        self.reset_to(checkpoint)
+        # held in memory: the state folder deletes a round's files once another round serves
+        model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
+        self._start_model = copy.deepcopy(model)
+        self._source = _source_model(checkpoint, self.config.consent)
+        self._adapt_from(model, meta)
 
     def close(self) -> None:
         """Put the torch thread count back as it was."""
@@ -103,42 +119,44 @@ class Readapter:
 
     def reset_to(self, checkpoint: str | Path) -> None:
         """Restart adaptation from `checkpoint` (an adapted artifact: the round that serves)."""
-        self.serving = self._fresh_adapter(checkpoint)
+        self._adapt_from(*rebuild_model(checkpoint, "adapted", consent=self.config.consent))
 
     def restart(self) -> None:
         """Restart adaptation from the run's starting checkpoint, keeping what serves (drift and input shift
         are still measured against it): after a detected shift, what was learnt on the previous domain (its
         gamma/beta and statistics) would only hold the new domain's adaptation back."""
-        self._fresh_adapter(self.start)
+        serving = self.serving
+        self._adapt_from(copy.deepcopy(self._start_model), self.meta)
+        self.serving = serving
 
-    def _fresh_adapter(self, checkpoint: str | Path) -> torch.nn.Module:
-        model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
+    def _adapt_from(self, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+        """A new adapter on `model`, which then serves (an untouched copy of it is what serves)."""
         self.meta = meta
+        self.serving = copy.deepcopy(model).eval()
         stats = StatsConfig(momentum=self.config.momentum, init="source")
         self.adapter = make_adapter("gprebn", model, lr=self.config.lr, stats=stats)
-        return model
 
     def accept(self, candidate: Candidate) -> None:
         """The candidate now serves: drift is measured against it from here on."""
         self.serving = candidate.model
 
-    def _source_model(self) -> torch.nn.Module:
-        if self._source is None:
-            self._source = rebuild_model(self.start, "source", consent=self.config.consent)[0]
-        return self._source
-
     @torch.no_grad()
-    def source_logits(self, frames: np.ndarray) -> np.ndarray:
-        """The unadapted (source) model's logits on `frames`: the gates' third opinion."""
-        return self._source_model()(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))).numpy()
+    def source_logits(self, frames: np.ndarray) -> np.ndarray | None:
+        """The unadapted (source) model's logits on `frames`: the gates' third opinion (None when the
+        checkpoint holds no source statistics)."""
+        if self._source is None:
+            return None
+        return self._source(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))).numpy()
 
     def input_shift(self, frames: np.ndarray) -> float:
         """How far `frames` are from the serving model's BN statistics (see input_shift)."""
         return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
 
-    def source_input_shift(self, frames: np.ndarray) -> float:
-        """How far `frames` are from the source model's BN statistics."""
-        return input_shift(self._source_model(), torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
+    def source_input_shift(self, frames: np.ndarray) -> float | None:
+        """How far `frames` are from the source model's BN statistics (None without a source model)."""
+        if self._source is None:
+            return None
+        return input_shift(self._source, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
 
     def round(self, frames: np.ndarray, should_stop: Callable[[], bool] | None = None) -> Candidate:
         """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `should_stop` is polled

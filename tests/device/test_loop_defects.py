@@ -248,3 +248,14 @@ def test_a_detected_shift_starts_a_round_and_the_log_says_why(tmp_path, start):
     quiet = _run(_config(tmp_path / "quiet", start, source="stream:clean*150,gaussian_noise-5*250", every=10_000,
                          shift=None))
     assert _rounds(quiet) == []  # without the trigger, no round was due
+
+
+def test_a_shift_after_a_swap_restarts_adaptation_without_errors(tmp_path, start):
+    """A shift-triggered round restarts adaptation from the run's starting checkpoint, whose file the state
+    folder deleted at the first swap: it is held in memory (this failed every such round before)."""
+    result = _run(_config(tmp_path / "state", start, source="stream:clean*100,gaussian_noise-5*300,fog-5*300",
+                          every=100, fps=300.0))
+    rounds = _rounds(result)
+    swaps = [r for r in read_log(result.log).records if r["event"] == "swap"]
+    assert result.errors == [] and all(r["outcome"] != "error" for r in rounds), result.errors
+    assert swaps and any(r["trigger"].startswith("shift") and r["frames"] > swaps[0]["frames"] for r in rounds)
