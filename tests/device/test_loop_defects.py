@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deadline import call_with_deadline
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
 from gprebn_edge.device.loop import LoopConfig, LoopResult, run_loop
@@ -40,21 +41,7 @@ def _config(state: Path, start: Path | None, **kw) -> LoopConfig:
 
 
 def _run(config: LoopConfig) -> LoopResult:
-    out: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            out["result"] = run_loop(config)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(TIMEOUT)
-    assert not t.is_alive(), f"the loop did not return within {TIMEOUT} s (a hang)"
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out["result"]  # type: ignore[return-value]
+    return call_with_deadline(lambda: run_loop(config), TIMEOUT, "the loop")
 
 
 def _rounds(result: LoopResult) -> list[dict]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deadline import call_with_deadline
 from signal_wait import wait_for_handlers
 
 from gprebn_edge.adapt import AdaptConfig, adapt_to_file
@@ -53,21 +54,8 @@ def _config(state: Path, start: Path | None, **kw) -> LoopConfig:
 
 def _run(config: LoopConfig, notices: list[str] | None = None) -> LoopResult:
     """run_loop in a thread with a deadline: a hang fails the test instead of blocking it."""
-    out: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            out["result"] = run_loop(config, on_notice=None if notices is None else notices.append)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            out["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(TIMEOUT)
-    assert not t.is_alive(), f"the loop did not return within {TIMEOUT} s (a hang)"
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out["result"]  # type: ignore[return-value]
+    return call_with_deadline(lambda: run_loop(config, on_notice=None if notices is None else notices.append),
+                              TIMEOUT, "the loop")
 
 
 # -- flags ------------------------------------------------------------------------------------------------
