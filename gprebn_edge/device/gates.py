@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from gprebn_edge.errors import InputError
+from gprebn_edge.io import finite_json
 from gprebn_edge.runtime import metrics
 
 __all__ = ["GateConfig", "Health", "Check", "GateResult", "Probe", "evaluate_gates", "health",
@@ -160,16 +161,6 @@ class Check:
     advisory: bool = False
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 @dataclass(frozen=True)
 class GateResult:
     """checks in GATE_NAMES order; references: the models the relative checks were judged against
@@ -199,7 +190,7 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-safe (no NaN or Inf: None instead)."""
-        return _json_safe({"passed": self.passed, "reasons": self.reasons, "advisories": self.advisories,
+        return finite_json({"passed": self.passed, "reasons": self.reasons, "advisories": self.advisories,
                            "references": list(self.references), "degenerate": dict(self.degenerate),
                            "health": {k: asdict(h) for k, h in self.health.items()},
                            "checks": [asdict(c) for c in self.checks]})
