@@ -6,18 +6,24 @@ serving runner (onnxruntime, or a TensorRT engine); every frame goes into a boun
 sliding window of the latest `buffer` frames, not a reservoir: after a shift, the recent frames are the new
 domain, and a reservoir would keep mixing in the old one for a long time and slow the adaptation down.
 
-Re-adaptation (one background thread): every `every` frames (or `interval` seconds), if no round is
-running, a snapshot of the buffer is handed to the worker, so serving never waits. A thread rather than a
+Re-adaptation (one background thread, worker.py): every `every` frames (or `interval` seconds), or earlier
+when the shift detector (shift.py) sees the stream move, if no round is running, a snapshot of the buffer is
+handed to the worker, so serving never waits; after a detected shift the snapshot holds the new domain's
+frames only. A thread rather than a
 process: the model, the adapter state and the optimizer live across rounds and would have to be pickled to
 and from a process each round; torch and onnxruntime release the GIL in their kernels, so the serving
 thread keeps running (the worker gets `threads` torch threads, serving its own onnxruntime threads); and
 one process keeps the memory of a Jetson, shared between CPU and GPU, to one copy. The worker continues
 GpreBN on the older part of the snapshot, freezes a candidate, folds and exports it (parity-checked), then
-gates it on the newest part (held back from adaptation): finite outputs, entropy and prediction diversity
-not collapsed, agreement with the serving model, and optionally accuracy on a labeled probe set. A passing
-candidate is persisted (checkpoint, ONNX, then state.json) and handed to the serving thread, which swaps
-it in between two frames; a failing one is logged with its reasons and deleted. After `recovery`
-consecutive failures, adaptation restarts from the serving (last good) checkpoint.
+gates it on the newest part (held back from adaptation) on its merits (gates.py): finite, not collapsed, as
+diverse as the serving and source models and agreeing with them above chance where they are evidence (not
+degenerate, not on a domain they do not know), or, with a labeled probe set, at least as accurate. A passing
+candidate is persisted (checkpoint, ONNX, then state.json) and handed to the serving thread, which opens it
+and swaps it in between two frames; a failing one is logged with its reasons and deleted. After
+`recovery` consecutive failures, adaptation restarts from the serving (last good) checkpoint.
+
+Stopping (Ctrl-C, SIGTERM) is cooperative: `should_stop` is read between frames and start-up steps, the
+worker drops its round at its next step, and everything is closed before run_loop returns.
 
 TensorRT: the candidate engine is a refit of a copy of the serving engine's bytes with the candidate's
 folded weights (by name; the engine must be built with --refittable), written as a new engine file: the
