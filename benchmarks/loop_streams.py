@@ -159,8 +159,7 @@ def round_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     rejected = [r for r in rounds if r.get("outcome") == "rejected"]
     return {
         "rounds": len(rounds),
-        "by_trigger": dict(Counter("shift" if str(r.get("trigger", "")).startswith("shift") else
-                                   str(r.get("trigger")) for r in rounds)),
+        "by_trigger": dict(Counter(str(r.get("trigger") or "cadence").split(":")[0] for r in rounds)),
         "passed": sum(r.get("outcome") == "passed" for r in rounds),
         "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(reason_name(x) for r in rejected for x in (r.get("reasons") or []))),

@@ -85,6 +85,7 @@ class _Run:
         self.shift = ShiftDetector(config.shift) if config.shift is not None else None
         self.shift_at: int | None = None  # the frame a detected shift began at, until its round starts
         self.domain_start = 0             # the frame the current domain began at (the last detected shift)
+        self.followup: int | None = None  # new-domain frames at which the next follow-up round starts
         self.shift_reason = ""
 
 
@@ -315,15 +316,23 @@ class _Loop:
         frames since it only: frames of the old domain would pull the statistics back."""
         c = self.config
         trigger = self._shift_trigger(run)
-        if trigger is None:
+        new_frames = run.frames - run.domain_start
+        if trigger is not None:
+            run.domain_start = run.shift_at or 0
+            new_frames = run.frames - run.domain_start
+        elif run.followup is not None and new_frames >= run.followup:
+            trigger = f"follow-up: {min(new_frames, c.buffer)} frames since the shift"
+        else:
             due = (run.frames - run.last_trigger_frames >= c.every if c.every is not None
                    else time.perf_counter() - run.last_trigger_time >= (c.interval or 0))
-            if not due or min(len(run.buffer), run.frames - run.domain_start) < c.min_frames:
+            if not due or min(len(run.buffer), new_frames) < c.min_frames:
                 return
             trigger = "cadence"
-        else:
-            run.domain_start = run.shift_at or 0
-        frames = list(run.buffer)[-(run.frames - run.domain_start):]
+        frames = list(run.buffer)[-new_frames:]
+        # after a shift, rounds on twice the frames each time until the buffer is full of the new domain: the
+        # first one (min_frames) reacts fast, the next ones estimate the statistics better
+        run.followup = (2 * len(frames) if trigger.startswith(("shift", "follow-up")) and len(frames) < c.buffer
+                        else None)
         with self.shared.lock:
             self.shared.busy = True
             self.shared.state.rounds_tried = run.next_round_id

@@ -152,12 +152,6 @@ class Readapter:
         """How far `frames` are from the serving model's BN statistics (see input_shift)."""
         return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
 
-    def source_input_shift(self, frames: np.ndarray) -> float | None:
-        """How far `frames` are from the source model's BN statistics (None without a source model)."""
-        if self._source is None:
-            return None
-        return input_shift(self._source, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
-
     def round(self, frames: np.ndarray, should_stop: Callable[[], bool] | None = None) -> Candidate:
         """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `should_stop` is polled
         before each step: when it turns true, Stopped is raised and the adapter keeps what it learnt so far.

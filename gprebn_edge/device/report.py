@@ -162,11 +162,13 @@ def _windows(log: LoopLog) -> dict[str, Any]:
 
 
 def _triggers(rounds: list[dict[str, Any]]) -> dict[str, int]:
-    """Rounds by why they started: "cadence" (--every/--interval) or "shift" (the shift detector); a log
-    written before rounds recorded it counts as cadence."""
-    out = {"cadence": 0, "shift": 0}
+    """Rounds by why they started: "cadence" (--every/--interval), "shift" (the shift detector) or "follow-up"
+    (on more frames of a detected shift's new domain); a log written before rounds recorded it counts as
+    cadence."""
+    out = {"cadence": 0, "shift": 0, "follow-up": 0}
     for r in rounds:
-        out["shift" if str(r.get("trigger") or "").startswith("shift") else "cadence"] += 1
+        trigger = str(r.get("trigger") or "")
+        out[next((k for k in ("shift", "follow-up") if trigger.startswith(k)), "cadence")] += 1
     return out
 
 
@@ -247,7 +249,8 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
         ("wall time", f"{s['wall_seconds']:.1f} s (serving {s['serving_seconds']:.1f} s)"),
         ("starts (resumed)", f"{s['starts']} ({s['resumes']})"),
         ("adaptation rounds", f"{s['rounds']} ({s['triggers']['shift']} started by a shift, "
-                              f"{s['triggers']['cadence']} on the cadence)"),
+                              f"{s['triggers']['follow-up']} following one up, {s['triggers']['cadence']} on the "
+                              "cadence)"),
         ("passed gates", f"{s['passed']}"),
         ("rejected candidates", f"{s['rejected']}" + (" (" + ", ".join(
             f"{k} {v}" for k, v in s["rejection_reasons"].items()) + ")" if s["rejection_reasons"] else "")),

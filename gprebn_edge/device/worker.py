@@ -190,7 +190,7 @@ class Worker:
         outcome = _Outcome(record, [])
         try:
             self.check_stop()
-            if job.trigger.startswith("shift"):  # a new domain: adapt from the start, not from the old domain
+            if job.trigger.startswith("shift:"):  # a new domain: adapt from the start, not from the old domain
                 readapter.restart()
             outcome.candidate = candidate = readapter.round(adapt, should_stop=self.shared.stop.is_set)
             self.check_stop()
@@ -238,8 +238,7 @@ class Worker:
         self.check_stop()
         source_logits = readapter.source_logits(holdout)
         result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
-                                serving_input_shift=readapter.input_shift(holdout),
-                                source_input_shift=readapter.source_input_shift(holdout))
+                                serving_input_shift=readapter.input_shift(holdout))
         return result, cand_logits
 
     def _accept(self, job: Job, readapter: Any, outcome: _Outcome) -> None:

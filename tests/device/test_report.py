@@ -93,7 +93,8 @@ def test_summary_of_a_resumed_run(run):
     assert (s["starts"], s["resumes"], s["stop_reason"], s["truncated_lines"]) == (2, 1, "end of stream", 1)
     # a worker error is not a rejected candidate: 4 rounds = 2 passed + 1 rejected + 1 error
     assert (s["rounds"], s["passed"], s["rejected"], s["errors"]) == (4, 2, 1, 1)
-    assert s["triggers"] == {"cadence": 4, "shift": 0} and s["rejection_reasons"] == {"mean_entropy 0.01 < 0.02": 1}
+    assert s["triggers"] == {"cadence": 4, "shift": 0, "follow-up": 0}
+    assert s["rejection_reasons"] == {"mean_entropy 0.01 < 0.02": 1}
     assert (s["swaps"], s["rollbacks"]) == (1 + 1, 1)
     assert s["wall_seconds"] == pytest.approx(4.0) and s["serving_seconds"] == pytest.approx(4.0)
     assert (s["correct"], s["labeled"], s["accuracy"]) == (260, 400, 0.65)
