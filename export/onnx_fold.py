@@ -248,21 +248,7 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, set[str]]:
             raise _Skip(f"`{n}` of `{name}` is shared with other nodes")
     w = g.constant(w_name)
     assert w is not None
-    b = g.constant(b_name) if b_name else None
-    stats = (mean, var, gamma, beta, _epsilon(bn))
-    try:
-        if src.op_type == "Gemm":
-            trans_b = bool(_attr(src, "transB", 0))
-            w_out_in = w if trans_b else w.T  # (out, in)
-            beta_c = float(_attr(src, "beta", 1.0))
-            bias = None if b is None else _gemm_bias(b, w_out_in.shape[0]).astype(np.float64) * beta_c
-            new_w, new_b = fold_bn_np(w_out_in, bias, *stats)
-            new_w = new_w if trans_b else new_w.T
-        else:
-            new_w, new_b = fold_bn_np(w, b, *stats, transposed=src.op_type == "ConvTranspose",
-                                      groups=int(_attr(src, "group", 1)))
-    except ValueError as e:
-        raise _Skip(str(e)) from None
+    new_w, new_b = _folded(src, w, g.constant(b_name) if b_name else None, (mean, var, gamma, beta, _epsilon(bn)))
     maybe_unused = set(bn.input[1:5]) | {w_name} | ({b_name} if b_name else set())
     maybe_unused.update([g.producer[n].input[0] for n in maybe_unused
                          if n in g.producer and g.producer[n].op_type == "Identity"])
@@ -279,16 +265,37 @@ def _fold_one(g: _Graph, bn: onnx.NodeProto) -> tuple[str, set[str]]:
         for a in [a for a in src.attribute if a.name == "beta"]:
             src.attribute.remove(a)
         src.attribute.append(helper.make_attribute("beta", 1.0))
+    _bypass(g, bn)
+    return name, maybe_unused
+
+
+def _folded(src: onnx.NodeProto, w: np.ndarray, b: np.ndarray | None,
+            stats: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The producer's new weight and bias, in its own layout (Gemm: transB, and beta folded into the bias)."""
+    try:
+        if src.op_type == "Gemm":
+            trans_b = bool(_attr(src, "transB", 0))
+            w_out_in = w if trans_b else w.T  # (out, in)
+            beta_c = float(_attr(src, "beta", 1.0))
+            bias = None if b is None else _gemm_bias(b, w_out_in.shape[0]).astype(np.float64) * beta_c
+            new_w, new_b = fold_bn_np(w_out_in, bias, *stats)
+            return (new_w if trans_b else new_w.T), new_b
+        return fold_bn_np(w, b, *stats, transposed=src.op_type == "ConvTranspose", groups=int(_attr(src, "group", 1)))
+    except ValueError as e:
+        raise _Skip(str(e)) from None
+
+
+def _bypass(g: _Graph, bn: onnx.NodeProto) -> None:
+    """Remove `bn`: its consumers read its input instead (a graph output keeps the BN's output name)."""
     y, z = bn.output[0], bn.input[0]
     if y in {o.name for o in g.graph.output}:
-        g.producer[z].output[0] = y  # keep the graph output's name
+        g.producer[z].output[0] = y
     else:
         for node in _all_nodes(g.graph):
             for i, n in enumerate(node.input):
                 if n == y:
                     node.input[i] = z
     g.graph.node.remove(bn)
-    return name, maybe_unused
 
 
 def _prune(graph: onnx.GraphProto, names: set[str]) -> None:

@@ -50,11 +50,12 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.device.config import LoopConfig, LoopResult, config_record
 from gprebn_edge.device.metrics_log import MetricsLog
-from gprebn_edge.device.shift import ShiftDetector
+from gprebn_edge.device.shift import ShiftTrigger
 from gprebn_edge.device.start import initial_state, open_frames, require_checkpoint_consent, require_finite
 from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.device.window import Window, segment_names
-from gprebn_edge.device.worker import Job, Shared, Worker, WorkerThread, one_line
+from gprebn_edge.device.worker import Job, Shared, Worker, one_line
+from gprebn_edge.device.worker_thread import WorkerThread
 from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.loading import model_metadata, open_runner
@@ -66,7 +67,8 @@ __all__ = ["LoopConfig", "LoopResult", "run_loop"]
 class _Run:
     """What one run of the serving loop counts and holds."""
 
-    def __init__(self, state: LoopState, resumed: bool, runner: Runner, config: LoopConfig) -> None:
+    def __init__(self, state: LoopState, resumed: bool, runner: Runner, config: LoopConfig,
+                 log_shift: Callable[[int, str, dict[str, Any]], None]) -> None:
         self.state = state
         self.runner = runner
         self.served_round, self.frames = state.round, state.frames
@@ -82,11 +84,7 @@ class _Run:
         self.names: list[str] | None = None
         self.reason = "source exhausted"
         self.worker_abandoned = False
-        self.shift = ShiftDetector(config.shift) if config.shift is not None else None
-        self.shift_at: int | None = None  # the frame a detected shift began at, until its round starts
-        self.domain_start = 0             # the frame the current domain began at (the last detected shift)
-        self.followup: int | None = None  # new-domain frames at which the next follow-up round starts
-        self.shift_reason = ""
+        self.shift = ShiftTrigger(config.shift, config.min_frames, config.buffer, log_shift)
 
 
 class _Loop:
@@ -213,7 +211,7 @@ class _Loop:
         """Serve frames until the source ends, the frame limit, or a stop request; then stop the worker and close
         everything (on every path), and say why it stopped."""
         assert self.log is not None
-        run = _Run(state, resumed, runner, self.config)
+        run = _Run(state, resumed, runner, self.config, self._log_shift)
         worker: WorkerThread | None = None
         finished = False
         try:
@@ -258,7 +256,6 @@ class _Loop:
             with self.shared.lock:
                 busy = self.shared.busy
             self._serve_one(run, batch, busy)
-            self._watch_shift(run)
             # a worker that died (it reported why) gets no jobs: a put with no consumer would block forever
             if worker is not None and worker.alive and not busy:
                 self._maybe_start_round(run, worker)
@@ -282,10 +279,7 @@ class _Loop:
         run.runner.deactivate()
         run.runner, run.served_round = new, pending.state.round
         run.swaps += 1
-        if run.shift is not None:  # the new reference: the domain the new model was gated on, through it
-            run.shift.reset()
-            if pending.reference is not None:
-                run.shift.set_reference_from(*pending.reference)
+        run.shift.swapped(pending.reference)
         assert self.log is not None
         self.log.write("swap", round=run.served_round, frames=run.frames,
                        open_ms=round((time.perf_counter() - t0) * 1e3, 3))
@@ -304,35 +298,25 @@ class _Loop:
         run.window.add(logits[0], ms, busy, None if batch.labels is None else int(batch.labels[0]), segment,
                        run.frames - 1)
         run.buffer.append(batch.images[0])
-        if run.shift is not None:
-            run.shift.update(batch.images[0], logits[0])
+        run.shift.observe(run.frames, batch.images[0], logits[0])
         if run.window.n >= self.config.window:
             self._flush(run.window, run.frames, run.served_round)
             run.window = Window()
 
     def _maybe_start_round(self, run: _Run, worker: WorkerThread) -> None:
-        """Start a round on the cadence (--every/--interval) or, earlier, once a detected shift has
-        `min_frames` frames of the new domain in the buffer. Every round after a detected shift adapts on the
-        frames since it only: frames of the old domain would pull the statistics back."""
+        """Start a round when the shift trigger asks for one (shift.py) or on the cadence (--every/--interval).
+        Every round after a detected shift adapts on the frames since it only: frames of the old domain would
+        pull the statistics back."""
         c = self.config
-        trigger = self._shift_trigger(run)
-        new_frames = run.frames - run.domain_start
-        if trigger is not None:
-            run.domain_start = run.shift_at or 0
-            new_frames = run.frames - run.domain_start
-        elif run.followup is not None and new_frames >= run.followup:
-            trigger = f"follow-up: {min(new_frames, c.buffer)} frames since the shift"
-        else:
+        trigger = run.shift.due(run.frames)
+        new_frames = run.shift.new_frames(run.frames)
+        if trigger is None:
             due = (run.frames - run.last_trigger_frames >= c.every if c.every is not None
                    else time.perf_counter() - run.last_trigger_time >= (c.interval or 0))
             if not due or min(len(run.buffer), new_frames) < c.min_frames:
                 return
             trigger = "cadence"
         frames = list(run.buffer)[-new_frames:]
-        # after a shift, rounds on twice the frames each time until the buffer is full of the new domain: the
-        # first one (min_frames) reacts fast, the next ones estimate the statistics better
-        run.followup = (2 * len(frames) if trigger.startswith(("shift", "follow-up")) and len(frames) < c.buffer
-                        else None)
         with self.shared.lock:
             self.shared.busy = True
             self.shared.state.rounds_tried = run.next_round_id
@@ -341,33 +325,13 @@ class _Loop:
             with self.shared.lock:
                 self.shared.busy = False
             return
+        run.shift.started(trigger, len(frames))
         run.next_round_id += 1
         run.last_trigger_frames, run.last_trigger_time = run.frames, time.perf_counter()
-        run.shift_at = None
-        if run.shift is not None and run.shift.full:
-            run.shift.set_reference()  # the new domain is the reference now: the same shift does not fire again
 
-    def _watch_shift(self, run: _Run) -> None:
-        """Every frame, also while a round runs: note (and log) where a shift began, once."""
-        if run.shift is None:
-            return
-        if run.shift.full and not run.shift.has_reference:
-            run.shift.set_reference()  # the first full window of this model's outputs
-        if run.shift_at is not None:
-            return
-        reason = run.shift.check()
-        if reason is None:
-            return
-        run.shift_at = max(0, run.frames - run.shift.config.window)
-        run.shift_reason = reason
+    def _log_shift(self, frame: int, reason: str, detector: dict[str, Any]) -> None:
         assert self.log is not None
-        self.log.write("shift", frames=run.frames, reason=reason, detector=run.shift.state())
-
-    def _shift_trigger(self, run: _Run) -> str | None:
-        """"shift: <what moved>" once a detected shift has min_frames new frames, else None."""
-        if run.shift_at is None or run.frames - run.shift_at < min(self.config.min_frames, self.config.buffer):
-            return None
-        return f"shift: {run.shift_reason}"
+        self.log.write("shift", frames=frame, reason=reason, detector=detector)
 
     def _finish(self, run: _Run, worker: WorkerThread | None, finished: bool) -> None:
         """On every way out: the last window, the worker stopped (bounded), the runners closed, the log's last

@@ -30,6 +30,7 @@ reference taken at the first full window and again one window into each new segm
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ import numpy as np
 from gprebn_edge.errors import InputError
 from gprebn_edge.runtime import metrics
 
-__all__ = ["ShiftConfig", "ShiftDetector"]
+__all__ = ["ShiftConfig", "ShiftDetector", "ShiftTrigger"]
 
 _STD_FLOOR = 1e-3
 
@@ -206,3 +207,66 @@ class ShiftDetector:
 
 
 _WHAT = (("input statistics", " sigma"), ("serving entropy", ""), ("prediction diversity", ""))
+
+
+class ShiftTrigger:
+    """How the device loop acts on its ShiftDetector (docs/design.md): every served frame is observed; a
+    detected shift is logged once and starts a round once `min_frames` frames of the new domain are in the
+    buffer; then follow-up rounds on twice the frames each time, until the buffer is full of the new domain.
+    Every round after a shift adapts on the frames since it only. `config` None: no detection (rounds on the
+    cadence only), but the bookkeeping of the new domain's frames still works."""
+
+    def __init__(self, config: ShiftConfig | None, min_frames: int, buffer: int,
+                 log: Callable[[int, str, dict[str, Any]], None]) -> None:
+        self.detector = ShiftDetector(config) if config is not None else None
+        self.min_frames, self.buffer = min(min_frames, buffer), buffer
+        self.log = log                   # (frame, reason, detector state) of each detected shift
+        self.shift_at: int | None = None  # the frame a detected shift began at, until its round starts
+        self.reason = ""
+        self.domain_start = 0            # the frame the current domain began at (the last detected shift)
+        self.followup: int | None = None  # new-domain frames at which the next follow-up round is due
+
+    def observe(self, frame: int, image: np.ndarray, logits: np.ndarray) -> None:
+        """One served frame (frame: frames served so far, this one included); also while a round runs."""
+        det = self.detector
+        if det is None:
+            return
+        det.update(image, logits)
+        if det.full and not det.has_reference:
+            det.set_reference()  # the first full window of this model's outputs
+        if self.shift_at is not None:
+            return
+        reason = det.check()
+        if reason is not None:
+            self.shift_at, self.reason = max(0, frame - det.config.window), reason
+            self.log(frame, reason, det.state())
+
+    def swapped(self, reference: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """A new model serves: the reference is the held-back frames it was gated on, through it."""
+        if self.detector is not None:
+            self.detector.reset()
+            if reference is not None:
+                self.detector.set_reference_from(*reference)
+
+    def due(self, frame: int) -> str | None:
+        """The trigger of a round the shift asks for now ("shift: ..." or "follow-up: ..."), else None."""
+        if self.shift_at is not None and frame - self.shift_at >= self.min_frames:
+            self.domain_start = self.shift_at
+            return f"shift: {self.reason}"
+        new = frame - self.domain_start
+        if self.followup is not None and new >= self.followup:
+            return f"follow-up: {min(new, self.buffer)} frames since the shift"
+        return None
+
+    def new_frames(self, frame: int) -> int:
+        """Frames of the current domain served so far (all of them before any shift)."""
+        return frame - self.domain_start
+
+    def started(self, trigger: str, frames: int) -> None:
+        """A round started on `frames` frames: schedule the follow-up, and make the new domain the reference
+        (the same shift does not fire again)."""
+        self.followup = (2 * frames if trigger.startswith(("shift", "follow-up")) and frames < self.buffer
+                         else None)
+        self.shift_at = None
+        if self.detector is not None and self.detector.full:
+            self.detector.set_reference()

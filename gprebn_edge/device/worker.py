@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +26,9 @@ from gprebn_edge.runtime.loading import open_runner
 if TYPE_CHECKING:
     from gprebn_edge.device.config import LoopConfig
 
-__all__ = ["Job", "Pending", "Shared", "Stopped", "StopResult", "Worker", "WorkerThread", "WORKER_NICE", "one_line"]
+__all__ = ["Job", "Pending", "Shared", "Stopped", "Worker", "WORKER_NICE", "one_line"]
 
 WORKER_NICE = 10  # the worker thread's nice increment
-SERVING_SWITCH_INTERVAL = 0.0005  # seconds: how long serving may wait for the GIL while a round runs
-WORKER_FINISH_TIMEOUT = 600.0     # seconds the round in flight may take to finish when the source ends
-WORKER_STOP_TIMEOUT = 30.0        # seconds the worker may take to drop its round on Ctrl-C/SIGTERM or an error
-
 
 @dataclass
 class Job:
@@ -302,78 +297,3 @@ def lower_priority() -> None:
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}"[:300]
-
-
-@dataclass(frozen=True)
-class StopResult:
-    interrupted: bool          # a stop request (or Ctrl-C) came while waiting: the round in flight was dropped
-    keyboard_interrupt: bool   # it was a KeyboardInterrupt, to raise again once everything is closed
-    abandoned: bool            # the worker did not stop in time and still runs
-
-
-class WorkerThread:
-    """The background thread that runs a Worker, as the serving thread sees it: hand it a job without ever
-    blocking, and stop it, bounded. While it runs, the interpreter's switch interval is short (put back by
-    stop): the worker runs Python between its kernels holding the GIL, and the default 5 ms would let it keep
-    serving waiting that long, which is what a frame's p99 then shows."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.shared = worker.shared
-        self.report = worker.report
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SERVING_SWITCH_INTERVAL)
-        self.thread = threading.Thread(target=worker.run, args=(self.jobs,), name="gprebn-readapt", daemon=True)
-        self.thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """False once the worker has died (it reported why): a put with no consumer would block forever."""
-        return self.thread.is_alive()
-
-    def submit(self, job: Job) -> bool:
-        """Hand `job` over; False (never a wait) if one is still queued."""
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
-
-    def stop(self, finish: bool, should_stop: Callable[[], bool]) -> StopResult:
-        """Stop the thread before the loop returns: a thread still inside torch or onnxruntime when the
-        interpreter exits makes their native thread pools abort the process. `finish` (the source ended): the
-        round in flight finishes and is logged (its swap is not served); otherwise, or on a stop request while
-        waiting, it is dropped at its next step. Bounded either way: a worker that does not stop is reported,
-        never waited for."""
-        try:
-            return self._stop(finish, should_stop)
-        finally:
-            sys.setswitchinterval(self._switch_interval)
-
-    def _stop(self, finish: bool, should_stop: Callable[[], bool]) -> StopResult:
-        if not finish:
-            self.shared.stop.set()
-        deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish else WORKER_STOP_TIMEOUT)
-        sent = not finish
-        interrupted = keyboard = False
-        while self.thread.is_alive() and time.monotonic() < deadline:
-            try:
-                if not interrupted and should_stop():
-                    interrupted = True
-                    self.shared.stop.set()
-                    deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
-                if not sent:
-                    try:
-                        self.jobs.put(None, timeout=0.1)
-                        sent = True
-                    except queue.Full:
-                        continue
-                self.thread.join(timeout=0.1)
-            except KeyboardInterrupt:  # a library caller's Ctrl-C while the last round finishes: drop it
-                interrupted = keyboard = True
-                self.shared.stop.set()
-                deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
-        if self.thread.is_alive():
-            self.shared.stop.set()
-            self.report("the adaptation worker did not stop in time; its round is dropped")
-        return StopResult(interrupted, keyboard, self.thread.is_alive())

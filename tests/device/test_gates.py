@@ -77,10 +77,15 @@ def test_mean_entropy_floor():
     preds = balanced()
     cur = logits_for(preds)
     sharp = logits_for(preds, margin=12.0)   # entropy ~ 9 * 12 * e^-12 nats: far below 2 % of log(10)
-    mild = logits_for(preds, margin=6.0)
+    mild = logits_for(preds, margin=4.5)     # 0.22 of log(10): 0.39 x the current model's 0.56
     assert failed(evaluate_gates(sharp, cur)) == {"mean_entropy"}
     assert evaluate_gates(mild, cur).passed
-    assert evaluate_gates(sharp, cur, GateConfig(min_mean_entropy=0.0)).passed
+    assert evaluate_gates(sharp, cur, GateConfig(min_mean_entropy=0.0, min_entropy_ratio=0.0)).passed
+    # far more certain than every reference on the same frames (0.066 vs 0.56 of log(10)): collapsing
+    sharper = logits_for(preds, margin=6.0)
+    result = evaluate_gates(sharper, cur)
+    assert failed(result) == {"mean_entropy"} and "0.2 x the serving model's 0.5639" in result.reasons[0]
+    assert evaluate_gates(sharper, cur, GateConfig(min_entropy_ratio=0.1)).passed
 
 
 def test_diversity_drop_fails_but_imbalanced_healthy_slice_passes():

@@ -315,7 +315,7 @@ def _stuck_round(monkeypatch, seconds: float) -> None:
 
 
 def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monkeypatch):
-    from gprebn_edge.device import worker
+    from gprebn_edge.device import worker_thread as worker
 
     _stuck_round(monkeypatch, 20)
     monkeypatch.setattr(worker, "WORKER_FINISH_TIMEOUT", 1.0)
@@ -329,7 +329,7 @@ def test_a_stuck_round_at_the_end_of_the_source_is_bounded(tmp_path, start, monk
 def test_ctrl_c_while_the_last_round_finishes_stops_promptly(tmp_path, start, monkeypatch):
     """Ctrl-C (here from a timer, in this main thread) while the loop waits for a stuck round at the source's
     end: the loop still stops the worker (bounded), closes everything, and raises KeyboardInterrupt."""
-    from gprebn_edge.device import worker
+    from gprebn_edge.device import worker_thread as worker
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
