@@ -81,8 +81,10 @@ class GateConfig:
       candidate of the two streams stood at 0.30-2.55 of it, the lr x 1000 candidates at 0.00-0.27 but two,
       and the one of those that passed every other check (3 classes, kappa 0.18 with the source model, 9 %
       accurate once served) at 0.13.
-    - min_class_entropy 0.5 and min_distinct_classes 0.5 (fractions of the best reference's value): adapted
-      models measured 0.95-1.0 of log C even where the source model was down to 0.32 (impulse noise).
+    - min_class_entropy 0.8 and min_distinct_classes 0.8 (fractions of the best reference's value): on
+      benchmarks/loop_streams.py every candidate of the two streams stood at 0.98-3.14 of the best
+      reference's class-histogram entropy, with at least as many distinct classes; the lr x 1000 candidates
+      that passed every other check at 0.67-0.76, with 3 classes where the reference had 4-6.
     - min_kappa 0.05: where a reference is poor, a good candidate MUST disagree with it (impulse noise:
       18.7 % -> 79.8 % accuracy at 0.20 agreement, chance 0.11, kappa 0.11; gaussian noise 0.27 / kappa
       0.17), so the floor is on agreement above chance, not on raw agreement. An unrelated candidate (random
@@ -100,8 +102,8 @@ class GateConfig:
 
     min_mean_entropy: float = 0.02
     min_entropy_ratio: float = 0.2
-    min_class_entropy: float = 0.5
-    min_distinct_classes: float = 0.5
+    min_class_entropy: float = 0.8
+    min_distinct_classes: float = 0.8
     min_kappa: float = 0.05
     max_accuracy_drop: float = 0.02
     degenerate_top_share: float = 0.9
