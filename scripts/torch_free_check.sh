@@ -8,6 +8,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-/tmp/gprebn-torchfree}
 work=${2:-$(mktemp -d)}
+mkdir -p "$work"
 full="$repo/.venv/bin/gprebn-edge"
 [ -x "$full" ] || { echo "run 'make test' (or make demo) first: the ONNX files are exported with .venv" >&2; exit 1; }
 
