@@ -1,9 +1,11 @@
 """The device loop against its two static baselines, segment by segment, on two streams (issue 11):
 
 - "shifting": the built-in stream (clean -> fog -> gaussian noise -> contrast -> shot noise -> clean, severity 5);
-- "collapse": clean frames, then the same kind of frames under-exposed to EXPOSURE (x' = EXPOSURE * x, float
-  frames in [0, 1] written to an .npz with their labels), on which the unadapted model puts nearly every frame
-  in one class and AdaBN (BN statistics re-estimated on the new frames) recovers it. The evidence is printed.
+- "collapse": clean frames, then the same kind of frames under-exposed to EXPOSURE (x' = EXPOSURE * x), then
+  frames behind vertical stripes (x' = (1 - STRIPES) x + STRIPES s, s alternating 0/1 every pixel column),
+  then clean frames again (float frames in [0, 1] written to an .npz with their labels). On the two shifted
+  segments the unadapted model puts nearly every frame in one class (behind the stripes with almost no
+  entropy) and AdaBN (BN statistics re-estimated on the new frames) recovers it. The evidence is printed.
 
 Per segment, online accuracy over its SECOND half (the frames after the loop has had half a segment to react)
 of (i) the loop, (ii) the unadapted source model, (iii) the source model GpreBN-adapted once on the segment's
@@ -49,7 +51,8 @@ from gprebn_edge.methods.base import entropy  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
 
 MODEL = "builtin:small_resnet"
-EXPOSURE = 0.05          # the collapse segment's frames: 5 % of the clean exposure
+EXPOSURE = 0.05          # the collapse stream's dark segment: 5 % of the clean exposure
+STRIPES = 0.15           # and the weight of the stripes in front of its striped segment
 ONCE_TOLERANCE = 3.0     # points the loop may trail the once-adapted model by on a segment
 UNADAPTED_TOLERANCE = 1.0  # points the loop may trail the unadapted model by on a segment
 
@@ -63,13 +66,16 @@ def stream_segments(frames: int, seed: int = 0) -> tuple[str, list[tuple[str, np
     return spec, [(f"{s.name}#{k}", *source.segment_arrays(k)) for k, s in enumerate(source.segments())]
 
 
-def collapse_segments(frames: int, exposure: float = EXPOSURE,
+def collapse_segments(frames: int, exposure: float = EXPOSURE, stripes: float = STRIPES,
                       seed: int = 7) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Clean frames, then other clean glyphs under-exposed (float32 in [0, 1], so nothing is quantized away)."""
-    a, ya = load_domain("clean", split="test", n=frames, seed=seed)
-    b, yb = load_domain("clean", split="test", n=frames, seed=seed + 1)
-    dark = (b.astype(np.float32) / 255.0) * exposure
-    return [("clean#0", a.astype(np.float32) / 255.0, ya), (f"exposure-{exposure:g}#1", dark, yb)]
+    """Clean frames, other clean glyphs under-exposed, others behind stripes, clean again (float32 in [0, 1], so
+    nothing is quantized away)."""
+    parts = [load_domain("clean", split="test", n=frames, seed=seed + k) for k in range(4)]
+    x = [a.astype(np.float32) / 255.0 for a, _ in parts]
+    columns = (np.arange(x[2].shape[2]) % 2).astype(np.float32)[None, None, :, None]  # NHWC: every other column
+    shifted = [x[1] * exposure, (1.0 - stripes) * x[2] + stripes * columns]
+    return [("clean#0", x[0], parts[0][1]), (f"exposure-{exposure:g}#1", shifted[0], parts[1][1]),
+            (f"stripes-{stripes:g}#2", shifted[1], parts[2][1]), ("clean#3", x[3], parts[3][1])]
 
 
 def write_npz(segments: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> Path:
@@ -290,12 +296,13 @@ def main() -> None:
         adapt_to_file(MODEL, "synthetic:clean:n=128", start, AdaptConfig(batch_size=32))
         spec, shifting = stream_segments(args.frames)
         collapse = collapse_segments(args.frames)
-        print("collapse segment evidence:", flush=True)
-        evidence = collapse_evidence(collapse[1])
-        for k, v in evidence.items():
-            print(f"  {k}: accuracy {100 * v['accuracy']:.1f} %, top class {v['top_class']} share "
-                  f"{100 * v['top_share']:.1f} %, mean entropy {v['mean_entropy']:.3f} nats", flush=True)
-        payload["collapse_evidence"] = evidence
+        payload["collapse_evidence"] = {}
+        for segment in collapse[1:3]:
+            print(f"collapse segment evidence, {segment[0]}:", flush=True)
+            evidence = payload["collapse_evidence"][segment[0]] = collapse_evidence(segment)
+            for k, v in evidence.items():
+                print(f"  {k}: accuracy {100 * v['accuracy']:.1f} %, top class {v['top_class']} share "
+                      f"{100 * v['top_share']:.1f} %, mean entropy {v['mean_entropy']:.3f} nats", flush=True)
         npz = write_npz(collapse, folder / "collapse.npz")
         for key, source, segments in (("shifting", spec, shifting), ("collapse", str(npz), collapse)):
             bounds = [(name, k * args.frames, (k + 1) * args.frames) for k, (name, _, _) in enumerate(segments)]
@@ -304,9 +311,9 @@ def main() -> None:
             print(f"{key}: loop at {args.fps:g} frames/s (load {load_average()})", flush=True)
             load = load_average()
             run = loop_run(folder / f"state-{key}", source, start, bounds, **loop_kw)
-            payload["streams"][key] = {"source": source if key == "shifting" else
-                                       f"npz: clean then x{EXPOSURE:g} exposure", "baselines": base, "loop": run,
-                                       "load_before_loop": load}
+            described = (source if key == "shifting" else
+                         f"npz: clean, x{EXPOSURE:g} exposure, {STRIPES:g} stripes, clean")
+            payload["streams"][key] = {"source": described, "baselines": base, "loop": run, "load_before_loop": load}
         if "lr" not in args.skip:
             print("shifting, lr x 1000:", flush=True)
             bounds = [(n, k * args.frames, (k + 1) * args.frames) for k, (n, _, _) in enumerate(shifting)]
@@ -335,19 +342,20 @@ def markdown(p: dict[str, Any]) -> list[str]:
              "model GpreBN-adapted once (defaults: batch 64, lr 1e-3) on the segment's first half, in stream order. "
              f"Pass: loop >= once-adapted - {ONCE_TOLERANCE:g} and loop >= unadapted - {UNADAPTED_TOLERANCE:g}.",
              ""]
-    ev = p["collapse_evidence"]
-    lines += ["## The collapse segment", "",
-              f"Clean frames, then other clean frames at {EXPOSURE:g}x exposure (float frames in [0, 1] in an .npz "
-              "with labels). On the collapse segment:", "",
-              "| model | frames | accuracy | top class | top-class share | mean entropy (nats) | of log C |",
-              "|---|---|---:|---:|---:|---:|---:|"]
-    for key, label, frames in (("unadapted", "unadapted", "all"),
-                               ("unadapted_second_half", "unadapted", "second half"),
-                               ("adabn_second_half", "AdaBN on the first half", "second half")):
-        v = ev[key]
-        lines.append(f"| {label} | {frames} | {100 * v['accuracy']:.1f} | {v['top_class']} | "
-                     f"{100 * v['top_share']:.1f} % | {v['mean_entropy']:.3f} | "
-                     f"{v['mean_entropy'] / v['max_entropy']:.2f} |")
+    lines += ["## The collapse segments", "",
+              f"Clean frames, then other clean frames at {EXPOSURE:g}x exposure, then others behind vertical "
+              f"stripes ({STRIPES:g} x alternating 0/1 pixel columns + {1 - STRIPES:g} x the frame), then clean "
+              "frames (float frames in [0, 1] in an .npz with labels). On the two shifted segments:", "",
+              "| segment | model | frames | accuracy | top class | top-class share | mean entropy (nats) | of log C |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for segment, ev in p["collapse_evidence"].items():
+        for key, label, frames in (("unadapted", "unadapted", "all"),
+                                   ("unadapted_second_half", "unadapted", "second half"),
+                                   ("adabn_second_half", "AdaBN on the first half", "second half")):
+            v = ev[key]
+            lines.append(f"| {segment} | {label} | {frames} | {100 * v['accuracy']:.1f} | {v['top_class']} | "
+                         f"{100 * v['top_share']:.1f} % | {v['mean_entropy']:.3f} | "
+                         f"{v['mean_entropy'] / v['max_entropy']:.2f} |")
     verdicts = []
     for key, title in (("shifting", "Built-in shifting stream"), ("collapse", "Collapse stream")):
         s = p["streams"][key]

@@ -59,12 +59,15 @@ def test_segment_rows_mark_each_criterion():
 @pytest.mark.parametrize("frames", [32])
 def test_collapse_segments_and_baselines_run(tmp_path, frames):
     segments = loop_streams.collapse_segments(frames)
-    assert [s[0] for s in segments] == ["clean#0", f"exposure-{loop_streams.EXPOSURE:g}#1"]
-    dark = segments[1][1]
+    assert [s[0] for s in segments] == ["clean#0", f"exposure-{loop_streams.EXPOSURE:g}#1",
+                                        f"stripes-{loop_streams.STRIPES:g}#2", "clean#3"]
+    dark, striped = segments[1][1], segments[2][1]
     assert dark.dtype == np.float32 and dark.max() <= loop_streams.EXPOSURE + 1e-6 and dark.shape == (frames, 32, 32, 3)
+    assert striped.min() >= 0.0 and striped.max() <= 1.0 + 1e-6
+    assert (striped[:, :, 1::2] >= loop_streams.STRIPES - 1e-6).all()  # every other column lifted by the stripes
     npz = loop_streams.write_npz(segments, tmp_path / "c.npz")
     with np.load(npz) as f:
-        assert f["images"].shape[0] == 2 * frames and f["labels"].shape == (2 * frames,)
+        assert f["images"].shape[0] == 4 * frames and f["labels"].shape == (4 * frames,)
     out = loop_streams.baselines(segments)
     for name in ("clean#0", segments[1][0]):
         for key in ("unadapted", "once_adapted"):
