@@ -2,7 +2,7 @@
 
 - "shifting": the built-in stream (clean -> fog -> gaussian noise -> contrast -> shot noise -> clean, severity 5);
 - "collapse": clean frames, then the same kind of frames under-exposed to EXPOSURE (x' = EXPOSURE * x), then
-  frames behind vertical stripes (x' = (1 - STRIPES) x + STRIPES s, s alternating 0/1 every pixel column),
+  frames behind vertical stripes (x' = (1 - STRIPES) x + STRIPES s, s alternating 0/1 every 2 pixel columns),
   then clean frames again (float frames in [0, 1] written to an .npz with their labels). On the two shifted
   segments the unadapted model puts nearly every frame in one class (behind the stripes with almost no
   entropy) and AdaBN (BN statistics re-estimated on the new frames) recovers it. The evidence is printed.
@@ -72,7 +72,7 @@ def collapse_segments(frames: int, exposure: float = EXPOSURE, stripes: float = 
     nothing is quantized away)."""
     parts = [load_domain("clean", split="test", n=frames, seed=seed + k) for k in range(4)]
     x = [a.astype(np.float32) / 255.0 for a, _ in parts]
-    columns = (np.arange(x[2].shape[2]) % 2).astype(np.float32)[None, None, :, None]  # NHWC: every other column
+    columns = (np.arange(x[2].shape[2]) // 2 % 2).astype(np.float32)[None, None, :, None]  # NHWC: 2 on, 2 off
     shifted = [x[1] * exposure, (1.0 - stripes) * x[2] + stripes * columns]
     return [("clean#0", x[0], parts[0][1]), (f"exposure-{exposure:g}#1", shifted[0], parts[1][1]),
             (f"stripes-{stripes:g}#2", shifted[1], parts[2][1]), ("clean#3", x[3], parts[3][1])]
@@ -344,8 +344,8 @@ def markdown(p: dict[str, Any]) -> list[str]:
              ""]
     lines += ["## The collapse segments", "",
               f"Clean frames, then other clean frames at {EXPOSURE:g}x exposure, then others behind vertical "
-              f"stripes ({STRIPES:g} x alternating 0/1 pixel columns + {1 - STRIPES:g} x the frame), then clean "
-              "frames (float frames in [0, 1] in an .npz with labels). On the two shifted segments:", "",
+              f"stripes ({STRIPES:g} x 0/1 alternating every 2 pixel columns + {1 - STRIPES:g} x the frame), then "
+              "clean frames (float frames in [0, 1] in an .npz with labels). On the two shifted segments:", "",
               "| segment | model | frames | accuracy | top class | top-class share | mean entropy (nats) | of log C |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
     for segment, ev in p["collapse_evidence"].items():

@@ -64,7 +64,8 @@ def test_collapse_segments_and_baselines_run(tmp_path, frames):
     dark, striped = segments[1][1], segments[2][1]
     assert dark.dtype == np.float32 and dark.max() <= loop_streams.EXPOSURE + 1e-6 and dark.shape == (frames, 32, 32, 3)
     assert striped.min() >= 0.0 and striped.max() <= 1.0 + 1e-6
-    assert (striped[:, :, 1::2] >= loop_streams.STRIPES - 1e-6).all()  # every other column lifted by the stripes
+    assert (striped[:, :, 2::4] >= loop_streams.STRIPES - 1e-6).all()  # columns 2-3 of every 4 lifted
+    assert (striped[:, :, 3::4] >= loop_streams.STRIPES - 1e-6).all()
     npz = loop_streams.write_npz(segments, tmp_path / "c.npz")
     with np.load(npz) as f:
         assert f["images"].shape[0] == 4 * frames and f["labels"].shape == (4 * frames,)
@@ -73,5 +74,5 @@ def test_collapse_segments_and_baselines_run(tmp_path, frames):
         for key in ("unadapted", "once_adapted"):
             assert 0.0 <= out[name][key]["accuracy"] <= 1.0
     assert out["clean#0"]["unadapted"]["accuracy"] > 0.8
-    evidence = loop_streams.collapse_evidence(segments[1])
-    assert evidence["unadapted"]["top_share"] >= 0.9
+    for segment in segments[1:3]:  # the unadapted model puts nearly every frame in one class
+        assert loop_streams.collapse_evidence(segment)["unadapted"]["top_share"] >= 0.9, segment[0]
