@@ -56,6 +56,10 @@ class Runner(ABC):
     deactivating an inactive one does nothing, so cleanup code may always call it."""
 
     name: str = "runner"
+    # whether it must be used on the thread that activated it (a CUDA/TensorRT context belongs to a thread);
+    # a runner that is not may be activated on one thread and used on another (the device loop prepares a
+    # candidate on its worker and serves it on the serving thread)
+    thread_affine: bool = True
 
     def __init__(self) -> None:
         self._active = False

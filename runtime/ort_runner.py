@@ -76,6 +76,9 @@ class OnnxRuntimeRunner(Runner):
             raise InputError("fp16 with onnxruntime needs the tensorrt provider (the CPU and CUDA providers "
                              "run the fp32 graph as exported)")
         self.providers = providers
+        # a CPU session may be created on one thread and run on another (onnxruntime's Run is thread-safe);
+        # with a GPU provider it stays on its thread, like every CUDA context
+        self.thread_affine = any(p != "cpu" for p in providers)
         self.threads = threads
         self.fp16 = fp16
         self.engine_cache = Path(engine_cache) if engine_cache is not None else None

@@ -262,20 +262,24 @@ class _Loop:
         run.reason = "source exhausted"
 
     def _swap_if_ready(self, run: _Run) -> None:
-        """Swap in the candidate the worker persisted, between two frames. Its runner is opened and activated
-        here, on the serving thread that uses it (a CUDA/TensorRT context is not handed between threads)."""
+        """Swap in the candidate the worker persisted, between two frames. A runner that may change threads
+        (onnxruntime on the CPU) comes active from the worker, so serving does not stall while a session is
+        created; one bound to its thread (TensorRT, CUDA) is opened and activated here, on the thread that
+        uses it. The swap record's open_ms says how long serving waited."""
         with self.shared.lock:
             pending, self.shared.pending = self.shared.pending, None
         if pending is None:
             return
         t0 = time.perf_counter()
-        try:
-            new = self._open(pending.state)
-            new.activate()
-        except Exception as e:  # serving goes on with the current model; the state folder already names the new
-            self.report(f"could not open round {pending.state.round} to serve it ({one_line(e)}); serving goes on "
-                        f"with round {run.served_round}")
-            return
+        new = pending.runner
+        if new is None:  # bound to a thread (TensorRT, CUDA): opened here, on the thread that will use it
+            try:
+                new = self._open(pending.state)
+                new.activate()
+            except Exception as e:  # serving goes on with the current model; the state folder already names the new
+                self.report(f"could not open round {pending.state.round} to serve it ({one_line(e)}); serving goes "
+                            f"on with round {run.served_round}")
+                return
         run.runner.deactivate()
         run.runner, run.served_round = new, pending.state.round
         run.swaps += 1
@@ -347,9 +351,12 @@ class _Loop:
                 run.reason = "interrupted"
         run.runner.deactivate()
         with self.shared.lock:
-            self.shared.pending = None  # passed and persisted: it serves after a restart
+            # passed and persisted but not swapped in: it serves after a restart
+            pending, self.shared.pending = self.shared.pending, None
             run.rounds, run.passed, run.rollbacks = self.shared.rounds, self.shared.passed, self.shared.rollbacks
             run.errors = list(self.shared.errors)
+        if pending is not None and pending.runner is not None:
+            pending.runner.deactivate()
         self.log.write("stop", frames=run.frames, reason=run.reason, served_round=run.served_round,
                        skipped=len(getattr(self.source, "skipped", [])), errors=run.errors)
         self.log.close()

@@ -45,6 +45,7 @@ class Pending:
 
     state: LoopState
     reference: tuple[np.ndarray, np.ndarray] | None = None
+    runner: Runner | None = None  # already active, when it may change threads (not thread-affine): no open stall
 
 
 class Shared:
@@ -86,6 +87,7 @@ class _Outcome:
     candidate: Any = None
     error: Exception | None = None
     reference: tuple[np.ndarray, np.ndarray] | None = None  # held-back frames and the candidate's logits there
+    runner: Runner | None = None  # the gated candidate's runner, kept active to hand over (not thread-affine)
 
     @property
     def passed(self) -> bool:
@@ -157,19 +159,23 @@ class Worker:
         with self.shared.lock:
             serving = replace(self.shared.state)
         outcome = self._try_candidate(job, readapter, serving)
-        outcome.record["seconds"] = round(time.perf_counter() - start, 3)
-        with self.shared.lock:
-            self.shared.rounds += 1
-        self.log.write("round", **outcome.record)
-        if outcome.error is not None:  # a bug or a full disk, not a verdict on the candidate: no rollback count
-            self._discard(outcome.files)
-            self.fail(f"adaptation round {job.round_id} failed ({outcome.record['error']})", outcome.error)
-        elif outcome.passed:
-            self._accept(job, readapter, outcome)
-            policy.record(True)
-        else:
-            self._discard(outcome.files)
-            self._reject(job, readapter, policy, serving)
+        try:
+            outcome.record["seconds"] = round(time.perf_counter() - start, 3)
+            with self.shared.lock:
+                self.shared.rounds += 1
+            self.log.write("round", **outcome.record)
+            if outcome.error is not None:  # a bug or a full disk, not a verdict on the candidate: no rollback count
+                self._discard(outcome.files)
+                self.fail(f"adaptation round {job.round_id} failed ({outcome.record['error']})", outcome.error)
+            elif outcome.passed:
+                self._accept(job, readapter, outcome)
+                policy.record(True)
+            else:
+                self._discard(outcome.files)
+                self._reject(job, readapter, policy, serving)
+        finally:
+            if outcome.runner is not None:  # not handed over to serving
+                outcome.runner.deactivate()
 
     def _try_candidate(self, job: Job, readapter: Any, serving: LoopState) -> _Outcome:
         """Adapt, freeze, export (parity-checked) and gate one candidate; Stopped drops it, files and all."""
@@ -192,13 +198,15 @@ class Worker:
             record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
             self._export(candidate, readapter, holdout, serving, job.round_id, outcome.files)
             self.check_stop()
-            result, cand_logits = self._gate(outcome.files, holdout, readapter, serving)
+            result, cand_logits = self._gate(outcome.files, holdout, readapter, serving, outcome)
             record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
                           mean_entropy=float(metrics.entropy(cand_logits).mean()),
                           outcome="passed" if result.passed else "rejected")
             outcome.reference = (holdout, cand_logits)
         except Stopped:
             self._discard(outcome.files)
+            if outcome.runner is not None:
+                outcome.runner.deactivate()
             raise
         except Diverged as e:  # the adaptation itself blew up: a verdict on this candidate, counted as a failure
             record.update(passed=False, reasons=[f"diverged: {e}"], gates=None, outcome="rejected")
@@ -218,18 +226,27 @@ class Worker:
             self.check_stop()
             files.append(self.refit(serving, onnx, round_id))
 
-    def _gate(self, files: list[Path], holdout: np.ndarray, readapter: Any, serving: LoopState) -> tuple[Any, Any]:
+    def _gate(self, files: list[Path], holdout: np.ndarray, readapter: Any, serving: LoopState,
+              outcome: _Outcome) -> tuple[Any, Any]:
         """The candidate's, the serving model's and the source model's logits on the held-back frames (and the
-        probe), then the gates. Every runner here is opened, used and closed on this thread."""
+        probe), then the gates. A runner bound to its thread is opened, used and closed here; one that is not
+        is kept active in `outcome.runner`, so that serving takes it over without opening it again."""
         engine = files[2] if len(files) > 2 else None
         candidate = (open_runner(engine, "tensorrt") if engine else
                      open_runner(files[0], "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
-        with candidate, self.open(serving) as current:
-            cand_logits, cur_logits = candidate.infer(holdout), current.infer(holdout)
-            probe = None
-            if self.probe is not None:
-                images, labels = self.probe
-                probe = (candidate.infer(images), current.infer(images), labels)
+        candidate.activate()
+        try:
+            with self.open(serving) as current:
+                cand_logits, cur_logits = candidate.infer(holdout), current.infer(holdout)
+                probe = None
+                if self.probe is not None:
+                    images, labels = self.probe
+                    probe = (candidate.infer(images), current.infer(images), labels)
+        finally:
+            if candidate.thread_affine:
+                candidate.deactivate()
+            else:
+                outcome.runner = candidate
         self.check_stop()
         source_logits = readapter.source_logits(holdout)
         result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
@@ -247,8 +264,12 @@ class Worker:
         self.shared.persist(self.dir)
         self.dir.clean(new)  # the previous round's files: state.json no longer names them
         with self.shared.lock:
-            self.shared.pending = Pending(replace(new), outcome.reference)
+            superseded, self.shared.pending = self.shared.pending, Pending(replace(new), outcome.reference,
+                                                                           outcome.runner)
+            outcome.runner = None  # serving's now
             self.shared.passed += 1
+        if superseded is not None and superseded.runner is not None:  # never swapped in: close it here
+            superseded.runner.deactivate()
         readapter.accept(outcome.candidate)
 
     def _reject(self, job: Job, readapter: Any, policy: RecoveryPolicy, serving: LoopState) -> None:

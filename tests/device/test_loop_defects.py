@@ -198,14 +198,20 @@ def test_a_diverging_round_is_a_rejected_candidate(tmp_path, start, monkeypatch)
     assert all(r["outcome"] == "rejected" and r["reasons"][0].startswith("diverged") for r in rounds)
 
 
-def test_every_runner_is_used_on_the_thread_that_activated_it(tmp_path, start, monkeypatch):
-    """A candidate runner activated on the worker must not serve on the serving thread (CUDA/TensorRT
-    contexts are per thread): every infer runs on the thread that activated that runner."""
+def test_every_thread_bound_runner_is_used_on_the_thread_that_activated_it(tmp_path, start, monkeypatch):
+    """A candidate runner activated on the worker must not serve on the serving thread when it is bound to its
+    thread (CUDA/TensorRT contexts): every infer runs on the thread that activated that runner. Here every
+    onnxruntime runner is declared thread-bound, as a TensorRT one is."""
     from gprebn_edge.runtime.base import Runner
+    from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 
     activated: dict[int, int] = {}
     misuse: list[str] = []
-    real_activate, real_infer = Runner.activate, Runner.infer
+    real_init, real_activate, real_infer = OnnxRuntimeRunner.__init__, Runner.activate, Runner.infer
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.thread_affine = True
 
     def activate(self):
         activated[id(self)] = threading.get_ident()
@@ -216,11 +222,31 @@ def test_every_runner_is_used_on_the_thread_that_activated_it(tmp_path, start, m
             misuse.append(threading.current_thread().name)
         return real_infer(self, *a, **kw)
 
+    monkeypatch.setattr(OnnxRuntimeRunner, "__init__", init)
     monkeypatch.setattr(Runner, "activate", activate)
     monkeypatch.setattr(Runner, "infer", infer)
     result = _run(_config(tmp_path / "state", start, source="stream:clean*60,gaussian_noise-5*540", fps=300.0))
     assert result.swaps >= 1, "the test needs a swap"
     assert misuse == []
+
+
+def test_a_cpu_candidate_is_handed_over_active_so_serving_never_opens_one(tmp_path, start, monkeypatch):
+    """onnxruntime on the CPU may change threads: the worker's gated session serves as is, and the serving
+    thread opens only the first model (no session creation stalls serving at a swap)."""
+    from gprebn_edge.device import loop
+
+    opened_by: list[str] = []
+    real_open = loop._Loop._open
+
+    def spy(self, state):
+        opened_by.append(threading.current_thread().name)
+        return real_open(self, state)
+
+    monkeypatch.setattr(loop._Loop, "_open", spy)
+    result = _run(_config(tmp_path / "state", start, source="stream:clean*60,gaussian_noise-5*540", fps=300.0))
+    assert result.swaps >= 1 and not result.errors
+    serving_opens = [name for name in opened_by if name != "gprebn-readapt"]
+    assert len(serving_opens) == 1, opened_by  # the first model only; the worker opens the serving one to gate
 
 
 def test_a_detected_shift_starts_a_round_and_the_log_says_why(tmp_path, start):
