@@ -73,6 +73,18 @@ class _Summary:
     diversity: float
 
 
+def _summarize(means: np.ndarray, squares: np.ndarray, entropies: np.ndarray, preds: np.ndarray,
+               classes: int) -> _Summary:
+    """A window (or a batch) of frames reduced: per-frame channel means and mean squares (n, C), normalized
+    entropies (n,) and predicted classes (n,) -> per-channel pixel mean and std over all its pixels, mean
+    entropy, and class-histogram entropy / log C."""
+    mean = means.mean(axis=0)
+    var = np.maximum(squares.mean(axis=0) - np.square(mean), 0.0)
+    hist = np.bincount(preds, minlength=classes)
+    return _Summary(mean, np.maximum(np.sqrt(var), _STD_FLOOR), float(entropies.mean()),
+                    metrics.histogram_entropy(hist) / math.log(classes))
+
+
 class ShiftDetector:
     """Call update() once per served frame, set_reference() once the window is full (and after each
     swap), check() whenever a decision is wanted; check() does not latch, so it keeps returning a reason
@@ -111,11 +123,7 @@ class ShiftDetector:
         if image.ndim != 3 or logits.ndim != 1 or logits.shape[0] < 2:
             raise InputError(f"a shift-detector frame is a (C, H, W) image and (classes >= 2,) logits, got "
                              f"shapes {image.shape} and {logits.shape}")
-        if self._channels is None:
-            self._start(image.shape[0], logits.shape[0])
-        if (image.shape[0], logits.shape[0]) != (self._channels, self._classes):
-            raise InputError(f"frame with {image.shape[0]} channels and {logits.shape[0]} classes, after frames "
-                             f"with {self._channels} and {self._classes}: one detector serves one model")
+        self._same_model(image.shape[0], logits.shape[0], "frame")
         flat = image.reshape(image.shape[0], -1).astype(np.float64)
         z = logits.astype(np.float64)
         if not (np.isfinite(flat).all() and np.isfinite(z).all()):
@@ -144,23 +152,15 @@ class ShiftDetector:
         if images.ndim != 4 or logits.ndim != 2 or len(images) != len(logits) or not len(images):
             raise InputError(f"a shift reference is (N, C, H, W) images and their (N, classes) logits, got shapes "
                              f"{images.shape} and {logits.shape}")
-        if self._channels is None:
-            self._start(images.shape[1], logits.shape[1])
-        if (images.shape[1], logits.shape[1]) != (self._channels, self._classes):
-            raise InputError(f"a reference with {images.shape[1]} channels and {logits.shape[1]} classes, for "
-                             f"frames with {self._channels} and {self._classes}: one detector serves one model")
+        self._same_model(images.shape[1], logits.shape[1], "reference")
         flat = images.reshape(len(images), images.shape[1], -1).astype(np.float64)
         z = logits.astype(np.float64)
         keep = np.isfinite(flat).all(axis=(1, 2)) & np.isfinite(z).all(axis=1)
         if not keep.any():
             raise InputError("a shift reference needs at least one frame with finite pixels and logits")
         flat, z = flat[keep], z[keep]
-        mean = flat.mean(axis=2).mean(axis=0)
-        var = np.maximum(np.square(flat).mean(axis=2).mean(axis=0) - np.square(mean), 0.0)
-        log_c = math.log(z.shape[1])
-        hist = np.bincount(z.argmax(axis=1), minlength=z.shape[1])
-        self._reference = _Summary(mean, np.maximum(np.sqrt(var), _STD_FLOOR),
-                                   float(metrics.entropy(z).mean()) / log_c, metrics.histogram_entropy(hist) / log_c)
+        self._reference = _summarize(flat.mean(axis=2), np.square(flat).mean(axis=2),
+                                     metrics.entropy(z) / math.log(z.shape[1]), z.argmax(axis=1), z.shape[1])
 
     def check(self) -> str | None:
         """None, or one line saying what moved past its threshold (the largest relative move first)."""
@@ -191,13 +191,16 @@ class ShiftDetector:
         self._entropy = np.zeros(w)
         self._pred = np.zeros(w, dtype=np.int64)
 
+    def _same_model(self, channels: int, classes: int, what: str) -> None:
+        if self._channels is None:
+            self._start(channels, classes)
+        if (channels, classes) != (self._channels, self._classes):
+            raise InputError(f"a {what} with {channels} channels and {classes} classes, after frames with "
+                             f"{self._channels} and {self._classes}: one detector serves one model")
+
     def _summary(self) -> _Summary:
         assert self._classes is not None and self.full
-        mean = self._mean.mean(axis=0)
-        var = np.maximum(self._sq.mean(axis=0) - np.square(mean), 0.0)  # pixel variance over the window
-        hist = np.bincount(self._pred, minlength=self._classes)
-        return _Summary(mean, np.maximum(np.sqrt(var), _STD_FLOOR), float(self._entropy.mean()),
-                        metrics.histogram_entropy(hist) / math.log(self._classes))
+        return _summarize(self._mean, self._sq, self._entropy, self._pred, self._classes)
 
     def _moves(self, now: _Summary) -> tuple[float, float, float]:
         ref = self._reference
