@@ -24,18 +24,23 @@ demo: $(STAMP)
 
 # TensorRT type stubs for mypy: --no-deps, since their dependencies would pull the GB-sized TensorRT, and
 # --target outside site-packages, since their empty `tensorrt` package would shadow a real TensorRT (e.g. a
-# Jetson's system one seen through --system-site-packages). Mended copy: typings/tensorrt/__init__.pyi.
+# Jetson's system one seen through --system-site-packages). Mended copy: typings/tensorrt/__init__.pyi. PyPI has
+# no TensorRT 11 stubs: typings/trt11/ is the 10.x stub less the APIs TensorRT 11 removes (scripts/fix_trt_stubs.py).
 TRT_STUBS := $(VENV)/.trt-stubs
 
 $(TRT_STUBS): $(STAMP) scripts/fix_trt_stubs.py
 	$(BIN)/python -m pip install -q --no-deps --target $(VENV)/trt-stubs tensorrt-stubs==10.13.0.35.1
 	$(BIN)/python scripts/fix_trt_stubs.py $(VENV)/trt-stubs
+	$(BIN)/python scripts/fix_trt_stubs.py --trt11 $(VENV)/trt-stubs
 	touch $(TRT_STUBS)
 
 lint: $(STAMP) $(TRT_STUBS)
 	@test -f typings/tensorrt/__init__.pyi || $(BIN)/python scripts/fix_trt_stubs.py $(VENV)/trt-stubs
+	@test -f typings/trt11/tensorrt/__init__.pyi || $(BIN)/python scripts/fix_trt_stubs.py --trt11 $(VENV)/trt-stubs
 	$(BIN)/ruff check gprebn_edge export runtime tests benchmarks scripts
 	$(BIN)/mypy gprebn_edge export runtime
+	# the TensorRT code again, against TensorRT 11: none of the APIs it removes may be used
+	MYPYPATH=typings/trt11 $(BIN)/mypy export runtime
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

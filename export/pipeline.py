@@ -2,11 +2,14 @@
 
 Folding happens in PyTorch (fold.py, torch.fx) where it can be proven there, then in the exported ONNX graph
 for the BatchNorms left (onnx_fold.py); a model torch.fx cannot trace is exported with its BatchNorms and
-folded in the ONNX graph only. The manifest says, per BN, where it was folded or why it was kept. Where an engine is
-asked for, TensorRT is checked before any work, so a machine without it fails at once and writes nothing."""
+folded in the ONNX graph only. The manifest says, per BN, where it was folded or why it was kept. Precision is
+the ONNX file's (precision.py): fp16 and int8 files are made from the checked float32 export and checked
+against PyTorch fp32 in turn. Where an engine is asked for, TensorRT (and Polygraphy) are checked before any
+work, so a machine without them fails at once and writes nothing."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,20 +26,23 @@ from gprebn_edge.checkpoint import rebuild_model
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batchnorm
-from gprebn_edge.export.onnx_export import DEFAULT_OPSET, export_onnx
+from gprebn_edge.export.onnx_export import DEFAULT_OPSET, Parity, export_onnx, onnx_parity
 from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
-from gprebn_edge.io import strict_json, write_text_atomic
+from gprebn_edge.export.precision import FLOORS, MIN_INT8_IMAGES, PRECISIONS, check_floor, to_fp16, to_int8
+from gprebn_edge.io import atomic_path, strict_json, write_text_atomic
 from gprebn_edge.models.weights import sha256_file
-from gprebn_edge.optional import import_tensorrt
+from gprebn_edge.optional import import_polygraphy, import_tensorrt
 
 __all__ = ["EngineOptions", "export_artifact", "export_model", "default_onnx_path", "default_engine_path",
            "manifest_path", "require_tensorrt"]
 
 
-def default_onnx_path(artifact: Path, unadapted: bool) -> Path:
-    return artifact.with_name(artifact.stem + ("-unadapted" if unadapted else "") + ".onnx")
+def default_onnx_path(artifact: Path, unadapted: bool, precision: str = "fp32") -> Path:
+    """adapted.onnx, adapted-unadapted.onnx, adapted-fp16.onnx, adapted-unadapted-int8.onnx, ..."""
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return artifact.with_name(artifact.stem + ("-unadapted" if unadapted else "") + suffix + ".onnx")
 
 
 def default_engine_path(onnx_path: Path) -> Path:
@@ -45,12 +51,11 @@ def default_engine_path(onnx_path: Path) -> Path:
 
 @dataclass
 class EngineOptions:
-    """What `export --trt` builds: precision fp32/fp16/int8 (int8 calibrates on the check images), the
+    """What `export --trt` builds from the ONNX file, strongly typed (its precision is the file's): the
     (min, opt, max) batch of the optimization profile, the REFIT flag, and where the engine and the timing
     cache go (defaults: the ONNX path with .engine, and gprebn-edge.timing.cache beside the engine)."""
 
     engine: Path | None = None
-    precision: str = "fp32"
     batch: tuple[int, int, int] = (1, 1, 32)
     refittable: bool = False
     workspace_mb: int = 1024
@@ -62,8 +67,9 @@ def manifest_path(onnx_path: Path) -> Path:
 
 
 def require_tensorrt() -> None:
-    """Fail early, before any work, where TensorRT is not importable."""
+    """Fail early, before any work, where TensorRT or Polygraphy is not importable."""
     import_tensorrt()
+    import_polygraphy()
 
 
 def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, Any, list[FoldReport], str]:
@@ -90,13 +96,17 @@ def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Modul
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
                     data: str | None = None, check_images: int = 1000, engine: EngineOptions | None = None,
                     opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None,
-                    consent: CodeConsent | None = None) -> dict[str, Any]:
-    """Fold the adapted (or, with `unadapted`, the source) model of `artifact`, export it to ONNX, check
-    onnxruntime against PyTorch on up to `check_images` real images (`data`, default: the artifact's own
-    calibration data) and write the ONNX file and its manifest atomically; with `engine`, also build a
-    TensorRT engine from that ONNX file. Model code the artifact names is imported only with `consent`
-    (see gprebn_edge.consent). Returns the manifest."""
+                    consent: CodeConsent | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """Fold the adapted (or, with `unadapted`, the source) model of `artifact`, export it to ONNX in
+    `precision`, check onnxruntime against PyTorch fp32 on up to `check_images` real images (`data`, default:
+    the artifact's own calibration data; int8 calibrates on them too and needs `data`) and write the ONNX file
+    and its manifest atomically; with `engine`, also build a TensorRT engine from that ONNX file. Model code
+    the artifact names is imported only with `consent` (see gprebn_edge.consent). Returns the manifest."""
     say = progress or (lambda _: None)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and data is None:
+        raise InputError(f"--int8 calibrates on the site's images: pass --data IMAGES (at least {MIN_INT8_IMAGES})")
     if engine is not None:
         require_tensorrt()
     artifact = Path(artifact)
@@ -115,12 +125,15 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     if not batches:
         raise GprebnError(f"no readable images in {spec} to check the export against"
                           f"{'' if data else '; pass --data'}")
-    out = Path(onnx_path) if onnx_path is not None else default_onnx_path(artifact, unadapted)
+    if precision == "int8" and (n := sum(len(b) for b in batches)) < MIN_INT8_IMAGES:
+        raise InputError(f"--int8 needs at least {MIN_INT8_IMAGES} calibration images, {spec} gave {n}"
+                         f"{' (raise --check-images)' if n == check_images else ''}")
+    out = Path(onnx_path) if onnx_path is not None else default_onnx_path(artifact, unadapted, precision)
     manifest = export_model(model, meta, out, batches, which=which, artifact=artifact, data=spec, opset=opset,
-                            progress=say)
+                            progress=say, precision=precision)
     manifest["seconds"] = round(time.perf_counter() - start, 2)
     if engine is not None:
-        manifest["tensorrt"] = _build_engine(out, engine, batches, say)
+        manifest["tensorrt"] = _build_engine(out, engine, say)
         manifest["seconds"] = round(time.perf_counter() - start, 2)
         write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
     return manifest
@@ -128,10 +141,21 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
 
 def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batches: list[np.ndarray], *,
                  which: str = "adapted", artifact: Path | None = None, data: str = "in-memory images",
-                 opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None,
+                 precision: str = "fp32") -> dict[str, Any]:
     """Fold an eval-mode model of an artifact (its metadata `meta`), export it to `out`, check parity on
     `batches` (float32 NCHW) and write the ONNX file and its manifest atomically. Returns the manifest.
-    `export_artifact` and the device loop (which exports models it adapted in memory) both end here."""
+    `export_artifact` and the device loop (which exports models it adapted in memory) both end here.
+
+    fp16/int8: the float32 export is made and checked in a temporary folder first, then converted (int8
+    calibrates on `batches`); the converted file is checked against PyTorch fp32 and written with its
+    manifest even when below its floor, and PrecisionBelowFloor (naming the file) is raised after."""
+    if precision != "fp32":
+        with tempfile.TemporaryDirectory(prefix="gprebn-export-") as tmp:
+            fp32 = Path(tmp) / out.name
+            manifest = export_model(model, meta, fp32, batches, which=which, artifact=artifact, data=data,
+                                    opset=opset, progress=progress)
+            return _reduced(model, manifest, fp32, out, batches, precision, progress)
     say = progress or (lambda _: None)
     start = time.perf_counter()
     example = torch.from_numpy(batches[0][:2])
@@ -151,7 +175,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
     import onnxruntime
 
     manifest = {
-        "onnx": str(out), "onnx_sha256": sha256_file(out), "model": which,
+        "onnx": str(out), "onnx_sha256": sha256_file(out), "precision": "fp32", "model": which,
         "artifact": str(artifact) if artifact else None,
         "artifact_sha256": sha256_file(artifact) if artifact else None,
         "opset": opset, "input": {"name": "input", "shape": ["batch", *batches[0].shape[1:]], "dtype": "float32"},
@@ -174,6 +198,44 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
     return manifest
 
 
+def _reduced(model: torch.nn.Module, fp32_manifest: dict[str, Any], fp32: Path, out: Path,
+             batches: list[np.ndarray], precision: str, progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """The fp16/int8 file made from the checked float32 export `fp32`, checked against PyTorch fp32 (the
+    unfolded model: the check covers the fold too), written with its manifest; then the floor."""
+    say = progress or (lambda _: None)
+    start = time.perf_counter()
+    say(f"converting to {precision} and checking it on {sum(len(b) for b in batches)} images")
+    kept_float = None
+    with atomic_path(out) as tmp:  # non-finite outputs (onnx_parity raises) leave nothing behind
+        if precision == "fp16":
+            to_fp16(fp32, tmp)
+        else:
+            kept_float = to_int8(fp32, tmp, batches)
+        parity: Parity = onnx_parity(tmp, model.eval(), batches)
+    parity.limit = FLOORS[precision].max_rel
+    tool = ("onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)" if precision == "fp16" else
+            "onnxruntime.quantization.quantize_static(QDQ, MinMax, symmetric, per-channel weights)")
+    manifest = {**fp32_manifest, "onnx": str(out), "onnx_sha256": sha256_file(out), "precision": precision,
+                "converter": tool, "parity": {"data": fp32_manifest["parity"]["data"], **parity.to_dict(),
+                                              "reference": "PyTorch fp32"},
+                "fp32_parity": fp32_manifest["parity"], "kept_float": kept_float,
+                "seconds": round(fp32_manifest["seconds"] + time.perf_counter() - start, 2)}
+    if precision == "fp16":
+        import onnxconverter_common
+
+        manifest["versions"] = {**manifest["versions"], "onnxconverter_common": onnxconverter_common.__version__}
+    try:
+        write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    if kept_float:
+        ops = ", ".join(f"{op} x{n}" for op, n in kept_float.items())
+        say(f"kept in float (the quantizer has no int8 form for them): {ops}")
+    check_floor(precision, parity.top1_agreement, parity.max_rel, out)
+    return manifest
+
+
 def _adaptation_health(meta: dict[str, Any], which: str) -> dict[str, Any] | None:
     """The adapt stage's health verdict and signals, for the adapted model of an artifact that has them."""
     summary = meta.get("summary")
@@ -184,16 +246,15 @@ def _adaptation_health(meta: dict[str, Any], which: str) -> dict[str, Any] | Non
             **({"reason": health["reason"]} if "reason" in health else {})}
 
 
-def _build_engine(onnx_file: Path, options: EngineOptions, batches: list, say: Callable[[str], None]) -> dict:
+def _build_engine(onnx_file: Path, options: EngineOptions, say: Callable[[str], None]) -> dict:
     from gprebn_edge.export.tensorrt_build import build_engine
 
     path = options.engine or default_engine_path(onnx_file)
     cache = options.timing_cache or path.with_name("gprebn-edge.timing.cache")
-    say(f"building the TensorRT {options.precision} engine {path.name}")
+    say(f"building the TensorRT engine {path.name} from {onnx_file.name} (strongly typed)")
     try:
-        return build_engine(onnx_file, path, precision=options.precision, batch=options.batch,
-                             workspace_mb=options.workspace_mb, refittable=options.refittable, timing_cache=cache,
-                             calibration=batches if options.precision == "int8" else None, progress=say)
+        return build_engine(onnx_file, path, batch=options.batch, workspace_mb=options.workspace_mb,
+                            refittable=options.refittable, timing_cache=cache, progress=say)
     except GprebnError as e:
         raise GprebnError(f"{e} (the ONNX file {onnx_file} and its manifest were written and checked; no engine "
                           "was written)") from None

@@ -5,7 +5,12 @@ As shipped, tensorrt_bindings/tensorrt.pyi is not valid Python: a few plugin met
 and `out` (keywords), and `add_scale_nd` puts a parameter without a default after defaulted ones. The stub
 also lacks the package's `__version__`. Exits non-zero with the fix if the stubs are not installed.
 
-    python scripts/fix_trt_stubs.py [DIR]     # DIR: where `pip install --target DIR tensorrt-stubs` put them"""
+PyPI has no TensorRT 11 stubs (tensorrt-stubs stops at 10.13). `--trt11` writes, to
+typings/trt11/tensorrt/__init__.pyi, the 10.x stub less the Python APIs that TensorRT 11 removes (its
+migration guide's "Removed Python APIs and Replacements"), so that `MYPYPATH=typings/trt11 mypy` fails on
+any call of ours that TensorRT 11 no longer has: a check against the removals, not a full 11.x stub.
+
+    python scripts/fix_trt_stubs.py [--trt11] [DIR]   # DIR: where `pip install --target DIR tensorrt-stubs` went"""
 
 from __future__ import annotations
 
@@ -20,6 +25,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "typings" / "tensorrt" / "__init__.pyi"
+OUT_11 = ROOT / "typings" / "trt11" / "tensorrt" / "__init__.pyi"
+# TensorRT 10.x -> 11.x migration guide, "Removed Python APIs and Replacements": class -> members removed
+REMOVED_IN_11 = {
+    "BuilderFlag": {"FP16", "INT8", "FP8", "BF16", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
+                    "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO"},
+    "IBuilderConfig": {"int8_calibrator", "set_calibration_profile", "get_calibration_profile",
+                       "set_quantization_flag", "get_quantization_flag", "quantization_flags",
+                       "clear_quantization_flag", "algorithm_selector"},
+    "ICudaEngine": {"device_memory_size"},
+    "Builder": {"platform_has_fast_fp16", "platform_has_fast_int8"},
+}
+REMOVED_CLASSES_11 = re.compile(r"^(IInt8\w*Calibrator\w*|IAlgorithm\w*|CalibrationAlgoType|QuantizationFlag)$")
 STUB = Path("tensorrt_bindings") / "tensorrt.pyi"
 DEF = re.compile(r"^(\s*def \w+\()(.*)(\)\s*(?:->.*)?:\s*)$")
 
@@ -80,8 +97,40 @@ def mend(text: str) -> tuple[str, int]:
     return body, changed
 
 
+def _name(node: ast.stmt) -> str | None:
+    if isinstance(node, ast.FunctionDef | ast.ClassDef):
+        return node.name
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return node.target.id
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    return None
+
+
+def without_removed_in_11(body: str) -> tuple[str, int]:
+    """The stub less the classes and members TensorRT 11 removes; also the count removed."""
+    tree = ast.parse(body)
+    removed = 0
+    kept: list[ast.stmt] = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and REMOVED_CLASSES_11.match(node.name):
+            removed += 1
+            continue
+        if isinstance(node, ast.ClassDef) and node.name in REMOVED_IN_11:
+            gone = REMOVED_IN_11[node.name]
+            before = len(node.body)
+            node.body = [n for n in node.body if _name(n) not in gone] or [ast.Expr(ast.Constant(...))]
+            removed += before - len(node.body)
+        kept.append(node)
+    tree.body = kept
+    return ast.unparse(tree) + "\n", removed
+
+
 def main() -> int:
-    where = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    args = sys.argv[1:]
+    trt11 = "--trt11" in args
+    args = [a for a in args if a != "--trt11"]
+    where = Path(args[0]) if args else None
     stub = find_stub(where)
     if stub is None:
         print(f"tensorrt-stubs is not installed{f' in {where}' if where else ''}: pip install --no-deps --target "
@@ -96,11 +145,15 @@ def main() -> int:
         print(f"{stub} still does not parse after mending line {e.lineno}: {e.msg}; "
               f"extend scripts/fix_trt_stubs.py for this stub version", file=sys.stderr)
         return 1
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
+    out, note = OUT, f"{changed} lines mended"
+    if trt11:
+        body, removed = without_removed_in_11(body)
+        out, note = OUT_11, f"{note}, {removed} APIs removed in TensorRT 11 taken out"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(body, encoding="utf-8")
-    tmp.replace(OUT)
-    print(f"{OUT.relative_to(ROOT)}: from {stub}, {changed} lines mended")
+    tmp.replace(out)
+    print(f"{out.relative_to(ROOT)}: from {stub}, {note}")
     return 0
 
 

@@ -31,11 +31,18 @@ def adapt_table(model: str, method: str, output: Path, s: dict[str, Any]) -> Tab
     table.add_row("calibration images", f"{s['images']} ({s['skipped']} unreadable, skipped)")
     table.add_row("steps", str(s["steps"]))
     table.add_row("online error", pct(s["online_error"]))
-    before, after = s["calibration_before"], s["calibration_after"]
-    table.add_row("mean entropy before -> after", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
-    if before["error"] is not None:
-        table.add_row("calibration error before -> after", f"{pct(before['error'])} -> {pct(after['error'])}")
+    before, after = s.get("calibration_before"), s.get("calibration_after")
+    if before and after and before.get("entropy") is not None and after.get("entropy") is not None:
+        where = " (held back)" if before.get("on") == "held-back" else ""
+        table.add_row(f"mean entropy before -> after{where}", f"{before['entropy']:.3f} -> {after['entropy']:.3f}")
+        if before.get("error") is not None and after.get("error") is not None:
+            table.add_row(f"error before -> after{where}", f"{pct(before['error'])} -> {pct(after['error'])}")
     _health_rows(table, s["health"])
+    if s.get("memory_plan"):
+        p = s["memory_plan"]
+        table.add_row("memory plan", f"budget {p['budget_text']}: micro-batch {p['micro_batch']} of {p['batch_size']}"
+                      f"{', blocks checkpointed' if p['checkpoint'] else ''}, estimated peak "
+                      f"{p['estimated_peak_text']}")
     table.add_row("time", f"{s['seconds']:.1f} s")
     return table
 
@@ -107,12 +114,14 @@ def export_table(artifact: Path, manifest: dict[str, Any]) -> Table:
     """An export's manifest: the ONNX file, the fold, parity against PyTorch, warnings and the engine."""
     p, fold = manifest["parity"], manifest["fold"]
     table = key_value_table(f"exported {manifest['model']} model of {artifact}")
-    table.add_row("onnx", manifest["onnx"])
+    table.add_row("onnx", f"{manifest['onnx']} ({manifest.get('precision', 'fp32')})")
     table.add_row("BatchNorm folded / kept", f"{len(fold['folded'])} / {len(fold['skipped'])} (in {fold['where']})")
     for bn in fold["skipped"]:
         table.add_row("kept", f"{bn['bn']}: {bn['reason']}")
     table.add_row("parity vs PyTorch", f"{p['images']} images: max abs {p['max_abs']:.2e}, max rel "
                   f"{p['max_rel']:.2e} (limit {p['limit']:.0e}), top-1 agreement {100 * p['top1_agreement']:.2f} %")
+    if manifest.get("kept_float"):
+        table.add_row("kept in float", ", ".join(f"{op} x{n}" for op, n in manifest["kept_float"].items()))
     for w in manifest["warnings"]:
         table.add_row("warning", w)
     note = health_note(manifest.get("adaptation_health"))

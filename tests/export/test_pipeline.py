@@ -67,7 +67,7 @@ def test_export_errors(artifact, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--fp16"], "add --trt"), (["--refittable", "--int8"], "add --trt"),
+    (["--refittable"], "add --trt"), (["--workspace-mb", "64", "--fp16"], "add --trt"),
     (["--trt", "--fp16", "--int8"], "choose one"), (["--trt", "--batch", "8:4:16"], "MIN:OPT:MAX"),
     (["--trt", "--batch", "x"], "MIN:OPT:MAX")])
 def test_engine_flags_are_checked_before_any_work(artifact, tmp_path, flags, message):

@@ -1,15 +1,12 @@
 """Runner base: the lifecycle (double activate is an error, deactivate is idempotent), the shared input
-checks with one-line errors, torch's thread count restored whatever order runners close in, and TensorRT
-errors routed to the capture of the call that caused them (no TensorRT needed)."""
+checks with one-line errors, and torch's thread count restored whatever order runners close in."""
 
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from gprebn_edge.errors import GprebnError, InputError
-from gprebn_edge.runtime import tensorrt_common as tc
 from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
 from gprebn_edge.runtime.torch_runner import TorchRunner, torch_threads
 
@@ -111,31 +108,3 @@ def test_torch_threads_scope_nests_and_none_leaves_it():
     with torch_threads(1), torch_threads(2):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
-
-
-def test_tensorrt_errors_reach_the_capture_of_their_own_call():
-    with tc.capture_errors() as outer:
-        tc._record("ERROR", "outer\n  failure")
-        with tc.capture_errors() as inner:
-            tc._record("INTERNAL_ERROR", "inner failure")
-            tc._record("WARNING", "only a warning")
-        seen_elsewhere: list[str] = []
-
-        def other_thread():
-            with tc.capture_errors() as mine:
-                tc._record("ERROR", "other thread")
-            seen_elsewhere.append(mine.since())
-
-        t = threading.Thread(target=other_thread)
-        t.start()
-        t.join()
-    assert inner.since() == "inner failure"
-    assert outer.since() == "outer failure"  # neither the inner call's nor the other thread's
-    assert seen_elsewhere == ["other thread"]
-    with tc.capture_errors() as quiet:
-        pass
-    assert quiet.since() == "no error message from TensorRT" and not quiet
-
-
-def test_one_dtype_map():
-    assert tc.numpy_dtype("HALF") == np.float16 and tc.numpy_dtype("BF16") is None and tc.numpy_dtype("FP8") is None

@@ -1,5 +1,6 @@
-"""TensorRTRunner: a clear error without TensorRT (runs everywhere); engine parity, CUDA graphs, shape
-profiles and foreign engines where TensorRT and a GPU are present (marked trt, skipped otherwise)."""
+"""TensorRTRunner (Polygraphy's TrtRunner behind our Runner interface): a clear error without TensorRT or
+Polygraphy (runs everywhere); engine parity, shape profiles and foreign engines where TensorRT and a GPU are
+present (marked trt, skipped otherwise: NOT run on this project's machines so far)."""
 
 import re
 import sys
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 
 from gprebn_edge.errors import ArtifactError, InputError, MissingDependencyError
+from gprebn_edge.optional import import_polygraphy, import_tensorrt
 from gprebn_edge.runtime.loading import open_runner
 from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
-from gprebn_edge.runtime.tensorrt_common import trt_logger
-from gprebn_edge.runtime.trt_runner import TensorRTRunner, import_tensorrt
+from gprebn_edge.runtime.trt_runner import TensorRTRunner
 
 
 def test_missing_tensorrt_names_the_extra(tmp_path, monkeypatch):
@@ -38,9 +39,9 @@ def test_type_stubs_alone_are_not_tensorrt(tmp_path, monkeypatch):
         import_tensorrt()
 
 
-def test_bad_settings(tmp_path):
-    with pytest.raises(InputError, match="buffers"):
-        TensorRTRunner(tmp_path / "x.engine", buffers="numpy")
+def test_no_cuda_graphs(tmp_path):
+    with pytest.raises(InputError, match="CUDA graphs are not offered with TensorRT"):
+        TensorRTRunner(tmp_path / "x.engine", cuda_graph=True)
 
 
 # -- on a machine with TensorRT and a GPU -------------------------------------------------------------
@@ -51,64 +52,39 @@ MAX_BATCH = 8
 def engine(exported, tmp_path_factory):
     """An fp32 engine of the exported ONNX with a batch profile 1..MAX_BATCH (built here, on this GPU)."""
     try:
-        trt = import_tensorrt()  # skips also where only TensorRT's type stubs are installed
+        import_tensorrt()  # skips also where only TensorRT's type stubs are installed
+        import_polygraphy()
     except MissingDependencyError as e:
         pytest.skip(str(e))
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    logger = trt_logger()  # the process's one: TensorRT treats its logger as a singleton
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(exported.onnx.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profile.set_shape("input", (1, 3, 32, 32), (4, 3, 32, 32), (MAX_BATCH, 3, 32, 32))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    assert serialized is not None
+    from gprebn_edge.export.tensorrt_build import build_engine
+
     path = tmp_path_factory.mktemp("trt") / "adapted.engine"
-    path.write_bytes(bytes(serialized))
+    build_engine(exported.onnx, path, batch=(1, 4, MAX_BATCH))
     return path
 
 
-def _buffer_kinds() -> list[str]:
-    kinds = ["torch"]
-    try:
-        from cuda.bindings import runtime  # noqa: F401
-        kinds.append("cuda-python")
-    except ImportError:
-        try:
-            from cuda import cudart  # noqa: F401
-            kinds.append("cuda-python")
-        except ImportError:
-            pass
-    return kinds
-
-
 @pytest.mark.trt
-@pytest.mark.parametrize("cuda_graph", [False, True])
-@pytest.mark.parametrize("buffers", _buffer_kinds())
-def test_engine_matches_onnxruntime(exported, engine, cuda_graph, buffers):
+def test_engine_matches_onnxruntime(exported, engine):
     x = exported.images[:MAX_BATCH]
     with OnnxRuntimeRunner(exported.onnx) as runner:
         ref = runner.infer(x)
-    with TensorRTRunner(engine, cuda_graph=cuda_graph, buffers=buffers) as runner:
+    with TensorRTRunner(engine) as runner:
         assert runner.inputs()[0].shape == ("batch", 3, 32, 32)
         assert runner.outputs()[0].name == "logits"
         full = runner.infer(x)
-        one = runner.infer(x[:1])      # new shape: re-bound (and re-captured)
+        one = runner.infer(x[:1])      # new shape
         again = runner.infer(x)
         info = runner.info()
     scale = float(np.abs(ref).max())
     # TensorRT may use TF32 for fp32 engines on Ampere and later: allow for it
     for got, want in ((full, ref), (one, ref[:1]), (again, ref)):
-        assert got.shape == want.shape and float(np.abs(got - want).max()) <= 5e-3 * scale
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert float(np.abs(got - want).max()) <= 5e-3 * scale
     assert (full.argmax(1) == ref.argmax(1)).mean() >= 0.95
-    assert info.backend == "tensorrt" and info.details["buffers"] == buffers
-    assert info.details["profile"] == [[1, 3, 32, 32], [MAX_BATCH, 3, 32, 32]]
-    assert info.details["device_memory_bytes"] > 0
+    assert info.backend == "tensorrt" and info.details["io_dtypes"] == {"input": "float32", "logits": "float32"}
 
 
 @pytest.mark.trt
