@@ -20,7 +20,7 @@ from gprebn_edge.data.holdout import split_holdout
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import ImageSource, open_source
 from gprebn_edge.errors import GprebnError, InputError
-from gprebn_edge.health import COLLAPSED, NON_FINITE, HealthThresholds, advice, assess, holdout_size, profile
+from gprebn_edge.health import COLLAPSED, NON_FINITE, Thresholds, advice, assess, holdout_size, unchecked
 from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
 from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
 
@@ -245,14 +245,26 @@ def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig
 
 def check_health(unadapted: nn.Module, adapted: nn.Module, held: list, calibration_images: int,
                  holdout: float) -> dict[str, Any]:
-    """The health record of an adaptation (health.py) on the held-back batches, or why there is none."""
+    """The health record of an adaptation (health.py) on the held-back batches (with their labels where the
+    calibration data has them), or why there is none."""
     if not held:
         reason = "--holdout 0" if holdout == 0 else (
             f"only {calibration_images} calibration images, too few to hold any back (at least "
-            f"{HealthThresholds().min_images} needed); statistics from so few images are unreliable: add images")
-        return {"verdict": "unchecked", "signals": [], "images": 0, "reason": reason}
-    tensors = [torch.from_numpy(b.images) for b in held]
-    return assess(profile(unadapted, tensors), profile(adapted, tensors))
+            f"{Thresholds().min_images} needed); statistics from so few images are unreliable: add images")
+        return unchecked(reason)
+    labels = None if any(b.labels is None for b in held) else np.concatenate([b.labels for b in held])
+    return assess(held_logits(unadapted, held), held_logits(adapted, held), labels)
+
+
+def held_logits(model: nn.Module, held: list) -> np.ndarray:
+    """An eval-mode model's logits on the held-back batches; its mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return torch.cat([model(torch.from_numpy(b.images)).float() for b in held]).numpy()
+    finally:
+        model.train(was_training)
 
 
 def _non_finite_cause(model: nn.Module, images: np.ndarray, name: str) -> str:

@@ -212,13 +212,18 @@ def test_errors_print_user_text_verbatim(tmp_path):
 
 
 def test_an_unrepresentative_calibration_set_is_flagged_everywhere(tmp_path):
-    """One class only: adapt warns and records `suspect`; info, export and compare repeat it."""
+    """One class only, without labels: adapt warns and records `suspect`; info, export and compare repeat it.
+    With its labels, the held-back accuracy drop decides: refused, and nothing written."""
     from gprebn_edge.data.domains import load_domain
 
     images, labels = load_domain("clean", split="calib", n=800)
-    data = tmp_path / "one_class.npz"
-    np.savez(data, images=images[labels == 0], labels=labels[labels == 0])
+    labeled = tmp_path / "one_class_labeled.npz"
+    np.savez(labeled, images=images[labels == 0], labels=labels[labels == 0])
     out = tmp_path / "a.safetensors"
+    result = runner.invoke(app, ["adapt", "--model", "builtin:small_resnet", "--data", str(labeled), "-o", str(out)])
+    assert result.exit_code == 1 and "held-back accuracy fell from" in result.stderr and not out.exists()
+    data = tmp_path / "one_class.npz"
+    np.savez(data, images=images[labels == 0])
     result = runner.invoke(app, ["adapt", "--model", "builtin:small_resnet", "--data", str(data), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "warning:" in result.stderr and "likely worse" in result.stderr and "--theta" in result.stderr

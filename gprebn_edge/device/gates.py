@@ -12,19 +12,19 @@ With a labeled probe, the probe decides:
 - finite:          every candidate logit is finite (slice and probe).
 - probe_accuracy:  candidate accuracy >= serving accuracy - max_accuracy_drop.
 - the unsupervised checks below are computed and reported but advisory, with one exception: a candidate
-  whose slice outputs are collapsed (mean entropy below min_mean_entropy AND top-class share >=
-  degenerate_top_share) is rejected whatever the probe says. A few labeled images cannot vouch for a model
-  that answers one class with certainty on everything it sees.
+  whose slice outputs are collapsed (health.Summary.collapsed: mean entropy below min_mean_entropy AND
+  top-class share >= degenerate_top_share) is rejected whatever the probe says. A few labeled images
+  cannot vouch for a model that answers one class with certainty on everything it sees.
 
-Without a probe, every model gets a health summary on the slice (mean entropy / log C, predicted-class
-histogram entropy / log C, top-class share, distinct classes). A reference model (serving or source) is
+Without a probe, every model gets a health summary on the slice (health.summarize: mean entropy / log C,
+predicted-class histogram entropy / log C, top-class share, distinct classes). A reference model (serving or source) is
 **degenerate**, and so no evidence about the candidate, when one class dominates the slice (top-class share
 >= degenerate_top_share), its mean entropy is under min_mean_entropy, or (serving model) the worker measured
 the slice's input statistics >= max_input_shift sigmas from its BN statistics: it was adapted to a domain
 the stream has left, and a candidate adapted to the new one must disagree with it. The source model is not
 judged by its input statistics: it never saw the deployment's domain, yet unless it collapsed, agreeing
-with it above chance is what keeps a broken candidate out (lr x 1000: 5 of 10 classes, 10-20 % accurate,
-against a source model at 66 % on fog-5). The references are the non-degenerate ones.
+with it above chance is what keeps a broken candidate out (a learning rate x 1000). The references are the
+non-degenerate ones. The same definitions decide `adapt`'s check (health.py).
 
 - mean_entropy:     mean softmax entropy / log(C) >= min_mean_entropy, and >= min_entropy_ratio x the
                     highest reference's: entropy minimization that collapses drives it towards 0, and a model
@@ -35,9 +35,8 @@ against a source model at 66 % on fog-5). The references are the non-degenerate 
 - distinct_classes: distinct predicted classes >= ceil(min_distinct_classes x the best reference's), and at
                     least 2 where a reference has 2 or more; with no reference, as class_entropy.
 - agreement:        Cohen's kappa (agreement above chance) >= min_kappa with ANY reference. Raw agreement is
-                    reported but never enough: a collapsed candidate agrees with a model that predicts two
-                    classes at chance level (0.56 raw at 0.57 chance, kappa -0.02, lr x 1000 in
-                    benchmarks/loop_streams.py). Skipped (not a failure) when there is no reference.
+                    reported but never enough: a collapsed candidate can agree with a model that predicts
+                    two classes at chance level. Skipped (not a failure) when there is no reference.
 
 A slice where one class really dominates (a camera that sees mostly one class) leaves no reference, so the
 candidate must be diverse itself: such a loop rarely swaps, which is safe.
@@ -54,12 +53,13 @@ from typing import Any
 
 import numpy as np
 
+from gprebn_edge import health
 from gprebn_edge.errors import InputError
+from gprebn_edge.health import Summary, Thresholds
 from gprebn_edge.io import finite_json
 from gprebn_edge.runtime import metrics
 
-__all__ = ["GateConfig", "Health", "Check", "GateResult", "Probe", "evaluate_gates", "health",
-           "RecoveryPolicy", "GATE_NAMES"]
+__all__ = ["GateConfig", "Check", "GateResult", "Probe", "evaluate_gates", "RecoveryPolicy", "GATE_NAMES"]
 
 GATE_NAMES = ("finite", "mean_entropy", "class_entropy", "distinct_classes", "agreement", "probe_accuracy")
 
@@ -71,42 +71,19 @@ _EPS = 1e-9  # comparisons at exactly the threshold pass, whatever the float rou
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Thresholds of the gates. Defaults were chosen on the built-in model and data (small ResNet, 10 digit
-    classes, CIFAR-10-C-style corruptions at severity 5; source model vs a GpreBN-adapted one on 1000 test
-    images per corruption):
+    """Thresholds of the gates, as fractions of log C where they are entropies. The floors that say when a
+    model is degenerate or collapsed (min_mean_entropy, degenerate_top_share) and the labeled drop
+    (max_accuracy_drop) are health.py's, shared with `adapt`'s check; where the defaults were measured:
+    benchmarks/results/gate_thresholds.md. require_finite False drops non-finite rows from the statistics
+    and counts them as wrong on the probe; a candidate with no finite row still fails."""
 
-    - min_mean_entropy 0.02 (fraction of log C): healthy models measured 0.12-0.62 before and after
-      adaptation; a collapsed one is ~0.
-    - min_entropy_ratio 0.2 (of the highest reference's mean entropy): on benchmarks/loop_streams.py every
-      candidate of the two streams stood at 0.30-2.55 of it, the lr x 1000 candidates at 0.00-0.27 but two,
-      and the one of those that passed every other check (3 classes, kappa 0.18 with the source model, 9 %
-      accurate once served) at 0.13.
-    - min_class_entropy 0.8 and min_distinct_classes 0.8 (fractions of the best reference's value): on
-      benchmarks/loop_streams.py every candidate of the two streams stood at 0.98-3.14 of the best
-      reference's class-histogram entropy, with at least as many distinct classes; the lr x 1000 candidates
-      that passed every other check at 0.67-0.76, with 3 classes where the reference had 4-6.
-    - min_kappa 0.05: where a reference is poor, a good candidate MUST disagree with it (impulse noise:
-      18.7 % -> 79.8 % accuracy at 0.20 agreement, chance 0.11, kappa 0.11; gaussian noise 0.27 / kappa
-      0.17), so the floor is on agreement above chance, not on raw agreement. An unrelated candidate (random
-      or permuted outputs) sits at kappa ~0 (+-0.02 on 256 frames).
-    - degenerate_top_share 0.9: a reference that puts 90 % of the slice in one class tells nothing about a
-      candidate (the issue-11 model: one class at entropy 0.01; the 0.05x exposure segment of
-      benchmarks/loop_streams.py: 98 % one class at entropy 0.57 of log C).
-    - max_input_shift 0.1 (mean over BN layers of |batch mean - running mean| / running std, worker's
-      input_shift): measured on the built-in model adapted on clean images, 32-96 frames: 0.02-0.05 on
-      clean frames; 0.12 (brightness-5) to 0.31 (gaussian_noise-5) on shifted ones, 0.23 at 0.05x exposure
-      (python benchmarks/input_shift.py).
-    - max_accuracy_drop 0.02 on the probe set; require_finite True (False drops non-finite rows from the
-      statistics and counts them as wrong on the probe; a candidate with no finite row still fails).
-    """
-
-    min_mean_entropy: float = 0.02
+    min_mean_entropy: float = Thresholds.min_mean_entropy
     min_entropy_ratio: float = 0.2
     min_class_entropy: float = 0.8
     min_distinct_classes: float = 0.8
     min_kappa: float = 0.05
-    max_accuracy_drop: float = 0.02
-    degenerate_top_share: float = 0.9
+    max_accuracy_drop: float = Thresholds.max_accuracy_drop
+    degenerate_top_share: float = Thresholds.degenerate_top_share
     max_input_shift: float = 0.1
     require_finite: bool = True
 
@@ -122,40 +99,11 @@ class GateConfig:
             raise InputError(f"gate threshold max_input_shift must be a positive number of sigmas, got "
                              f"{self.max_input_shift}")
 
-
-@dataclass(frozen=True)
-class Health:
-    """One model's outputs on the slice: mean entropy and predicted-class-histogram entropy as fractions
-    of log C, the most frequent class's share, the number of distinct classes; input_shift as the worker
-    measured it (serving model only)."""
-
-    mean_entropy: float
-    class_entropy: float
-    top_share: float
-    distinct: int
-    input_shift: float | None = None
-
-    def degenerate(self, config: GateConfig) -> str | None:
-        """Why this model's outputs are no evidence about a candidate, or None: one class dominating the
-        slice, entropy near zero, or inputs far from its BN statistics (a domain it does not know)."""
-        if self.top_share >= config.degenerate_top_share - _EPS:
-            return (f"one class for {100 * self.top_share:.0f} % of the slice (>= "
-                    f"{100 * config.degenerate_top_share:.0f} %), mean entropy {self.mean_entropy:.4f} of log(C)")
-        if self.mean_entropy < config.min_mean_entropy - _EPS:
-            return f"mean entropy {self.mean_entropy:.4f} < floor {config.min_mean_entropy} of log(C)"
-        if self.input_shift is not None and self.input_shift >= config.max_input_shift - _EPS:
-            return f"input statistics {self.input_shift:.2f} sigma from its BN statistics (>= {config.max_input_shift})"
-        return None
-
-
-def health(logits: np.ndarray, input_shift: float | None = None) -> Health:
-    """Health of one model's finite (n, C) logits on a slice."""
-    log_c = math.log(np.shape(logits)[1])
-    hist = metrics.class_histogram(logits)
-    return Health(mean_entropy=float(metrics.entropy(logits).mean()) / log_c,
-                  class_entropy=metrics.histogram_entropy(hist) / log_c,
-                  top_share=float(hist.max() / hist.sum()), distinct=int((hist > 0).sum()),
-                  input_shift=input_shift)
+    @property
+    def thresholds(self) -> Thresholds:
+        """The health floors these gates judge degenerate and collapsed models by."""
+        return Thresholds(min_mean_entropy=self.min_mean_entropy, degenerate_top_share=self.degenerate_top_share,
+                          max_accuracy_drop=self.max_accuracy_drop)
 
 
 @dataclass(frozen=True)
@@ -180,7 +128,7 @@ class GateResult:
     checks: list[Check] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     degenerate: dict[str, str] = field(default_factory=dict)
-    health: dict[str, Health] = field(default_factory=dict)
+    health: dict[str, Summary] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -221,15 +169,6 @@ def _skip(name: str, why: str) -> Check:
     return Check(name, False, None, None, f"skipped: {why}", skipped=True)
 
 
-def _kappa(a: np.ndarray, b: np.ndarray, agree: float) -> tuple[float, float]:
-    """Chance agreement of two predicted-class histograms and Cohen's kappa (0 when chance is 1: both
-    models predict one and the same class, which the diversity checks judge)."""
-    pa = metrics.class_histogram(a) / len(a)
-    pb = metrics.class_histogram(b) / len(b)
-    chance = float((pa * pb).sum())
-    return chance, (agree - chance) / (1.0 - chance) if chance < 1.0 - _EPS else 0.0
-
-
 def _check_probe(probe: Probe, classes: int) -> Probe:
     if len(probe) != 3:
         raise InputError(f"a probe is (candidate logits, serving logits, labels), got {len(probe)} items")
@@ -264,8 +203,7 @@ def _agreement_check(cand: np.ndarray, refs: dict[str, np.ndarray], config: Gate
     best: tuple[float, float] | None = None
     parts = []
     for name, ref in refs.items():
-        agree = metrics.agreement(cand, ref)
-        chance, kappa = _kappa(cand, ref, agree)
+        agree, chance, kappa = health.kappa(cand, ref)
         parts.append(f"top-1 agreement {agree:.4f} with the {name} model, chance {chance:.4f}, kappa {kappa:.4f}")
         if best is None or kappa > best[0]:
             best = (kappa, agree)
@@ -274,7 +212,7 @@ def _agreement_check(cand: np.ndarray, refs: dict[str, np.ndarray], config: Gate
                  "; ".join(parts) + f" (floor: kappa {config.min_kappa} with any reference)")
 
 
-def _entropy_check(cand: Health, refs: dict[str, Health], config: GateConfig, collapsed: bool,
+def _entropy_check(cand: Summary, refs: dict[str, Summary], config: GateConfig, collapsed: bool,
                    advisory: bool) -> Check:
     floor, detail = config.min_mean_entropy, f"floor {config.min_mean_entropy}"
     if refs:
@@ -289,9 +227,9 @@ def _entropy_check(cand: Health, refs: dict[str, Health], config: GateConfig, co
                  advisory=advisory and not collapsed)
 
 
-def _diversity_checks(cand: Health, refs: dict[str, Health], config: GateConfig) -> list[Check]:
+def _diversity_checks(cand: Summary, refs: dict[str, Summary], config: GateConfig) -> list[Check]:
     if not refs:
-        why = cand.degenerate(config)
+        why = cand.degenerate(config.thresholds)
         detail = ("no non-degenerate reference, so the candidate must not be degenerate itself: "
                   + (why or f"top class share {cand.top_share:.2f}, mean entropy {cand.mean_entropy:.4f} "
                                 f"of log(C)"))
@@ -347,14 +285,15 @@ def evaluate_gates(candidate_logits: np.ndarray, serving_logits: np.ndarray, con
         cand = cand[rows]
         models = {name: arr[rows] for name, arr in models.items()}
 
-    healths = {"candidate": health(cand)}
-    healths.update({name: health(arr, serving_input_shift if name == "serving" else None)
+    healths = {"candidate": health.summarize(cand)}
+    healths.update({name: health.summarize(arr, serving_input_shift if name == "serving" else None)
                     for name, arr in models.items()})
-    degenerate = {name: why for name in models if (why := healths[name].degenerate(config)) is not None}
+    degenerate = {name: why for name in models
+                  if (why := healths[name].degenerate(config.thresholds, config.max_input_shift)) is not None}
     refs = [name for name in models if name not in degenerate]
 
     ch = healths["candidate"]
-    collapsed = ch.top_share >= config.degenerate_top_share - _EPS and ch.mean_entropy < config.min_mean_entropy - _EPS
+    collapsed = ch.collapsed(config.thresholds)
     advisory = probe is not None  # the probe decides, except on a collapsed candidate
     unsupervised = [_entropy_check(ch, {r: healths[r] for r in refs}, config, collapsed, advisory)]
     unsupervised += [Check(c.name, c.passed, c.value, c.threshold, c.detail, c.skipped, advisory)
