@@ -19,8 +19,8 @@ from typer.core import TyperCommand
 
 from gprebn_edge.errors import GprebnError, missing_extra
 
-__all__ = ["app", "command", "session", "console", "err_console", "cli_errors", "stop_signals", "stopped_exit",
-           "progress", "status", "error_line", "STOPPED"]
+__all__ = ["app", "command", "session", "console", "err_console", "cli_errors", "stop_signals", "cooperative_stop",
+           "signal_received", "stopped_exit", "progress", "status", "error_line", "STOPPED"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GpreBN test-time adaptation of BatchNorm CNNs, folded for edge GPUs.")
@@ -53,6 +53,7 @@ class _Signals:
     signum: int | None = None
     reported: bool = False
     finished: bool = False  # a command body ran to its end
+    token: Any = None       # a StopToken while a command stops cooperatively (see cooperative_stop)
 
 
 _signals = _Signals()
@@ -154,22 +155,56 @@ def _report_stop(interrupted: str, signum: int) -> NoReturn:
     raise typer.Exit(128 + signum) from None
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    """The CLI's one signal handler. The first SIGINT or SIGTERM is recorded; then, inside
+    `cooperative_stop`, it only asks the command to stop at its next safe point, and elsewhere it raises
+    KeyboardInterrupt in the main thread. Later ones are ignored while the command stops, so a second Ctrl-C
+    cannot cut the clean-up into a traceback."""
+    if _signals.signum is not None:
+        return
+    _signals.signum = signum
+    if _signals.token is not None:
+        _signals.token.request()
+        return
+    raise KeyboardInterrupt
+
+
+def _install() -> dict[int, Any]:
+    return {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def stop_signals() -> None:
     """Make SIGTERM stop a command the way Ctrl-C does, for every command at once (the console-script entry
-    installs it): the first SIGINT or SIGTERM raises KeyboardInterrupt in the main thread, which `cli_errors`
-    turns into one line and exit 130 or 143, atomic writes leaving no partial file; later ones are ignored
-    while the command stops, so a second Ctrl-C cannot cut the clean-up into a traceback. A command with its
-    own handling (`loop`) installs its handlers over these and puts them back afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        return
+    installs it): `cli_errors` turns the KeyboardInterrupt into one line and exit 130 or 143, atomic writes
+    leaving no partial file."""
+    if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+        _install()
 
-    def handler(signum: int, frame: object) -> None:
-        if _signals.signum is None:
-            _signals.signum = signum
-            raise KeyboardInterrupt
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, handler)
+def signal_received() -> int | None:
+    """The first SIGINT or SIGTERM this process got, None when none."""
+    return _signals.signum
+
+
+@contextlib.contextmanager
+def cooperative_stop() -> Iterator[Any]:
+    """For a command that must not be interrupted inside native code (the loop: its worker thread runs
+    torch): the same handler, but a signal only sets the yielded StopToken, which the command reads at its
+    safe points; it then raises KeyboardInterrupt itself, and `cli_errors` reports the stop as for any
+    command. The previous handlers come back afterwards."""
+    from gprebn_edge.device.stop import StopToken
+
+    token = StopToken()
+    if _signals.signum is not None:  # already asked to stop
+        token.request()
+    _signals.token = token
+    old = _install() if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield token
+    finally:
+        _signals.token = None
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def stopped_exit(code: int | str | None) -> int | str | None:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from gprebn_edge.cli import _app
 from gprebn_edge.cli._app import command, console, err_console, error_line, session, status
 from gprebn_edge.cli.options import JsonOut, TrustModelCode, Verify
 from gprebn_edge.cli.output import check_outputs, emit_json, existing, json_to_stdout, note, say_replaced
-from gprebn_edge.errors import GprebnError
+from gprebn_edge.device.config import DEFAULT_EVERY, LoopConfig, default
+from gprebn_edge.device.stop import StopToken
+
+
+def _d(name: str) -> Any:
+    return default(name)
 
 
 @command()
@@ -30,53 +32,53 @@ def loop(
     onnx: Annotated[Path | None, typer.Option(help="ONNX file that serves at first (default: exported from "
                                               "--model).")] = None,
     engine: Annotated[Path | None, typer.Option(help="A refittable TensorRT engine to serve instead.")] = None,
-    every: Annotated[int | None, typer.Option(help="Frames between adaptation rounds (default 500).")] = None,
-    interval: Annotated[float | None, typer.Option(help="Or seconds between adaptation rounds.")] = None,
-    buffer: Annotated[int, typer.Option(help="Recent frames kept for adaptation (a sliding window).")] = 512,
-    holdout: Annotated[float, typer.Option(help="Newest fraction of the buffer held back for the gates.")] = 0.25,
+    every: Annotated[int | None, typer.Option(help=f"Frames between adaptation rounds (default {DEFAULT_EVERY})."
+                                              )] = _d("every"),
+    interval: Annotated[float | None, typer.Option(help="Or seconds between adaptation rounds.")] = _d("interval"),
+    buffer: Annotated[int, typer.Option(help="Recent frames kept for adaptation (a sliding window).")] = _d("buffer"),
+    holdout: Annotated[float, typer.Option(help="Newest fraction of the buffer held back for the gates.")
+                       ] = _d("holdout"),
     probe: Annotated[str | None, typer.Option(help="Labeled images for the probe-accuracy gate.")] = None,
     recovery: Annotated[int, typer.Option(help="Failed candidates in a row before adaptation restarts from the "
-                                          "last good checkpoint.")] = 3,
+                                          "last good checkpoint.")] = _d("recovery"),
     frames: Annotated[int | None, typer.Option("--frames", help="Stop after this many frames in all.")] = None,
     fps: Annotated[float | None, typer.Option(help="Pace a file or built-in source at this frame rate.")] = None,
-    window: Annotated[int, typer.Option(help="Frames per metrics record.")] = 250,
-    lr: Annotated[float, typer.Option(help="GpreBN learning rate (at batch 64).")] = 1e-3,
-    adapt_threads: Annotated[int, typer.Option(help="torch threads for the background adaptation.")] = 1,
-    serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = 1,
+    window: Annotated[int, typer.Option(help="Frames per metrics record.")] = _d("window"),
+    lr: Annotated[float, typer.Option(help="GpreBN learning rate (at batch 64).")] = _d("lr"),
+    adapt_threads: Annotated[int, typer.Option(help="torch threads for the background adaptation.")
+                             ] = _d("adapt_threads"),
+    serve_threads: Annotated[int, typer.Option(help="onnxruntime threads for serving.")] = _d("serve_threads"),
     shift_trigger: Annotated[bool, typer.Option(help="Also start a round early when the inputs or the serving "
                                                 "model's outputs shift (the log says why each round started).")] = True,
+    predictions: Annotated[str | None, typer.Option(help="Write one JSON line per served frame (frame, source "
+                                                    "name, class, confidence, serving round) to this file (rotated "
+                                                    "like the metrics log), or - for stdout.")] = None,
+    publish: Annotated[str | None, typer.Option(help="DIR[:NAME]: write every model that passed its gates into a "
+                                                "Triton model repository DIR/NAME (docs/serving.md).")] = None,
+    keep: Annotated[int, typer.Option(help="Published versions kept (older ones are deleted).")] = _d("keep"),
     trust_model_code: TrustModelCode = False,
     verify: Verify = True,
 ) -> None:
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
-    stopped = f"the state in {state} is servable; run the same command again to resume"
-    session.interrupted = f"interrupted: {stopped}"  # the line @command's error mapping prints on a stop
+    session.interrupted = f"interrupted: the state in {state} is servable; run the same command again to resume"
     from gprebn_edge.consent import CodeConsent
-    from gprebn_edge.device.loop import LoopConfig
     from gprebn_edge.device.shift import ShiftConfig
 
-    with _stop_signals() as stop:
-        try:
-            _run(LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine,
-                            every=every if every is not None or interval is not None else 500, interval=interval,
-                            buffer=buffer, holdout=holdout, probe=probe, recovery=recovery, max_frames=frames,
-                            fps=fps, window=window, lr=lr, adapt_threads=adapt_threads, serve_threads=serve_threads,
-                            consent=CodeConsent(any_code=trust_model_code), verify=verify,
-                            shift=ShiftConfig() if shift_trigger else None), stop)
-        except (KeyboardInterrupt, GprebnError):
-            # after a stop signal, an error on the way out is its consequence: the signal is reported
-            if stop.signum is None:
-                raise
-            if stop.signum == signal.SIGTERM:  # Ctrl-C goes on to the error mapping: exit 130
-                err_console.print(f"terminated: {stopped}", soft_wrap=True)
-                raise typer.Exit(128 + signal.SIGTERM) from None
-            raise KeyboardInterrupt from None
+    config = LoopConfig(state=state, source=source, model=model, onnx=onnx, engine=engine, every=every,
+                        interval=interval, buffer=buffer, holdout=holdout, probe=probe, recovery=recovery,
+                        max_frames=frames, fps=fps, window=window, lr=lr, adapt_threads=adapt_threads,
+                        serve_threads=serve_threads, consent=CodeConsent(any_code=trust_model_code), verify=verify,
+                        shift=ShiftConfig() if shift_trigger else None, predictions=predictions, publish=publish,
+                        keep=keep)
+    with _app.cooperative_stop() as stop:
+        _run(config, stop)
 
 
-def _run(config: Any, stop: _Stop) -> None:
+def _run(config: LoopConfig, stop: StopToken) -> None:
     from gprebn_edge.device.loop import run_loop
 
+    out = err_console if config.predictions == "-" else console  # stdout carries the predictions
     with status() as say:
         def on_window(r: dict[str, Any]) -> None:
             acc = "" if not r["labeled"] else f", accuracy {100 * r['correct'] / r['labeled']:.1f} %"
@@ -86,20 +88,20 @@ def _run(config: Any, stop: _Stop) -> None:
         def on_notice(message: str) -> None:
             err_console.print(error_line("error:", message), soft_wrap=True)
 
-        result = run_loop(config, on_window=on_window, on_notice=on_notice, should_stop=stop.requested)
+        result = run_loop(config, on_window=on_window, on_notice=on_notice, stop=stop)
     skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
-    console.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
-                  f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
-                  f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s",
-                  soft_wrap=True)
-    console.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
+    out.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
+              f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
+              f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s", soft_wrap=True)
+    out.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
     if result.worker_abandoned:
         # the worker is still inside torch: a normal interpreter exit would abort in its native thread pool
         # ("terminate called without an active exception"); everything on disk is closed, so leave at once
         err_console.print(error_line("error:", "the adaptation worker did not stop in time; exiting without "
                                      "waiting for it (the state folder is servable)"), soft_wrap=True)
-        _exit_now(128 + stop.signum if stop.signum is not None else 1)
-    if stop.signum is not None:  # the loop stopped as asked: one line and 130/143, from the caller
+        signum = _app.signal_received()
+        _exit_now(128 + signum if signum is not None and stop.interrupted else 1)
+    if stop.interrupted:  # the loop stopped as asked: cli_errors says so in one line, exit 130/143
         raise KeyboardInterrupt
     if result.errors:  # each was reported when it happened; serving went on, but the command failed
         more = f" (and {len(result.errors) - 1} more, in the log)" if len(result.errors) > 1 else ""
@@ -111,40 +113,6 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-class _Stop:
-    """The signal the loop was asked to stop with. The handler only records it; the loop acts on it at its
-    next safe point (between two frames, between two start-up steps), never inside native code: an exception
-    raised into torch's or onnxruntime's callbacks, or into an import another thread waits on, can abort the
-    process or leave a module half-imported."""
-
-    signum: int | None = None
-
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[_Stop]:
-    """Ctrl-C and SIGTERM stop the loop the same way: the first is recorded for the loop to act on (it stops the
-    worker and closes the runners before returning, so no native thread is left running at exit); later ones
-    are ignored while it stops. The old handlers come back afterwards."""
-    stop = _Stop()
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.signum is None:
-            stop.signum = signum
-
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        yield stop
-        return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @command("loop-report")

@@ -1,4 +1,5 @@
-"""What `gprebn-edge loop` runs (LoopConfig, checked before any work) and what a run returns (LoopResult)."""
+"""What `gprebn-edge loop` and `AdaptiveLoop` run (LoopConfig, checked when it is made, before any work)
+and what a run returns (LoopResult)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,27 @@ from gprebn_edge.device.gates import GateConfig
 from gprebn_edge.device.shift import ShiftConfig
 from gprebn_edge.errors import InputError
 
-__all__ = ["LoopConfig", "LoopResult", "config_record"]
+__all__ = ["LoopConfig", "LoopResult", "config_record", "DEFAULT_EVERY", "APP_SOURCE", "default"]
+
+DEFAULT_EVERY = 500  # frames between rounds when neither `every` nor `interval` is given
+APP_SOURCE = "app:"  # the source of an AdaptiveLoop: the application's own frames
+# the `loop` command's flag of each field it has (the others are named as fields: min_frames, batch_size, ...)
+_FLAGS = {"every": "--every", "adapt_threads": "--adapt-threads", "serve_threads": "--serve-threads",
+          "window": "--window", "recovery": "--recovery", "max_frames": "--frames", "keep": "--keep",
+          "buffer": "--buffer"}
 
 
 @dataclass
 class LoopConfig:
-    """What `gprebn-edge loop` runs. `model` None serves without adapting (a static baseline)."""
+    """What the loop runs. `model` None serves without adapting (a static baseline). The flag names in the
+    messages are the `loop` command's."""
 
     state: Path
-    source: str
+    source: str                      # the CLI's frame source; AdaptiveLoop: APP_SOURCE (the application's frames)
     model: Path | None = None        # adapted checkpoint to keep adapting
     onnx: Path | None = None         # what serves at first (default: exported from `model`)
     engine: Path | None = None       # a refittable TensorRT engine to serve instead of the ONNX file
-    every: int | None = 500          # frames between rounds
+    every: int | None = None         # frames between rounds (DEFAULT_EVERY when `interval` is not given)
     interval: float | None = None    # or seconds between rounds
     buffer: int = 512
     holdout: float = 0.25            # newest fraction of a snapshot, held back from adaptation for the gates
@@ -37,55 +46,62 @@ class LoopConfig:
     gates: GateConfig = field(default_factory=GateConfig)
     shift: ShiftConfig | None = field(default_factory=ShiftConfig)  # None: rounds on the cadence only
     recovery: int = 3
-    batch_size: int = 64
+    batch_size: int = 64             # frames per adaptation step
     lr: float = 1e-3
     momentum: float = 0.1
     adapt_threads: int = 1
     serve_threads: int | None = 1
     consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
     verify: bool = True              # check --onnx/--engine (and the state's files) against their manifest hash
+    predictions: str | None = None   # "-" (stdout) or a file: one JSON line per served frame
+    publish: str | None = None       # DIR[:NAME]: a Triton model repository that gets every gated model
+    keep: int = 3                    # versions kept in the published repository
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, Path):
+            raise InputError("LoopConfig.state must be a Path")
         for name, flag in (("interval", "--interval"), ("fps", "--fps"), ("holdout", "--holdout"), ("lr", "--lr"),
                            ("momentum", "momentum")):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise InputError(f"{flag} must be a finite number, got {value}")
+        if self.every is None and self.interval is None:
+            self.every = DEFAULT_EVERY
+        elif self.every is not None and self.interval is not None:
+            raise InputError("give one of --every N (frames) and --interval S (seconds)")
+        for name, low in (("every", 1), ("adapt_threads", 1), ("serve_threads", 1), ("window", 1), ("recovery", 1),
+                          ("max_frames", 1), ("keep", 1), ("min_frames", 1), ("probe_limit", 1), ("batch_size", 1),
+                          ("buffer", 16)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise InputError(f"{_FLAGS.get(name, name)} must be at least {low}, got {value}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if not 0 < self.momentum <= 1:
             raise InputError(f"momentum must be in (0, 1], got {self.momentum}")
-        if self.adapt_threads < 1:
-            raise InputError(f"--adapt-threads must be at least 1, got {self.adapt_threads}")
-        if self.serve_threads is not None and self.serve_threads < 1:
-            raise InputError(f"--serve-threads must be at least 1, got {self.serve_threads}")
-        if self.min_frames < 1 or self.probe_limit < 1:
-            raise InputError("min_frames and probe_limit must be at least 1")
-        if (self.every is None) == (self.interval is None):
-            raise InputError("give one of --every N (frames) and --interval S (seconds)")
-        if self.every is not None and self.every < 1:
-            raise InputError(f"--every must be at least 1 frame, got {self.every}")
         if self.interval is not None and self.interval <= 0:
             raise InputError(f"--interval must be positive, got {self.interval}")
-        if self.buffer < 16:
-            raise InputError(f"--buffer must hold at least 16 frames, got {self.buffer}")
         if not 0.05 <= self.holdout <= 0.5:
             raise InputError(f"--holdout must be in [0.05, 0.5], got {self.holdout}")
         if self.model is not None and self.buffer < self.min_frames:
             raise InputError(f"--buffer {self.buffer} holds fewer frames than a round needs ({self.min_frames}): "
                              f"give --buffer {self.min_frames} or more, or serve without --model")
-        if self.window < 1 or self.recovery < 1 or self.batch_size < 1:
-            raise InputError("--window, --recovery and --batch-size must be at least 1")
         if self.fps is not None and self.fps <= 0:
             raise InputError(f"--fps must be positive, got {self.fps}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise InputError(f"--frames must be at least 1, got {self.max_frames}")
         if self.onnx is not None and self.engine is not None:
             raise InputError("give --onnx or --engine, not both")
+        if self.publish is not None and not self.publish.strip():
+            raise InputError("--publish needs a folder: DIR or DIR:NAME")
         for name in ("model", "onnx", "engine"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise InputError(f"--{name} {path}: no such file")
+
+
+def default(name: str) -> Any:
+    """LoopConfig's default for field `name` (the CLI's option defaults come from here)."""
+    f = LoopConfig.__dataclass_fields__[name]
+    return f.default_factory() if callable(f.default_factory) else f.default
 
 
 @dataclass

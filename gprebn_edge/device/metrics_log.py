@@ -47,17 +47,18 @@ def log_parts(path: str | Path) -> list[Path]:
 
 
 class MetricsLog:
-    """Append-only JSON lines, flushed and fsynced per record: a kill loses at most the line being written
+    """Append-only JSON lines, flushed (and fsynced, by default) per record: a kill loses at most the line being written
     (the reader skips a truncated last line). Rotated by size (see the module). Safe to share between the
     serving thread and the worker."""
 
     def __init__(self, path: str | Path, on_error: Callable[[OSError], None] | None = None,
-                 max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
+                 max_bytes: int = MAX_BYTES, keep: int = KEEP, fsync: bool = True) -> None:
         if max_bytes < 1 or keep < 0:
             raise ValueError(f"max_bytes must be >= 1 and keep >= 0, got {max_bytes} and {keep}")
         self.path = Path(path)
         self.on_error = on_error     # a failed write (a full disk) is reported here; the record is dropped
         self.max_bytes, self.keep = max_bytes, keep
+        self.fsync = fsync           # False: flushed per record only (per-frame predictions)
         self._lock = threading.Lock()
         self._part = _part_of(self.path)
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -78,7 +79,8 @@ class MetricsLog:
         assert self._file is not None
         self._file.write(line)
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.fsync:
+            os.fsync(self._file.fileno())
         self._size += len(line.encode("utf-8"))
 
     def _continued_line(self) -> str:

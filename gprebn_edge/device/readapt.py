@@ -24,6 +24,7 @@ import torch
 from gprebn_edge.adapt import statistics_shift
 from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
 from gprebn_edge.consent import CodeConsent
+from gprebn_edge.device.stop import StopToken
 from gprebn_edge.errors import ArtifactError, GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
@@ -152,12 +153,10 @@ class Readapter:
         """How far `frames` are from the serving model's BN statistics (see input_shift)."""
         return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
 
-    def round(self, frames: np.ndarray, should_stop: Callable[[], bool] | None = None) -> Candidate:
-        """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `should_stop` is polled
-        before each step: when it turns true, Stopped is raised and the adapter keeps what it learnt so far.
-        Non-finite outputs raise Diverged."""
-        from gprebn_edge.device.worker import Stopped
-
+    def round(self, frames: np.ndarray, stop: StopToken | None = None) -> Candidate:
+        """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `stop` is checked before
+        each step: once set, Stopped is raised and the adapter keeps what it learnt so far. Non-finite outputs
+        raise Diverged."""
         if len(frames) == 0:
             raise GprebnError("no frames to adapt on")
         start = time.perf_counter()
@@ -165,8 +164,8 @@ class Readapter:
         x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
         steps = 0
         for i in range(0, len(x), b):
-            if should_stop is not None and should_stop():
-                raise Stopped
+            if stop is not None:
+                stop.check()
             logits = self.adapter.step(x[i:i + b])
             if not torch.isfinite(logits).all():
                 raise Diverged(f"adaptation step {steps + 1} gave non-finite outputs")

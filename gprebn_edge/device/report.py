@@ -2,8 +2,7 @@
 summarize a run (resumed ones included), check that only candidates that passed their gates were ever
 served, and plot it. numpy only; matplotlib is imported when plotting.
 
-Run-level latency percentiles merge the windows' latency histograms (within 4.4 %, see `histogram`); an
-older log's per-frame latency lists are binned the same way."""
+Run-level latency percentiles merge the windows' latency histograms (within 4.4 %, see `histogram`)."""
 
 from __future__ import annotations
 
@@ -41,23 +40,17 @@ def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None, key: str) -> 
 
 
 def _histograms(log: LoopLog, i: int) -> tuple[LatencyHistogram, LatencyHistogram]:
-    """(idle, adapting) latencies of window record i: its histograms, or an older log's per-frame lists."""
+    """(idle, adapting) latencies of window record i (none where it records none)."""
     w, where = log.records[i], log.where[i]
-    if "latency_hist_ms" in w:
-        hist = w["latency_hist_ms"]
-        field = f"{where}: \"latency_hist_ms\""
-        if not isinstance(hist, dict):
-            raise ArtifactError(f"{field} must be an object")
-        check_layout({k: v for k, v in hist.items() if k not in ("idle", "adapting")}, field)
-        return (LatencyHistogram.from_json(hist.get("idle", []), f"{where}: \"latency_hist_ms.idle\""),
-                LatencyHistogram.from_json(hist.get("adapting", []), f"{where}: \"latency_hist_ms.adapting\""))
-    out = []
-    for key in ("idle_latencies_ms", "adapting_latencies_ms"):
-        values = w.get(key) or []
-        if not isinstance(values, list) or not all(_is_number(v) and v == v for v in values):
-            raise ArtifactError(f"{where}: {key!r} must be a list of numbers")
-        out.append(LatencyHistogram(values))
-    return out[0], out[1]
+    hist = w.get("latency_hist_ms")
+    if hist is None:
+        return LatencyHistogram(), LatencyHistogram()
+    field = f"{where}: \"latency_hist_ms\""
+    if not isinstance(hist, dict):
+        raise ArtifactError(f"{field} must be an object (the window's latency histograms)")
+    check_layout({k: v for k, v in hist.items() if k not in ("idle", "adapting")}, field)
+    return (LatencyHistogram.from_json(hist.get("idle", []), f"{where}: \"latency_hist_ms.idle\""),
+            LatencyHistogram.from_json(hist.get("adapting", []), f"{where}: \"latency_hist_ms.adapting\""))
 
 
 def _served_only_passed(records: Iterable[dict[str, Any]], complete: bool = True) -> list[str]:

@@ -1,5 +1,5 @@
 """Starting the device loop: check its inputs, then make the state folder and round 0 (a failed check leaves
-nothing behind), and open its frame source."""
+nothing behind)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ import numpy as np
 
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
-from gprebn_edge.data.sources import open_source
-from gprebn_edge.device.config import LoopConfig
+from gprebn_edge.device.config import APP_SOURCE, LoopConfig
+from gprebn_edge.device.frames import open_frames
 from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.errors import ArtifactError, InputError
 from gprebn_edge.io import atomic_path
-from gprebn_edge.runtime.base import Runner
 from gprebn_edge.runtime.loading import manifest_beside, model_metadata, open_runner, verify_file
 
-__all__ = ["initial_state", "check_inputs", "open_frames", "require_finite", "require_checkpoint_consent",
-           "copy_atomic"]
+__all__ = ["initial_state", "check_inputs", "require_finite", "require_checkpoint_consent", "copy_atomic"]
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
@@ -68,7 +66,7 @@ def check_inputs(c: LoopConfig) -> None:
 
         _, meta = load_checkpoint(c.model)
         require_checkpoint_consent(c.model, meta, c.consent)
-        if served is None and meta.get("preprocess"):  # a bad --source fails before the state is made
+        if served is None and meta.get("preprocess") and c.source != APP_SOURCE:  # a bad --source fails first
             open_frames(c.source, Preprocess.from_dict(meta["preprocess"]), None)
         classes = meta.get("num_classes")
         if served_meta is not None and served_meta.get("num_classes") not in (None, classes):
@@ -80,26 +78,11 @@ def check_inputs(c: LoopConfig) -> None:
             if len(probe.inputs()) != 1:
                 raise InputError(f"{c.onnx} expects {len(probe.inputs())} inputs; the loop serves models with one "
                                  "image input")
-            if served_meta and served_meta.get("preprocess"):  # one frame through it: sizes must fit
-                frames = open_frames(c.source, Preprocess.from_dict(served_meta["preprocess"]), probe)
-                for batch in frames.batches(1):
-                    require_finite(probe.infer(batch.images), c.onnx)
+            if served_meta and served_meta.get("preprocess") and c.source != APP_SOURCE:  # sizes must fit
+                frames = open_frames(c.source, Preprocess.from_dict(served_meta["preprocess"]), probe.inputs()[0].shape)
+                for frame in frames.frames():
+                    require_finite(probe.infer(frame.images), c.onnx)
                     break
-
-
-def open_frames(spec: str, preprocess: Preprocess, runner: Runner | None) -> Any:
-    """The frame source, in order: a video file or camera (OpenCV), sized to the runner's input where the
-    preprocessing sets no size, else any image source."""
-    from gprebn_edge.data.video import VideoFrames, is_video_spec
-
-    if is_video_spec(spec):
-        size = None
-        if runner is not None:
-            shape = list(runner.inputs()[0].shape)
-            if len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
-                size = (shape[2], shape[3])
-        return VideoFrames(spec, preprocess, size=size)
-    return open_source(spec, preprocess, shuffle=False)
 
 
 def require_finite(logits: np.ndarray, model: Path) -> None:

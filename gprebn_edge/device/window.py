@@ -15,7 +15,15 @@ import numpy as np
 from gprebn_edge.device.histogram import LAYOUT, LatencyHistogram
 from gprebn_edge.runtime import metrics
 
-__all__ = ["Window", "segment_names"]
+__all__ = ["Window", "frame_predictions"]
+
+
+def frame_predictions(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's class and confidence (top softmax probability); a frame with non-finite logits gets
+    class -1 and confidence NaN (counted wrong)."""
+    finite = np.isfinite(logits).all(1)
+    safe = np.where(finite[:, None], logits, 0.0)
+    return np.where(finite, safe.argmax(1), -1), np.where(finite, metrics.confidence(safe), np.nan)
 
 
 class Window:
@@ -45,7 +53,7 @@ class Window:
     def record(self) -> dict[str, Any]:
         logits = np.stack(self.logits)
         finite = np.isfinite(logits).all(1)
-        pred = np.where(finite, np.nan_to_num(logits).argmax(1), -1)
+        pred, _ = frame_predictions(logits)
         ent = metrics.entropy(logits[finite]) if finite.any() else np.array([np.nan])
         ms = np.asarray(self.ms)
         busy = np.asarray(self.busy)
@@ -72,11 +80,3 @@ class Window:
                 "segment_frames": segment_frames,
                 "latency_hist_ms": {**LAYOUT, "idle": LatencyHistogram(ms[~busy]).to_json(),
                                     "adapting": LatencyHistogram(ms[busy]).to_json()}}
-
-
-def segment_names(source: Any) -> list[str] | None:
-    """Unique names per segment of a shifting stream ("clean#0", "fog-5#1", ...), else None."""
-    segments = getattr(source, "segments", None)
-    if segments is None:
-        return None
-    return [f"{s.name}#{k}" for k, s in enumerate(segments())]

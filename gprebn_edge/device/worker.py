@@ -9,24 +9,27 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gprebn_edge.device.gates import RecoveryPolicy, evaluate_gates
+from gprebn_edge.device.gates import GateResult, RecoveryPolicy, evaluate_gates
 from gprebn_edge.device.metrics_log import MetricsLog
 from gprebn_edge.device.state import LoopState, StateDir
+from gprebn_edge.device.stop import Stopped, StopToken
 from gprebn_edge.io import atomic_path
 from gprebn_edge.runtime import metrics
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.loading import open_runner
+from gprebn_edge.runtime.loading import manifest_beside, open_runner
+from gprebn_edge.validate import oneline
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch: imported by the worker thread only when it adapts
     from gprebn_edge.device.config import LoopConfig
+    from gprebn_edge.device.readapt import Candidate, Readapter
 
-__all__ = ["Job", "Pending", "Shared", "Stopped", "Worker", "WORKER_NICE", "one_line"]
+__all__ = ["Job", "Pending", "RoundFiles", "Shared", "Worker", "WORKER_NICE", "describe"]
 
 WORKER_NICE = 10  # the worker thread's nice increment
 
@@ -51,14 +54,15 @@ class Pending:
 class Shared:
     """State the serving thread and the worker share, behind one lock. state.json is written outside it."""
 
-    def __init__(self, state: LoopState) -> None:
+    def __init__(self, state: LoopState, stop: StopToken | None = None) -> None:
         self.lock = threading.Lock()
         self.state = state
         self.pending: Pending | None = None   # a passed candidate waiting to be swapped in
         self.busy = False
         self.rounds = self.passed = self.rollbacks = 0
+        self.last_round: dict[str, Any] | None = None  # the last round's log record: what it decided and why
         self.errors: list[str] = []      # worker failures (start or round): reported, and the command fails at the end
-        self.stop = threading.Event()    # set by the serving thread on a stop request: the round in flight is dropped
+        self.stop = stop or StopToken()  # the loop's stop request: the worker drops the round in flight
         self._write_lock = threading.Lock()
         self._version = self._written = 0
 
@@ -74,8 +78,18 @@ class Shared:
                 self._written = version
 
 
-class Stopped(Exception):
-    """The serving thread asked the worker to stop (raised between a round's steps)."""
+@dataclass
+class RoundFiles:
+    """A candidate's files in the state folder, as far as they were written."""
+
+    onnx: Path | None = None
+    manifest: Path | None = None
+    engine: Path | None = None   # a refit of the serving engine (TensorRT serves)
+
+    def discard(self) -> None:
+        for f in (self.onnx, self.manifest, self.engine):
+            if f is not None:
+                f.unlink(missing_ok=True)
 
 
 @dataclass
@@ -83,8 +97,8 @@ class _Outcome:
     """One round's result: passed, rejected by its gates (or diverged), or an error (a bug, a full disk)."""
 
     record: dict[str, Any]
-    files: list[Path]
-    candidate: Any = None
+    files: RoundFiles = field(default_factory=RoundFiles)
+    candidate: Candidate | None = None
     error: Exception | None = None
     reference: tuple[np.ndarray, np.ndarray] | None = None  # held-back frames and the candidate's logits there
     runner: Runner | None = None  # the gated candidate's runner, kept active to hand over (not thread-affine)
@@ -99,7 +113,7 @@ class Worker:
 
     def __init__(self, config: LoopConfig, state_dir: StateDir, shared: Shared, log: MetricsLog,
                  probe: tuple[np.ndarray, np.ndarray] | None, open_serving: Callable[[LoopState], Runner],
-                 report: Callable[[str], None]) -> None:
+                 report: Callable[[str], None], publish: Callable[[LoopState], None] | None = None) -> None:
         self.config = config
         self.dir = state_dir
         self.shared = shared
@@ -107,6 +121,7 @@ class Worker:
         self.probe = probe
         self.open = open_serving
         self.report = report         # one line on stderr and in the log
+        self.publish = publish       # a passed candidate, once persisted, to the model repository (--publish)
 
     def fail(self, message: str, error: BaseException | None = None) -> None:
         if isinstance(error, OSError):  # a full disk fails every round alike: one line, not one per round
@@ -115,10 +130,6 @@ class Worker:
         with self.shared.lock:
             self.shared.errors.append(message)
         self.report(message)
-
-    def check_stop(self) -> None:
-        if self.shared.stop.is_set():
-            raise Stopped
 
     def run(self, jobs: queue.Queue[Job | None]) -> None:
         from gprebn_edge.device.readapt import ReadaptConfig, Readapter
@@ -131,7 +142,7 @@ class Worker:
             readapter = Readapter(start_ckpt, ReadaptConfig(batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
                                                             threads=c.adapt_threads, consent=c.consent))
         except Exception as e:  # the loop keeps serving the current model; the command fails at the end
-            self.fail(f"the adaptation worker failed to start ({one_line(e)}); serving goes on without adapting")
+            self.fail(f"the adaptation worker failed to start ({describe(e)}); serving goes on without adapting")
             return
         policy = RecoveryPolicy(max_failures=c.recovery)
         try:
@@ -147,14 +158,14 @@ class Worker:
                 except Stopped:
                     return
                 except Exception as e:  # never let a worker crash silently: report it, keep serving
-                    self.fail(f"adaptation round {job.round_id} failed ({one_line(e)})", e)
+                    self.fail(f"adaptation round {job.round_id} failed ({describe(e)})", e)
                 finally:
                     with self.shared.lock:
                         self.shared.busy = False
         finally:
             readapter.close()
 
-    def round(self, job: Job, readapter: Any, policy: RecoveryPolicy) -> None:
+    def round(self, job: Job, readapter: Readapter, policy: RecoveryPolicy) -> None:
         start = time.perf_counter()
         with self.shared.lock:
             serving = replace(self.shared.state)
@@ -163,21 +174,22 @@ class Worker:
             outcome.record["seconds"] = round(time.perf_counter() - start, 3)
             with self.shared.lock:
                 self.shared.rounds += 1
+                self.shared.last_round = dict(outcome.record)
             self.log.write("round", **outcome.record)
             if outcome.error is not None:  # a bug or a full disk, not a verdict on the candidate: no rollback count
-                self._discard(outcome.files)
+                outcome.files.discard()
                 self.fail(f"adaptation round {job.round_id} failed ({outcome.record['error']})", outcome.error)
             elif outcome.passed:
                 self._accept(job, readapter, outcome)
                 policy.record(True)
             else:
-                self._discard(outcome.files)
+                outcome.files.discard()
                 self._reject(job, readapter, policy, serving)
         finally:
             if outcome.runner is not None:  # not handed over to serving
                 outcome.runner.deactivate()
 
-    def _try_candidate(self, job: Job, readapter: Any, serving: LoopState) -> _Outcome:
+    def _try_candidate(self, job: Job, readapter: Readapter, serving: LoopState) -> _Outcome:
         """Adapt, freeze, export (parity-checked) and gate one candidate; Stopped drops it, files and all."""
         from gprebn_edge.device.readapt import Diverged
 
@@ -188,52 +200,53 @@ class Worker:
         adapt, holdout = frames[:-held], frames[-held:]
         record: dict[str, Any] = {"round": job.round_id, "frames": job.served_frames, "buffer": len(frames),
                                   "holdout": held, "trigger": job.trigger, "outcome": None, "error": None}
-        outcome = _Outcome(record, [])
+        outcome = _Outcome(record)
+        stop = self.shared.stop
         try:
-            self.check_stop()
+            stop.check()
             if job.trigger.startswith("shift:"):  # a new domain: adapt from the start, not from the old domain
                 readapter.restart()
-            outcome.candidate = candidate = readapter.round(adapt, should_stop=self.shared.stop.is_set)
-            self.check_stop()
+            outcome.candidate = candidate = readapter.round(adapt, stop=stop)
+            stop.check()
             record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
             self._export(candidate, readapter, holdout, serving, job.round_id, outcome.files)
-            self.check_stop()
+            stop.check()
             result, cand_logits = self._gate(outcome.files, holdout, readapter, serving, outcome)
             record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
                           mean_entropy=float(metrics.entropy(cand_logits).mean()),
                           outcome="passed" if result.passed else "rejected")
             outcome.reference = (holdout, cand_logits)
         except Stopped:
-            self._discard(outcome.files)
+            outcome.files.discard()
             if outcome.runner is not None:
                 outcome.runner.deactivate()
             raise
         except Diverged as e:  # the adaptation itself blew up: a verdict on this candidate, counted as a failure
             record.update(passed=False, reasons=[f"diverged: {e}"], gates=None, outcome="rejected")
         except Exception as e:
-            record.update(passed=False, reasons=[], gates=None, error=one_line(e), outcome="error")
+            record.update(passed=False, reasons=[], gates=None, error=describe(e), outcome="error")
             outcome.error = e
         return outcome
 
-    def _export(self, candidate: Any, readapter: Any, holdout: np.ndarray, serving: LoopState, round_id: int,
-                files: list[Path]) -> None:
+    def _export(self, candidate: Candidate, readapter: Readapter, holdout: np.ndarray, serving: LoopState,
+                round_id: int, files: RoundFiles) -> None:
         from gprebn_edge.export.pipeline import export_model
 
-        onnx = self.dir.round_path(round_id, ".onnx")
-        files += [onnx, onnx.with_name(onnx.stem + ".manifest.json")]
-        export_model(candidate.model, readapter.meta, onnx, [holdout], data="loop buffer (held-back frames)")
+        files.onnx = self.dir.round_path(round_id, ".onnx")
+        files.manifest = manifest_beside(files.onnx)
+        export_model(candidate.model, readapter.meta, files.onnx, [holdout], data="loop buffer (held-back frames)")
         if serving.engine:
-            self.check_stop()
-            files.append(self.refit(serving, onnx, round_id))
+            self.shared.stop.check()
+            files.engine = self.refit(serving, files.onnx, round_id)
 
-    def _gate(self, files: list[Path], holdout: np.ndarray, readapter: Any, serving: LoopState,
-              outcome: _Outcome) -> tuple[Any, Any]:
+    def _gate(self, files: RoundFiles, holdout: np.ndarray, readapter: Readapter, serving: LoopState,
+              outcome: _Outcome) -> tuple[GateResult, np.ndarray]:
         """The candidate's, the serving model's and the source model's logits on the held-back frames (and the
         probe), then the gates. A runner bound to its thread is opened, used and closed here; one that is not
         is kept active in `outcome.runner`, so that serving takes it over without opening it again."""
-        engine = files[2] if len(files) > 2 else None
-        candidate = (open_runner(engine, "tensorrt") if engine else
-                     open_runner(files[0], "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
+        assert files.onnx is not None
+        candidate = (open_runner(files.engine, "tensorrt") if files.engine else
+                     open_runner(files.onnx, "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
         candidate.activate()
         try:
             with self.open(serving) as current:
@@ -247,19 +260,21 @@ class Worker:
                 candidate.deactivate()
             else:
                 outcome.runner = candidate
-        self.check_stop()
+        self.shared.stop.check()
         source_logits = readapter.source_logits(holdout)
         result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
                                 serving_input_shift=readapter.input_shift(holdout))
         return result, cand_logits
 
-    def _accept(self, job: Job, readapter: Any, outcome: _Outcome) -> None:
+    def _accept(self, job: Job, readapter: Readapter, outcome: _Outcome) -> None:
         ckpt = self.dir.round_path(job.round_id, ".safetensors")
+        onnx = outcome.files.onnx
+        assert outcome.candidate is not None and onnx is not None
         readapter.save(outcome.candidate, ckpt, job.round_id, job.served_frames)
         files = outcome.files
         with self.shared.lock:
-            new = replace(self.shared.state, round=job.round_id, checkpoint=ckpt.name, onnx=files[0].name,
-                          engine=files[2].name if len(files) > 2 else None, failures=0)
+            new = replace(self.shared.state, round=job.round_id, checkpoint=ckpt.name, onnx=onnx.name,
+                          engine=files.engine.name if files.engine else None, failures=0)
             self.shared.state = new
         self.shared.persist(self.dir)
         self.dir.clean(new)  # the previous round's files: state.json no longer names them
@@ -271,8 +286,10 @@ class Worker:
         if superseded is not None and superseded.runner is not None:  # never swapped in: close it here
             superseded.runner.deactivate()
         readapter.accept(outcome.candidate)
+        if self.publish is not None:  # gated and persisted: it serves from the next frame on
+            self.publish(new)
 
-    def _reject(self, job: Job, readapter: Any, policy: RecoveryPolicy, serving: LoopState) -> None:
+    def _reject(self, job: Job, readapter: Readapter, policy: RecoveryPolicy, serving: LoopState) -> None:
         policy.record(False)
         with self.shared.lock:
             self.shared.state.failures = policy.consecutive_failures
@@ -288,11 +305,6 @@ class Worker:
             self.shared.rollbacks += 1
             self.shared.state.failures = 0
         self.shared.persist(self.dir)
-
-    @staticmethod
-    def _discard(files: list[Path]) -> None:
-        for f in files:
-            f.unlink(missing_ok=True)
 
     def refit(self, serving: LoopState, onnx: Path, round_id: int) -> Path:
         from gprebn_edge.export.tensorrt_build import folded_weights, refit_engine
@@ -315,6 +327,6 @@ def lower_priority() -> None:
         pass
 
 
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}"[:300]
+def describe(e: BaseException) -> str:
+    """An exception as one line with its type: a worker failure may be a bug, whose type matters."""
+    return f"{type(e).__name__}: {oneline(e, 280)}"

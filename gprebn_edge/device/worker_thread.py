@@ -7,23 +7,15 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
+from gprebn_edge.device.stop import INTERRUPTED
 from gprebn_edge.device.worker import Job, Worker
 
-__all__ = ["StopResult", "WorkerThread", "SERVING_SWITCH_INTERVAL", "WORKER_FINISH_TIMEOUT", "WORKER_STOP_TIMEOUT"]
+__all__ = ["WorkerThread", "SERVING_SWITCH_INTERVAL", "WORKER_FINISH_TIMEOUT", "WORKER_STOP_TIMEOUT"]
 
 SERVING_SWITCH_INTERVAL = 0.0005  # seconds: how long serving may wait for the GIL while a round runs
 WORKER_FINISH_TIMEOUT = 600.0     # seconds the round in flight may take to finish when the source ends
 WORKER_STOP_TIMEOUT = 30.0        # seconds the worker may take to drop its round on Ctrl-C/SIGTERM or an error
-
-
-@dataclass(frozen=True)
-class StopResult:
-    interrupted: bool          # a stop request (or Ctrl-C) came while waiting: the round in flight was dropped
-    keyboard_interrupt: bool   # it was a KeyboardInterrupt, to raise again once everything is closed
-    abandoned: bool            # the worker did not stop in time and still runs
 
 
 class WorkerThread:
@@ -54,28 +46,27 @@ class WorkerThread:
             return False
         return True
 
-    def stop(self, finish: bool, should_stop: Callable[[], bool]) -> StopResult:
+    def stop(self, finish: bool) -> bool:
         """Stop the thread before the loop returns: a thread still inside torch or onnxruntime when the
         interpreter exits makes their native thread pools abort the process. `finish` (the source ended): the
-        round in flight finishes and is logged (its swap is not served); otherwise, or on a stop request while
-        waiting, it is dropped at its next step. Bounded either way: a worker that does not stop is reported,
-        never waited for."""
+        round in flight finishes and is logged (its swap is not served); otherwise (the loop's stop token is
+        set), or once a stop is requested while waiting, it is dropped at its next step. Bounded either way:
+        a worker that does not stop is reported, never waited for. Returns whether it was abandoned. A
+        KeyboardInterrupt while waiting stops the worker the same way and is raised again once it stopped."""
         try:
-            return self._stop(finish, should_stop)
+            return self._stop(finish)
         finally:
             sys.setswitchinterval(self._switch_interval)
 
-    def _stop(self, finish: bool, should_stop: Callable[[], bool]) -> StopResult:
-        if not finish:
-            self.shared.stop.set()
-        deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish else WORKER_STOP_TIMEOUT)
-        sent = not finish
-        interrupted = keyboard = False
+    def _stop(self, finish: bool) -> bool:
+        stop = self.shared.stop
+        deadline = time.monotonic() + (WORKER_FINISH_TIMEOUT if finish and not stop.is_set() else WORKER_STOP_TIMEOUT)
+        sent = stop.is_set()  # a stopped worker leaves its loop by itself
+        shortened = keyboard = False
         while self.thread.is_alive() and time.monotonic() < deadline:
             try:
-                if not interrupted and should_stop():
-                    interrupted = True
-                    self.shared.stop.set()
+                if stop.is_set() and not shortened:
+                    shortened = True
                     deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
                 if not sent:
                     try:
@@ -85,10 +76,11 @@ class WorkerThread:
                         continue
                 self.thread.join(timeout=0.1)
             except KeyboardInterrupt:  # a library caller's Ctrl-C while the last round finishes: drop it
-                interrupted = keyboard = True
-                self.shared.stop.set()
-                deadline = min(deadline, time.monotonic() + WORKER_STOP_TIMEOUT)
+                keyboard = True
+                stop.request(INTERRUPTED)
         if self.thread.is_alive():
-            self.shared.stop.set()
+            stop.request(INTERRUPTED if keyboard else "worker did not stop")
             self.report("the adaptation worker did not stop in time; its round is dropped")
-        return StopResult(interrupted, keyboard, self.thread.is_alive())
+        if keyboard:
+            raise KeyboardInterrupt
+        return self.thread.is_alive()

@@ -94,7 +94,7 @@ def test_serve_only_with_an_onnx_file(tmp_path, start):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"every": None}, "--every"), ({"every": 0}, "--every"), ({"buffer": 4}, "--buffer"),
+    ({"every": 5, "interval": 1.0}, "--every"), ({"every": 0}, "--every"), ({"buffer": 4}, "--buffer"),
     ({"holdout": 0.9}, "--holdout"), ({"fps": 0.0}, "--fps"), ({"model": Path("/no/such.safetensors")}, "no such"),
     ({"model": None}, "--model")])
 def test_bad_configs_fail_before_any_work(tmp_path, start, kw, message):

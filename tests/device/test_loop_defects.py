@@ -236,13 +236,13 @@ def test_a_cpu_candidate_is_handed_over_active_so_serving_never_opens_one(tmp_pa
     from gprebn_edge.device import loop
 
     opened_by: list[str] = []
-    real_open = loop._Loop._open
+    real_open = loop.LoopSession._open
 
     def spy(self, state):
         opened_by.append(threading.current_thread().name)
         return real_open(self, state)
 
-    monkeypatch.setattr(loop._Loop, "_open", spy)
+    monkeypatch.setattr(loop.LoopSession, "_open", spy)
     result = _run(_config(tmp_path / "state", start, source="stream:clean*60,gaussian_noise-5*540", fps=300.0))
     assert result.swaps >= 1 and not result.errors
     serving_opens = [name for name in opened_by if name != "gprebn-readapt"]

@@ -1,6 +1,5 @@
 """loop-report on synthesized metrics logs: cut and corrupt lines, resumed runs, the served-only-passed
-check, per-segment sums, latency percentiles and ratio from histograms (and from an older log's per-frame
-lists), rotated logs, markdown and PNG."""
+check, per-segment sums, latency percentiles and ratio from histograms, rotated logs, markdown and PNG."""
 
 import json
 import sys
@@ -21,16 +20,11 @@ def write_log(path, records, tail=""):
     return path
 
 
-def window(frames, n=100, served=0, correct=None, labeled=0, segments=None, idle=(), adapting=(), entropy=1.0,
-           lists=False):
-    """A window record as the loop writes it (latency histograms), or as older versions did (`lists`:
-    every frame's latency)."""
+def window(frames, n=100, served=0, correct=None, labeled=0, segments=None, idle=(), adapting=(), entropy=1.0):
+    """A window record as the loop writes it (latency histograms)."""
     lat = list(idle) + list(adapting) or [1.0]
-    if lists:
-        latencies = {"idle_latencies_ms": list(idle), "adapting_latencies_ms": list(adapting)}
-    else:
-        latencies = {"latency_hist_ms": {**LAYOUT, "idle": LatencyHistogram(idle).to_json(),
-                                         "adapting": LatencyHistogram(adapting).to_json()}}
+    latencies = {"latency_hist_ms": {**LAYOUT, "idle": LatencyHistogram(idle).to_json(),
+                                     "adapting": LatencyHistogram(adapting).to_json()}}
     return {"event": "window", "t": frames / 100, "frames": frames, "n": n, "served_round": served,
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
                            "p99": float(np.percentile(lat, 99)), "mean": float(np.mean(lat))},
@@ -61,25 +55,22 @@ def stop(frames):
     return {"event": "stop", "t": frames / 100, "frames": frames, "reason": "end of stream"}
 
 
-@pytest.fixture(params=["histograms", "lists"])
-def run(tmp_path, request):
+@pytest.fixture
+def run(tmp_path):
     """A labeled run over two segments, killed once and resumed, with one rejected round, one worker error,
-    two swaps and a rollback; the last line is cut by a second kill. Its first window is in the older
-    format with per-frame latency lists, and so are all of them in the "lists" variant."""
-    lists = request.param == "lists"
+    two swaps and a rollback; the last line is cut by a second kill."""
     records = [
         start(),
-        window(100, correct=50, labeled=100, segments={"clean#0": [50, 100]}, idle=[1.0, 2.0, 3.0], lists=True),
+        window(100, correct=50, labeled=100, segments={"clean#0": [50, 100]}, idle=[1.0, 2.0, 3.0]),
         round_(1, 150, passed=True), swap(1, 150),
         window(200, served=1, correct=70, labeled=100, segments={"clean#0": [30, 40], "fog-5#1": [40, 60]},
-               adapting=[4.0, 6.0], lists=lists),
+               adapting=[4.0, 6.0]),
         round_(2, 250, passed=False),
-        window(300, served=1, correct=60, labeled=100, segments={"fog-5#1": [60, 100]}, idle=[5.0], lists=lists),
+        window(300, served=1, correct=60, labeled=100, segments={"fog-5#1": [60, 100]}, idle=[5.0]),
         start(300, rnd=1, resumed=True),
         round_(3, 350, passed=False, error="RuntimeError: CUDA out of memory"),
         round_(3, 380, passed=True), swap(3, 390), rollback(1, 395),
-        window(400, served=1, correct=80, labeled=100, segments={"fog-5#1": [80, 100]}, adapting=[8.0],
-               lists=lists),
+        window(400, served=1, correct=80, labeled=100, segments={"fog-5#1": [80, 100]}, adapting=[8.0]),
         stop(400),
     ]
     return write_log(tmp_path / "loop.jsonl", records, tail='{"event": "window", "t": 4.1, "fra')
@@ -254,7 +245,7 @@ def test_a_malformed_histogram_is_named(tmp_path):
     rec["latency_hist_ms"] = {**rec["latency_hist_ms"], "adapting": [], "per_octave": 4}
     with pytest.raises(ArtifactError, match=r"line 2: \"latency_hist_ms\" has the bin layout"):
         summarize(read_log(write_log(tmp_path / "b.jsonl", [start(), rec])))
-    old = window(100, idle=[1.0], lists=True)
-    old["idle_latencies_ms"].append("x")
-    with pytest.raises(ArtifactError, match="line 2: 'idle_latencies_ms' must be a list of numbers"):
-        summarize(read_log(write_log(tmp_path / "c.jsonl", [start(), old])))
+    rec = window(100)
+    rec["latency_hist_ms"] = [[1, 2]]
+    with pytest.raises(ArtifactError, match=r"line 2: \"latency_hist_ms\" must be an object"):
+        summarize(read_log(write_log(tmp_path / "c.jsonl", [start(), rec])))
