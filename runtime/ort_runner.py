@@ -1,4 +1,11 @@
-"""onnxruntime backend: one InferenceSession on the CPU, CUDA or TensorRT execution provider."""
+"""onnxruntime backend: one InferenceSession on the CPU, CUDA or TensorRT execution provider.
+
+The GPU providers (onnxruntime-gpu, the `gpu` extra) are the second GPU route beside our TensorRT engines: they
+take the fp32, fp16 and Q/DQ int8 ONNX files as they are. The TensorRT provider builds its engines itself
+(strongly typed where no fp16/int8 flag is set, so it runs what the file says) and keeps them, with its
+timing cache, in `engine_cache` when given (the device loop's state folder). A provider asked for that
+onnxruntime cannot start is an error, not a silent fall back to the CPU.
+NOT RUN on a GPU: onnxruntime-gpu is not installed on this project's machines (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from gprebn_edge.errors import ArtifactError, InputError, MissingDependencyError
 from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
 from gprebn_edge.validate import oneline
 
-__all__ = ["OnnxRuntimeRunner", "PROVIDERS", "import_onnxruntime"]
+__all__ = ["OnnxRuntimeRunner", "PROVIDERS", "import_onnxruntime", "parse_providers"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -37,6 +44,16 @@ def import_onnxruntime() -> Any:
         raise MissingDependencyError(f"onnxruntime is installed but failed to import ({_first_line(e)}): "
                                      "reinstall it (pip install --force-reinstall onnxruntime)") from None
     return onnxruntime
+
+
+def parse_providers(text: str) -> tuple[str, ...]:
+    """`tensorrt,cuda` -> ("tensorrt", "cuda"): onnxruntime providers in the order to try them."""
+    names = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in PROVIDERS]
+    if not names or unknown:
+        raise InputError(f"unknown onnxruntime provider(s) {unknown or '(none)'} in {text!r}: use one or more of "
+                         f"{', '.join(PROVIDERS)}, comma-separated in the order to try them (e.g. tensorrt,cuda)")
+    return names
 
 
 def _first_line(e: BaseException) -> str:
@@ -98,11 +115,12 @@ class OnnxRuntimeRunner(Runner):
             if p in ("cuda", "tensorrt"):
                 options["device_id"] = self.device_id
             if p == "tensorrt":
-                options["trt_fp16_enable"] = self.fp16
+                if self.fp16:  # TensorRT 10 only (11 removed the flag): prefer an fp16 ONNX (export --fp16)
+                    options["trt_fp16_enable"] = True
                 if self.engine_cache is not None:
                     self.engine_cache.mkdir(parents=True, exist_ok=True)
-                    options["trt_engine_cache_enable"] = True
-                    options["trt_engine_cache_path"] = str(self.engine_cache)
+                    options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(self.engine_cache),
+                                   trt_timing_cache_enable=True, trt_timing_cache_path=str(self.engine_cache))
             out.append((PROVIDERS[p], options))
         return out
 
@@ -125,6 +143,13 @@ class OnnxRuntimeRunner(Runner):
             if type(e).__name__ == "InvalidProtobuf" or "Protobuf parsing failed" in first:
                 raise ArtifactError(f"{self.path} is not an ONNX model: {first}") from None
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {first}") from None
+        started = self._session.get_providers()
+        dropped = [PROVIDERS[p] for p in self.providers if PROVIDERS[p] not in started]
+        if dropped:  # onnxruntime logs the cause and carries on without the provider
+            self._session = None
+            raise MissingDependencyError(f"onnxruntime could not start {', '.join(dropped)} for {self.path.name} "
+                                         f"(started: {', '.join(started)}): check that the CUDA, cuDNN and TensorRT "
+                                         "libraries onnxruntime-gpu needs are installed and on the library path")
 
     def _describe_io(self) -> tuple[list[TensorInfo], list[TensorInfo]] | None:
         if self._session is None:

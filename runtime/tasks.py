@@ -39,11 +39,14 @@ class RunnerOptions:
     consent: CodeConsent | None = None  # to the model code a checkpoint names (see gprebn_edge/consent.py)
     verify: bool = True              # check an ONNX file or engine against its manifest's hash
     prepare: Prepare | None = None   # a checkpoint's model -> what was exported: the caller's fold (TorchRunner)
+    providers: tuple[str, ...] | None = None  # onnxruntime providers in order, e.g. ("tensorrt", "cuda")
+    engine_cache: Path | None = None  # where onnxruntime's TensorRT provider keeps engines and timing cache
 
     def open(self, path: str | Path) -> Any:
         return open_runner(path, self.backend, device=self.device, threads=self.threads, fp16=self.fp16,
                            cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu,
-                           consent=self.consent, verify=self.verify, prepare=self.prepare)
+                           consent=self.consent, verify=self.verify, prepare=self.prepare,
+                           providers=self.providers, engine_cache=self.engine_cache)
 
 
 def parse_warmup(text: str) -> tuple[int, float | None]:

@@ -33,6 +33,12 @@ def _batch_list(text: str) -> list[int]:
     return values
 
 
+Providers = Annotated[str | None, typer.Option(help="onnxruntime providers for an .onnx file, tried in order, e.g. "
+                                              "tensorrt,cuda (default: cpu, or cuda with --device cuda).")]
+EngineCache = Annotated[Path | None, typer.Option(help="Folder for the engines and timing cache of onnxruntime's "
+                                                  "TensorRT provider (built once, reused).")]
+
+
 @command()
 def bench(
     model: Annotated[Path, typer.Argument(help="An ONNX file, a TensorRT engine or an adapted checkpoint.")],
@@ -44,7 +50,9 @@ def bench(
     duration: Annotated[float | None, typer.Option(help="Time for this many seconds instead of --iters.")] = None,
     threads: Threads = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="fp16 (torch on CUDA; onnxruntime TensorRT provider).")] = False,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay CUDA graphs (torch, tensorrt).")] = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay CUDA graphs (torch).")] = False,
+    providers: Providers = None,
+    engine_cache: EngineCache = None,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W where the model does not fix it.")] = None,
     data: Annotated[str | None, typer.Option(help="Time on these images instead of random inputs.")] = None,
     json_out: JsonOut = None,
@@ -55,6 +63,7 @@ def bench(
     """Latency of one model: first call, percentiles, throughput, memory and the environment."""
     from gprebn_edge.consent import CodeConsent
     from gprebn_edge.runtime.bench import format_table
+    from gprebn_edge.runtime.ort_runner import parse_providers
     from gprebn_edge.runtime.tasks import RunnerOptions, bench_model, parse_shape
 
     if iters is not None and duration is not None:
@@ -65,7 +74,8 @@ def bench(
     flag_number(threads, "--threads", low=1)
     options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
                             input_shape=parse_shape(input_shape) if input_shape else None,
-                            consent=CodeConsent(any_code=trust_model_code), verify=verify, prepare=_fold)
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify, prepare=_fold,
+                            providers=parse_providers(providers) if providers else None, engine_cache=engine_cache)
     batches = _batch_list(batch)
     check_outputs(json_out, plot)
     replaced = existing(json_out, plot)
@@ -107,6 +117,8 @@ def compare(
     backend_b: Annotated[str, typer.Option(help="Backend for B.")] = "auto",
     device: Device = None,
     threads: Threads = None,
+    providers: Providers = None,
+    engine_cache: EngineCache = None,
     batch: Annotated[int, typer.Option(help="Batch size for the accuracy pass.")] = 32,
     limit: Limit = None,
     latency_iters: Annotated[int, typer.Option(help="Interleaved A/B latency rounds (0: none).")] = 50,
@@ -119,6 +131,7 @@ def compare(
     """Two models on the same data: accuracy, agreement, entropy, confidence, calibration error, per-class
     accuracy, and latency measured interleaved A/B/B/A so that machine drift cancels."""
     from gprebn_edge.consent import CodeConsent
+    from gprebn_edge.runtime.ort_runner import parse_providers
     from gprebn_edge.runtime.tasks import RunnerOptions, compare_models
 
     check_outputs(json_out, plot)
@@ -127,8 +140,9 @@ def compare(
     for value, flag, low in ((threads, "--threads", 1), (batch, "--batch", 1), (limit, "--limit", 1),
                              (latency_iters, "--latency-iters", 0), (latency_batch, "--latency-batch", 1)):
         flag_number(value, flag, low=low)
-    options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify, prepare=_fold)
-               for b in (backend_a, backend_b)]
+    onnx_providers = parse_providers(providers) if providers else None
+    options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify, prepare=_fold,
+                             providers=onnx_providers, engine_cache=engine_cache) for b in (backend_a, backend_b)]
     with progress() as update:
         result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
                                 limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,

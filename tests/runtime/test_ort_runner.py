@@ -10,7 +10,7 @@ from gprebn_edge.checkpoint import rebuild_model
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError, MissingDependencyError
 from gprebn_edge.export.fold import fold_batchnorm
 from gprebn_edge.runtime.base import TensorInfo
-from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
+from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner, parse_providers
 
 
 def max_rel(got: np.ndarray, ref: np.ndarray) -> float:
@@ -98,9 +98,16 @@ def test_provider_options_reach_onnxruntime(exported, tmp_path, monkeypatch):
     seen = {}
     real = onnxruntime.InferenceSession
 
-    def recording_session(path, options, providers):
-        seen.update(providers=providers, threads=options.intra_op_num_threads)
-        return real(path, options, providers=["CPUExecutionProvider"])
+    class Recording:  # a CPU session that reports the providers it was asked for as started
+        def __init__(self, path, options, providers):
+            seen.update(providers=providers, threads=options.intra_op_num_threads)
+            self.session = real(path, options, providers=["CPUExecutionProvider"])
+            self.get_providers = lambda: [name for name, _ in providers]
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    recording_session = Recording
 
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
@@ -114,9 +121,58 @@ def test_provider_options_reach_onnxruntime(exported, tmp_path, monkeypatch):
     assert seen["threads"] == 2 and cache.is_dir()
     assert seen["providers"] == [
         ("TensorrtExecutionProvider", {"device_id": 1, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                                       "trt_engine_cache_path": str(cache)}),
+                                       "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                                       "trt_timing_cache_path": str(cache)}),
         ("CUDAExecutionProvider", {"device_id": 1})]
     assert (info.device, info.precision) == ("cuda:1", "fp16")
+
+
+def test_a_provider_onnxruntime_could_not_start_is_an_error(exported, monkeypatch):
+    """onnxruntime-gpu without TensorRT's libraries starts the session without the TensorRT provider and only
+    logs it: the runner says so instead of timing the CPU."""
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    real = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda path, options, providers: real(path, options, providers=["CPUExecutionProvider"]))
+    runner = OnnxRuntimeRunner(exported.onnx, providers=("tensorrt", "cuda"))
+    with pytest.raises(MissingDependencyError, match="could not start TensorrtExecutionProvider, "
+                                                     "CUDAExecutionProvider") as e:
+        runner.activate()
+    assert "\n" not in str(e.value) and not runner.active
+
+
+def test_parse_providers():
+    assert parse_providers("tensorrt, cuda") == ("tensorrt", "cuda") and parse_providers("CPU") == ("cpu",)
+    for bad in ("", "rocm", "cuda,,vulkan"):
+        with pytest.raises(InputError, match="e.g. tensorrt,cuda"):
+            parse_providers(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("providers", [("cuda",), ("tensorrt", "cuda")])
+def test_gpu_providers_run_each_precision(exported, tmp_path, providers):
+    """The second GPU route on a GPU: fp32, fp16 and Q/DQ int8 files, against PyTorch fp32's onnxruntime CPU
+    answer (skipped without onnxruntime-gpu and its providers; NOT run on this project's machines so far)."""
+    names = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    missing = [names[p] for p in providers if names[p] not in onnxruntime.get_available_providers()]
+    if missing:
+        pytest.skip(f"this onnxruntime has no {', '.join(missing)} (onnxruntime-gpu is needed)")
+    from gprebn_edge.export.pipeline import export_artifact
+
+    with OnnxRuntimeRunner(exported.onnx) as cpu:
+        ref = cpu.infer(exported.images)
+    for precision, limit in (("fp32", 5e-3), ("fp16", 2e-2), ("int8", 0.35)):
+        path = tmp_path / f"m-{precision}.onnx"
+        export_artifact(exported.checkpoint, path, precision=precision, check_images=64,
+                        data="synthetic:gaussian_noise:5:n=64")
+        try:
+            runner = OnnxRuntimeRunner(path, providers=providers, engine_cache=tmp_path / "cache")
+            with runner:
+                got = runner.infer(exported.images)
+        except MissingDependencyError as e:  # e.g. the TensorRT provider without TensorRT's libraries
+            pytest.skip(str(e))
+        assert max_rel(got, ref) <= limit and (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
 def test_spin_false_stops_busy_waiting_threads(exported):
