@@ -49,7 +49,7 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.device.config import LoopConfig, LoopResult, config_record
 from gprebn_edge.device.frames import FrameSource, open_frames
-from gprebn_edge.device.metrics_log import MetricsLog
+from gprebn_edge.device.metrics_log import MAX_BYTES, MetricsLog
 from gprebn_edge.device.publish import Publisher, PublishError
 from gprebn_edge.device.shift import ShiftTrigger
 from gprebn_edge.device.start import initial_state, require_checkpoint_consent, require_finite
@@ -408,8 +408,14 @@ class LoopSession:
 class PredictionsOut:
     """--predictions: one JSON line per served frame, flushed as served; a file rotates like the metrics log."""
 
-    def __init__(self, target: str) -> None:
-        self.log = None if target == "-" else MetricsLog(Path(target), fsync=False)
+    def __init__(self, target: str, on_error: Callable[[OSError], None] | None = None,
+                 max_bytes: int = MAX_BYTES) -> None:
+        try:
+            self.log = (None if target == "-" else
+                        MetricsLog(Path(target), on_error=on_error, fsync=False, max_bytes=max_bytes))
+        except OSError as e:
+            raise InputError(f"cannot open --predictions {target} ({e.strerror or e}): give a file in an existing "
+                             "folder, or - for stdout") from None
 
     def write(self, frame: int, name: str, logits: np.ndarray, served_round: int, label: int | None) -> None:
         cls, conf = frame_predictions(logits[None])
@@ -444,7 +450,9 @@ def run_loop(config: LoopConfig, on_window: Callable[[dict[str, Any]], None] | N
     predictions: PredictionsOut | None = None
     try:
         source = session.open_frames(config.source)
-        predictions = PredictionsOut(config.predictions) if config.predictions else None
+        if config.predictions:
+            predictions = PredictionsOut(config.predictions, lambda e: session.report(
+                f"cannot write --predictions {config.predictions} ({e.strerror or e}): serving goes on"))
         finished = _serve_source(session, source, predictions)
     except BaseException:
         try:

@@ -182,6 +182,7 @@ _REQUIRED = {
     "swap": ("round", "frames"),
     "rollback": ("to_round", "frames"),
     "stop": ("frames",),
+    "publish": ("round",),
     "log_continued": ("part",),
 }
 

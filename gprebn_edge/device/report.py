@@ -189,6 +189,7 @@ def summarize(log: LoopLog) -> dict[str, Any]:
     violations = _served_only_passed(recs, complete=not log.dropped_parts)
     with_frames = [r for r in recs if "frames" in r]
     windows = _windows(log)
+    publishes = log.events("publish")
     return {
         "log": str(log.path),
         "log_parts": len(log.parts),
@@ -216,6 +217,9 @@ def summarize(log: LoopLog) -> dict[str, Any]:
                              "reasons": list(r.get("reasons") or [])} for r in rejected + errors],
         "served_only_passed": not violations,
         "violations": violations,
+        "published": [{"round": p["round"], "version": p.get("version")} for p in publishes if p.get("ok")],
+        "publish_failures": [{"round": p["round"], "error": str(p.get("error"))} for p in publishes
+                             if not p.get("ok")],
     }
 
 
@@ -253,6 +257,8 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
         ("online accuracy", f"{fmt_pct(s['accuracy'], 1)} of {s['labeled']} labeled" if s["labeled"] else "no labels"),
         ("served only candidates that passed", ok),
     ]
+    if s["published"] or s["publish_failures"]:
+        totals.append(("published versions (failed)", f"{len(s['published'])} ({len(s['publish_failures'])})"))
     if s["truncated_lines"]:
         totals.append(("cut lines skipped", f"{s['truncated_lines']}"))
     if s["dropped_parts"]:
@@ -272,6 +278,7 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
     rows.append(("ratio running / idle", "", fmt_ratio(lat["ratio"]["p50"], 2), fmt_ratio(lat["ratio"]["p99"], 2)))
     out += md_table(["adaptation in background", "frames", "p50", "p99"], rows)
     for title, items in (("Violations", s["violations"]),
+                         ("Publish failures", [f"round {p['round']}: {p['error']}" for p in s["publish_failures"]]),
                          ("Rejected candidates", [f"round {r['round']} at frame {r['frames']}: "
                                                   f"{r['error'] or '; '.join(r['reasons']) or 'failed'}"
                                                   for r in s["rejected_rounds"]])):
