@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.errors import ArtifactError
 from gprebn_edge.io import atomic_path, strict_json
-from gprebn_edge.validate import check, check_preprocess, check_size, field, int_list, optional, require
+from gprebn_edge.validate import check, check_preprocess, check_size, field, int_list, number, optional, require
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "check_metadata", "encode_tensors", "decode_tensors",
            "source_state_dict", "rebuild_model"]
@@ -127,7 +127,9 @@ def check_metadata(meta: dict[str, Any], path: object) -> None:
     whoever needs it): one ArtifactError naming the file and the field."""
     optional(meta, "model", dict, path)
     optional(meta, "model.spec", str, path)
-    optional(meta, "num_classes", int, path)
+    for name in ("num_classes", "model.num_classes"):
+        if optional(meta, name, int, path) is not None:
+            number(meta, name, path, integer=True, positive=True)
     check_preprocess(meta, path)
     optional(meta, "method", dict, path)
     if optional(meta, "method", dict, path) is not None:

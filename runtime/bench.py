@@ -5,6 +5,7 @@ and the environment. numpy only; torch is consulted for GPU memory only where it
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 from gprebn_edge.errors import InputError
 from gprebn_edge.io import write_text_atomic
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.environment import describe_environment
+from gprebn_edge.runtime.environment import describe_environment, memory_available
 from gprebn_edge.runtime.metrics import latency_summary
 
 __all__ = ["BenchResult", "benchmark", "time_interleaved", "latency_stats", "write_json", "read_json", "format_table",
@@ -104,8 +105,32 @@ def _input_shape(runner: Runner, batch: int, input_shape: tuple[int, ...] | None
     return (batch, *(int(d) for d in dims if isinstance(d, int)))
 
 
+def check_input_size(shape: tuple[int, ...], limit: int | None = None) -> None:
+    """InputError, before anything is allocated, for a float32 input batch of `shape` that cannot fit: more
+    than half of the memory this machine has available (`limit` bytes where given)."""
+    if any(d < 1 for d in shape):
+        raise InputError(f"the input shape {list(shape)} has a size below 1: give positive sizes (--batch, "
+                         "--input-shape C,H,W)")
+    need = 4 * math.prod(shape)
+    available = memory_available()
+    limit = limit if limit is not None else (available // 2 if available is not None else None)
+    if limit is not None and need > limit:
+        raise InputError(f"an input batch of shape {list(shape)} needs {_size(need)} of float32, more than half of "
+                         f"the {_size(2 * limit)} of memory available here: lower --batch or --input-shape (or "
+                         "export the model at its real input size)")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def _batches(inputs: np.ndarray | None, shape: tuple[int, ...], seed: int) -> list[np.ndarray]:
     if inputs is None:
+        check_input_size(shape)
         return [np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)]
     x = np.asarray(inputs, dtype=np.float32)
     batch = shape[0]
@@ -151,8 +176,16 @@ def benchmark(runner: Runner, *, batch: int = 1, warmup: int = 10, warmup_second
             torch.cuda.reset_peak_memory_stats()
 
         start = time.perf_counter()
-        runner.infer(batches[0])
+        try:
+            first = runner.infer(batches[0])
+        except MemoryError:
+            raise InputError(f"out of memory running the model on an input batch of shape {list(shape)}: lower "
+                             "--batch or --input-shape") from None
         first_ms = 1e3 * (time.perf_counter() - start)
+        if not np.isfinite(np.asarray(first, dtype=np.float64)).all():
+            raise InputError(f"the model's outputs are not finite (NaN or Inf) on an input batch of shape "
+                             f"{list(shape)}: the latency of a broken model is not a result; check its weights "
+                             "(gprebn-edge info) or re-export it")
         warmup_done = _warm_up(runner, batches, warmup, warmup_seconds)
         latencies = _timed(runner, batches, iters, duration, progress)
 

@@ -50,6 +50,18 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+def memory_available() -> int | None:
+    """Bytes of memory this machine can still give a process (Linux: MemAvailable; elsewhere the physical
+    memory), or None where neither can be read."""
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def cpu_model() -> str | None:
     text = _read("/proc/cpuinfo") or ""
     for line in text.splitlines():

@@ -33,7 +33,6 @@ SMALL = "synthetic:fog:5:n=16"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 # The commands this file covers; test_every_command_has_cases fails for a new command without cases here.
-# `loop` landed while this file was written: its cases are in the "loop" section, with its open bugs as xfails.
 COMMANDS = ("adapt", "info", "export", "bench", "compare", "loop", "loop-report")
 
 USED: set[str] = set()  # corpus entries some case below uses (test_every_entry_is_used)
@@ -388,6 +387,58 @@ def test_bad_artifacts(entry, words, command, built, out):
     assert_fails(r, words.get(command, words[None]) if isinstance(words, dict) else words, out=out)
 
 
+def _with_metadata(artifact: Path, dest: Path, change) -> Path:
+    """A copy of `artifact` whose gprebn-edge metadata `change` edited in place."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(artifact), "pt") as f:
+        raw = f.metadata()
+    meta = json.loads(raw["gprebn_edge"])
+    change(meta)
+    save_file(load_file(str(artifact)), str(dest), metadata={**raw, "gprebn_edge": json.dumps(meta)})
+    return dest
+
+
+@pytest.mark.parametrize("value, words", [("ten", "a string ('ten')"), (-3, "is -3"), (10.5, "10.5")])
+def test_export_of_a_model_spec_whose_num_classes_is_not_a_count(value, words, built, out, tmp_path):
+    bad = _with_metadata(built["artifact"], tmp_path / "bad.safetensors",
+                         lambda m: m["model"].__setitem__("num_classes", value))
+    assert_fails(invoke("export", bad, "--onnx", out / "x.onnx"), "'model.num_classes'", words, out=out)
+
+
+def test_bench_of_a_model_whose_weights_are_all_nan(built, out, tmp_path):
+    """The latency of a broken model is not a result."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(built["artifact"]), "pt") as f:
+        raw = f.metadata()
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+           for k, v in load_file(str(built["artifact"])).items()}
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata=raw)
+    r = invoke("bench", tmp_path / "nan.safetensors", "--backend", "torch", "--input-shape", "3,32,32", "--iters", "2",
+               "--json", out / "b.json")
+    assert_fails(r, "outputs are not finite", out=out)
+
+
+@pytest.mark.parametrize("size", [40_000, 1_000_000])
+def test_bench_of_an_onnx_file_with_a_huge_input(size, out, tmp_path):
+    """Refused before anything is allocated, naming the size (a MemoryError before)."""
+    path = tmp_path / f"huge{size}.onnx"
+    path.write_bytes(make_corpus._onnx_classifier(10, size, make_corpus._BUILTIN_PREPROCESS))
+    r = invoke("bench", path, "--iters", "2", "--json", out / "b.json")
+    assert_fails(r, f"[1, 3, {size}, {size}]", "lower --batch", out=out)
+
+
+@pytest.mark.parametrize("flags, shape", [(["--input-shape", "3,100000,100000"], "[1, 3, 100000, 100000]"),
+                                          (["--batch", "100000000"], "[100000000, 3, 32, 32]")])
+def test_bench_of_a_batch_too_large_for_memory(flags, shape, built, out):
+    r = invoke("bench", built["onnx"], *flags, "--iters", "2", "--json", out / "b.json")
+    assert_fails(r, shape, "GiB", out=out)
+
+
 @pytest.mark.parametrize("command", ["info", "export", "bench", "compare"])
 def test_truncated_and_missing_artifacts(command, built, out, tmp_path):
     cut = tmp_path / "cut.safetensors"
@@ -545,9 +596,7 @@ def test_disk_full_while_writing_the_export_manifest(built, out, monkeypatch):
     r = invoke("export", built["artifact"], "--onnx", out / "x.onnx")
     assert_fails(r, "cannot write", "x.manifest.json")
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
-    if (out / "x.onnx").exists():
-        pytest.xfail("bug: export writes the ONNX file before its manifest, so a failed manifest write leaves "
-                     "x.onnx without x.manifest.json (export/pipeline.py)")
+    assert not (out / "x.onnx").exists(), "the ONNX file was left without its manifest"
 
 
 # -- Ctrl-C during each command ----------------------------------------------------------------------------------
@@ -642,15 +691,11 @@ def test_loop_refuses_bad_models(flag, entry, words, out):
     state = out / "state"
     assert_fails(invoke(*loop_args(state, flag, c(entry))), words)
     left = sorted(p.name for p in state.iterdir()) if state.exists() else []
-    if left:
-        pytest.xfail(f"bug: loop copies {flag} into the state folder before checking it, so a refused file stays "
-                     f"there ({', '.join(left)}) and the message names the copy (device/loop.py)")
+    assert left == [], f"a refused {flag} was left in the state folder"
 
 
 def test_loop_refuses_an_onnx_file_that_does_not_match_the_model(built, out):
     r = invoke(*loop_args(out / "state", "--model", built["artifact"], "--onnx", c("onnx/other_classes.onnx")))
-    if r.exit_code == 0:
-        pytest.xfail("bug: loop serves a 5-class --onnx beside a 10-class --model without checking they match")
     assert_fails(r, "classes")
 
 
