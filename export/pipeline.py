@@ -205,10 +205,10 @@ def _reduced(model: torch.nn.Module, fp32_manifest: dict[str, Any], fp32: Path, 
     say = progress or (lambda _: None)
     start = time.perf_counter()
     say(f"converting to {precision} and checking it on {sum(len(b) for b in batches)} images")
-    kept_float = None
+    kept_float = truncated = None
     with atomic_path(out) as tmp:  # non-finite outputs (onnx_parity raises) leave nothing behind
         if precision == "fp16":
-            to_fp16(fp32, tmp)
+            truncated = to_fp16(fp32, tmp)
         else:
             kept_float = to_int8(fp32, tmp, batches)
         parity: Parity = onnx_parity(tmp, model.eval(), batches)
@@ -219,6 +219,7 @@ def _reduced(model: torch.nn.Module, fp32_manifest: dict[str, Any], fp32: Path, 
                 "converter": tool, "parity": {"data": fp32_manifest["parity"]["data"], **parity.to_dict(),
                                               "reference": "PyTorch fp32"},
                 "fp32_parity": fp32_manifest["parity"], "kept_float": kept_float,
+                "fp16_values_moved_into_range": truncated,
                 "seconds": round(fp32_manifest["seconds"] + time.perf_counter() - start, 2)}
     if precision == "fp16":
         import onnxconverter_common

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,10 @@ def onnx_precision(proto: Any) -> str:
     return "fp32"
 
 
-def to_fp16(src: Path, out: Path) -> None:
-    """Write the float16 form of the float32 ONNX `src` to `out`; inputs and outputs stay float32."""
+def to_fp16(src: Path, out: Path) -> int:
+    """Write the float16 form of the float32 ONNX `src` to `out`; inputs and outputs stay float32. Returns
+    how many weights the converter moved into float16's range (tiny ones to 1e-7, huge ones to 1e4); it
+    warns once per value, which would flood the terminal, so the warnings are counted instead."""
     import onnx
 
     try:
@@ -69,9 +72,12 @@ def to_fp16(src: Path, out: Path) -> None:
     except ImportError:
         raise MissingDependencyError("--fp16 needs onnxconverter-common: pip install 'gprebn-edge[precision]'") \
             from None
-    proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
+    return sum("truncated" in str(w.message) for w in caught)
 
 
 class _Feed:

@@ -139,6 +139,18 @@ def test_unknown_section_is_refused(tmp_path):
     assert proc.returncode == 2 and "unknown sections ['bogus']" in proc.stderr
 
 
+def test_sections_are_modules_that_load_the_package_late():
+    """gpu_check.py parses and runs; each section is a module of benchmarks/gpu_sections/ (the package's
+    list of them imports nothing of gprebn_edge, so the tree can be mapped first)."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import gpu_sections; "
+            "assert not [m for m in sys.modules if m.startswith('gprebn_edge')], 'imported too early'; "
+            "import gpu_check; gpu_check.use_tree(); print(','.join(n for n, fn in gpu_sections.sections() "
+            "if fn.__module__.startswith('gpu_sections.')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().split(",") == SECTIONS
+
+
 def test_package_imports_from_the_tree_without_install():
     """What the GPU machine does when nothing is installed: gpu_check maps export/ and runtime/ itself."""
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
