@@ -309,6 +309,25 @@ def _captured(monkeypatch, module):
     return figures
 
 
+def _with_thin_bins(result) -> tuple[CompareResult, list[int]]:
+    """The result with model A's reliability counts redrawn so that two non-empty bins hold fewer than
+    MIN_BIN_COUNT images (the same total): (that result, the thin counts)."""
+    from gprebn_edge.runtime import compare_plot
+
+    d = result.to_dict()
+    rel = d["models"][0]["reliability"]
+    full = [i for i, acc in enumerate(rel["accuracy"]) if acc is not None]
+    assert len(full) >= 3, "the fixture needs three non-empty bins"
+    counts = [0] * len(rel["count"])
+    thin = [3, compare_plot.MIN_BIN_COUNT - 1]
+    counts[full[0]], counts[full[1]] = thin
+    counts[full[2]] = result.images - sum(thin) - (len(full) - 3) * compare_plot.MIN_BIN_COUNT
+    for i in full[3:]:
+        counts[i] = compare_plot.MIN_BIN_COUNT
+    rel["count"] = counts
+    return CompareResult.from_dict(d), thin
+
+
 def test_reliability_bins_carry_counts_and_the_plot_marks_thin_bins(result, monkeypatch):
     pytest.importorskip("matplotlib")
     from gprebn_edge.runtime import compare_plot
@@ -316,17 +335,17 @@ def test_reliability_bins_carry_counts_and_the_plot_marks_thin_bins(result, monk
     for m in result.models:
         counts = m.reliability["count"]
         assert len(counts) == len(m.reliability["edges"]) - 1 and sum(counts) == result.images
+    thinned, thin = _with_thin_bins(result)
+    assert sum(thinned.a.reliability["count"]) == result.images
     figures = _captured(monkeypatch, compare_plot)
-    plot_compare(result, "unused.png")
+    plot_compare(thinned, "unused.png")
     ax = figures[0].axes[0]
-    counts = result.a.reliability["count"]
+    counts = thinned.a.reliability["count"]
     texts = {t.get_text() for t in ax.texts}
     assert {str(c) for c in counts if c > 0} <= texts  # every non-empty bin is labelled with its count
-    thin = [c for c in counts if 0 < c < compare_plot.MIN_BIN_COUNT]
-    greyed = [p for p in ax.patches if p.get_label() == "_thin" or p.get_facecolor()[:3] == (0.75, 0.75, 0.75)]
-    assert len(greyed) >= len(thin)
-    assert any(compare_plot.MIN_BIN_COUNT == 10 and "fewer than 10" in t.get_text()
-               for t in ax.get_legend().get_texts()) or not thin
+    greyed = [p for p in ax.patches if p.get_facecolor()[:3] == (0.75, 0.75, 0.75)]
+    assert len(greyed) == len(thin)
+    assert any(f"fewer than {compare_plot.MIN_BIN_COUNT}" in t.get_text() for t in ax.get_legend().get_texts())
 
 
 def test_plot_titles_wrap_rather_than_cut(result, monkeypatch):
