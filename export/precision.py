@@ -41,9 +41,9 @@ class Floor:
     max_rel: float
 
 
-# fp16: rounding alone (measured: builtin 4e-4, EfficientNet-Lite0 ~2e-3 max relative logit error, 100 % / >99 %
-# top-1); int8: calibrated ranges cost more (builtin 1-2 %, Lite0 see benchmarks/results/precision.md)
-FLOORS = {"fp16": Floor(top1_agreement=0.99, max_rel=2e-2), "int8": Floor(top1_agreement=0.90, max_rel=0.35)}
+# Measured (benchmarks/results/precision.md): fp16 flips the top-1 class only where the two best logits nearly
+# tie (built-in model 0.2 %, EfficientNet-Lite0 on the walk-through photos ~1 %); int8 costs more.
+FLOORS = {"fp16": Floor(top1_agreement=0.98, max_rel=2e-2), "int8": Floor(top1_agreement=0.90, max_rel=0.35)}
 
 
 class PrecisionBelowFloor(GprebnError):
@@ -135,5 +135,5 @@ def check_floor(precision: str, top1_agreement: float, max_rel: float, out: Path
     raise PrecisionBelowFloor(
         f"the {precision} ONNX is below its floor: top-1 agreement with PyTorch fp32 {100 * top1_agreement:.2f} % "
         f"(floor {100 * floor.top1_agreement:.0f} %), max relative logit error {max_rel:.2e} (floor "
-        f"{floor.max_rel:.0e}); the file was kept for inspection at {out} (its manifest records the figures): "
+        f"{floor.max_rel:g}); the file was kept for inspection at {out} (its manifest records the figures): "
         "do not deploy it; export fp32, or fp16 instead of int8")

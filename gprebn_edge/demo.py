@@ -32,10 +32,11 @@ def _spec(domain: str, split: str, n: int) -> str:
 
 def _tensorrt_status() -> str | None:
     """None where engines can be built here, else why not."""
-    from gprebn_edge.optional import import_tensorrt
+    from gprebn_edge.optional import import_polygraphy, import_tensorrt
 
     try:
         import_tensorrt()
+        import_polygraphy()  # engines are built and run through it
     except GprebnError as e:
         return str(e)
     try:
