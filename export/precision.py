@@ -123,8 +123,21 @@ def to_int8(src: Path, out: Path, batches: Sequence[np.ndarray], input_name: str
         finally:
             quiet.setLevel(level)
     onnx.checker.check_model(str(out))
-    float_ops = Counter(n.op_type for n in onnx.load(str(src)).graph.node)
-    return {op: n for op, n in sorted(float_ops.items()) if op not in QDQRegistry}
+    return _float_compute(onnx.load(str(src)), set(QDQRegistry))
+
+
+def _float_compute(proto: Any, quantizable: set[str]) -> dict[str, int]:
+    """Operator types (with counts) that compute on float tensors and have no int8 rule in `quantizable`:
+    the ones left in float. Constants and shape arithmetic (int64) are not counted."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    ops = Counter(n.op_type for n in proto.graph.node if n.op_type not in quantizable and n.op_type != "Constant"
+                  and any(types.get(o) in floats for o in n.output))
+    return dict(sorted(ops.items()))
 
 
 def check_floor(precision: str, top1_agreement: float, max_rel: float, out: Path) -> None:
