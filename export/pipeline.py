@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from gprebn_edge import __version__
-from gprebn_edge.adapt import calibration_tensors
 from gprebn_edge.checkpoint import rebuild_model
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
@@ -121,7 +120,7 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     except GprebnError as e:
         fix = "" if data else "; pass --data"
         raise GprebnError(f"cannot read the images to check the export against ({e}){fix}") from None
-    batches = [t.numpy() for t in calibration_tensors(source, 250)]
+    batches = [b.images for b in source.batches(250)]
     if not batches:
         raise GprebnError(f"no readable images in {spec} to check the export against"
                           f"{'' if data else '; pass --data'}")

@@ -24,7 +24,8 @@ from gprebn_edge.device.shift import ShiftConfig
 from gprebn_edge.device.window import frame_predictions
 from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.runtime.compare import CompareResult
-from gprebn_edge.runtime.loading import open_runner
+from gprebn_edge.runtime.base import Runner
+from gprebn_edge.stages import CHECKPOINTS, fold_as_exported
 
 __all__ = ["adapt", "export_onnx", "open_runner", "compare", "AdaptiveLoop", "AdaptReport", "ExportReport",
            "Predictions", "LoopStatus", "LoopResult", "CompareResult", "GprebnError"]
@@ -87,11 +88,13 @@ def export_onnx(artifact: str | Path, onnx: str | Path | None = None, *, unadapt
     return ExportReport(Path(manifest["onnx"]), manifest)
 
 
-def _fold(model: Any, example: Any) -> tuple[Any, Any]:
-    """A checkpoint compared with the torch backend runs folded, as its export does."""
-    from gprebn_edge.export.fold import fold_batchnorm
+def open_runner(path: str | Path, backend: str = "auto", **options: Any) -> Runner:
+    """A (not yet activated) runner for an ONNX file, engine or checkpoint: runtime.loading.open_runner, with
+    its keyword options, reading checkpoints with the adapt stage's reader."""
+    from gprebn_edge.runtime.loading import open_runner as open_model
 
-    return fold_batchnorm(model, example)
+    options.setdefault("checkpoints", CHECKPOINTS)
+    return open_model(path, backend, **options)
 
 
 def compare(model_a: str | Path, model_b: str | Path, data: str, *, batch: int | None = None,
@@ -105,7 +108,7 @@ def compare(model_a: str | Path, model_b: str | Path, data: str, *, batch: int |
 
     consent = CodeConsent(any_code=trust_model_code)
     a, b = (RunnerOptions(backend=backend, device=device, threads=threads, consent=consent, verify=verify,
-                          prepare=_fold) for backend in (backend_a, backend_b))
+                          prepare=fold_as_exported, checkpoints=CHECKPOINTS) for backend in (backend_a, backend_b))
     return compare_models(model_a, model_b, data, options_a=a, options_b=b,
                           **_given(batch=batch, limit=limit, latency_iters=latency_iters))
 

@@ -11,14 +11,38 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError
 
-__all__ = ["TensorInfo", "RunnerInfo", "Runner"]
+__all__ = ["TensorInfo", "RunnerInfo", "Runner", "CheckpointReader", "require_checkpoints"]
+
+
+class CheckpointReader(Protocol):
+    """How the runtime opens an adapted checkpoint (.safetensors): the layer above hands one in, as it hands
+    in TorchRunner's `prepare`, so the runtime imports nothing of the adapt stage
+    (gprebn_edge.stages.CHECKPOINTS is the adapt stage's)."""
+
+    def metadata(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's metadata (ArtifactError for a bad file)."""
+        ...
+
+    def rebuild(self, path: Path, which: str, consent: Any) -> tuple[Any, dict[str, Any]]:
+        """(the nn.Module of `which` model, "adapted" or "source", in eval mode; the metadata)."""
+        ...
+
+
+def require_checkpoints(checkpoints: CheckpointReader | None, path: Path) -> CheckpointReader:
+    """`checkpoints`, or InputError saying that a checkpoint needs the adapt stage's reader."""
+    if checkpoints is None:
+        raise InputError(f"{path.name} is an adapted checkpoint, which the runtime opens only with the adapt "
+                         "stage's reader: pass checkpoints=gprebn_edge.stages.CHECKPOINTS, or export it to ONNX "
+                         "with `gprebn-edge export` and run that")
+    return checkpoints
 
 IO = tuple[list["TensorInfo"], list["TensorInfo"]]
 

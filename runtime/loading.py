@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.errors import ArtifactError, InputError
-from gprebn_edge.runtime.base import Runner
+from gprebn_edge.runtime.base import CheckpointReader, Runner, require_checkpoints
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 from gprebn_edge.validate import check, check_preprocess, oneline, optional
 
@@ -100,7 +100,8 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
                 fp16: bool = False, cuda_graphs: bool = False, providers: tuple[str, ...] | None = None,
                 engine_cache: str | Path | None = None, which: str = "adapted",
                 input_shape: tuple[int, ...] | None = None, shared_cpu: bool = False,
-                consent: CodeConsent | None = None, verify: bool = True, prepare: Prepare | None = None) -> Runner:
+                consent: CodeConsent | None = None, verify: bool = True, prepare: Prepare | None = None,
+                checkpoints: CheckpointReader | None = None) -> Runner:
     """A (not yet activated) runner for `path`. `device` defaults to "cpu" for onnxruntime and torch and to
     "cuda" for TensorRT; for onnxruntime a CUDA device means the CUDA provider unless `providers` says
     otherwise (e.g. ("tensorrt", "cuda")). `which` and `input_shape` apply to checkpoints. `shared_cpu`:
@@ -108,7 +109,9 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
     `consent`: to the model code a checkpoint names (ONNX files and engines run no code and need none).
     `verify`: check an ONNX file or engine against the hash in its manifest (see verify_file) first.
     `prepare`: for a checkpoint, turns the model into what was exported (pass the export stage's
-    fold_batchnorm, or the runs are of the unfolded model; see TorchRunner)."""
+    fold_batchnorm, or the runs are of the unfolded model; see TorchRunner). `checkpoints`: how to read a
+    checkpoint (runtime.base.CheckpointReader; gprebn_edge.stages.CHECKPOINTS): the runtime does not import
+    the adapt stage."""
     kind = backend_for(path, backend)
     if verify and kind in ("onnxruntime", "tensorrt"):
         verify_file(path)
@@ -142,7 +145,8 @@ def open_runner(path: str | Path, backend: str = "auto", *, device: str | None =
         if dev != "cpu":
             dev = f"cuda:{_gpu_index(dev)}"
         return TorchRunner(path, device=dev, fp16=fp16, cuda_graphs=cuda_graphs, which=which,
-                           input_shape=input_shape, threads=threads, consent=consent, prepare=prepare)
+                           input_shape=input_shape, threads=threads, consent=consent, prepare=prepare,
+                           checkpoints=checkpoints)
     raise AssertionError(kind)
 
 
@@ -219,7 +223,7 @@ def health_note(health: dict[str, Any] | None) -> str | None:
     return f"adaptation health {health['verdict']}: {signals}"
 
 
-def model_metadata(path: str | Path) -> dict[str, Any]:
+def model_metadata(path: str | Path, checkpoints: CheckpointReader | None = None) -> dict[str, Any]:
     """What a model file says about itself: {"format", "model" ("adapted"/"source"/None), "preprocess"
     (a dict for Preprocess.from_dict, or None), "num_classes" (int or None), "raw"}. An engine carries no
     metadata of its own: its export manifest (NAME.manifest.json) or the ONNX file beside it is read."""
@@ -228,15 +232,13 @@ def model_metadata(path: str | Path) -> dict[str, Any]:
     if kind == "onnxruntime":
         return _parsed(_onnx_metadata(path), "onnx", path)
     if kind == "torch":
-        from gprebn_edge.checkpoint import load_checkpoint  # imports torch
-
-        _, meta = load_checkpoint(path)
+        meta = require_checkpoints(checkpoints, path).metadata(path)
         meta = {k: v for k, v in meta.items() if k != "source_bn"}
         summary = meta.get("summary")
         health = summary.get("health") if isinstance(summary, dict) else None
         return _parsed({**meta, "model": "adapted", "model_spec": meta.get("model"), "adaptation_health": health},
                        "checkpoint", path)
-    manifest = path.with_name(path.stem + ".manifest.json")
+    manifest = manifest_beside(path)
     if manifest.is_file():
         try:
             raw = json.loads(manifest.read_text(encoding="utf-8"))

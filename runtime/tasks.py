@@ -13,6 +13,7 @@ from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.source_base import ImageSource
 from gprebn_edge.data.sources import collect, open_source
 from gprebn_edge.errors import InputError
+from gprebn_edge.runtime.base import CheckpointReader
 from gprebn_edge.runtime.bench import BenchResult, benchmark
 from gprebn_edge.runtime.compare import CompareResult, compare
 from gprebn_edge.runtime.loading import model_metadata, open_runner
@@ -41,12 +42,13 @@ class RunnerOptions:
     prepare: Prepare | None = None   # a checkpoint's model -> what was exported: the caller's fold (TorchRunner)
     providers: tuple[str, ...] | None = None  # onnxruntime providers in order, e.g. ("tensorrt", "cuda")
     engine_cache: Path | None = None  # where onnxruntime's TensorRT provider keeps engines and timing cache
+    checkpoints: CheckpointReader | None = None  # reads a checkpoint: the adapt stage's, handed in (like prepare)
 
     def open(self, path: str | Path) -> Any:
         return open_runner(path, self.backend, device=self.device, threads=self.threads, fp16=self.fp16,
                            cuda_graphs=self.cuda_graphs, input_shape=self.input_shape, shared_cpu=self.shared_cpu,
                            consent=self.consent, verify=self.verify, prepare=self.prepare,
-                           providers=self.providers, engine_cache=self.engine_cache)
+                           providers=self.providers, engine_cache=self.engine_cache, checkpoints=self.checkpoints)
 
 
 def parse_warmup(text: str) -> tuple[int, float | None]:
@@ -75,14 +77,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _preprocess_of(path: Path) -> Preprocess | None:
-    meta = model_metadata(path)
+def _preprocess_of(path: Path, checkpoints: CheckpointReader | None) -> Preprocess | None:
+    meta = model_metadata(path, checkpoints)
     return Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
 
 
-def open_data(spec: str, models: Sequence[str | Path], *, limit: int | None = None, seed: int = 0) -> ImageSource:
-    """Open `spec` with the preprocessing the model files record (they must agree), in a seeded order."""
-    found = {str(p): pre for p in models if (pre := _preprocess_of(Path(p))) is not None}
+def open_data(spec: str, models: Sequence[str | Path], *, limit: int | None = None, seed: int = 0,
+              checkpoints: CheckpointReader | None = None) -> ImageSource:
+    """Open `spec` with the preprocessing the model files record (they must agree), in a seeded order;
+    `checkpoints` reads those that are checkpoints."""
+    found = {str(p): pre for p in models if (pre := _preprocess_of(Path(p), checkpoints)) is not None}
     distinct = {tuple(sorted(pre.to_dict().items(), key=lambda kv: kv[0])): p for p, pre in found.items()}
     if len(distinct) > 1:
         a, b = list(distinct.values())[:2]
@@ -105,7 +109,7 @@ def bench_model(path: str | Path, options: RunnerOptions, *, batches: Sequence[i
     warm_iters, warm_seconds = parse_warmup(warmup)
     inputs = None
     if data is not None:
-        images, _ = collect(open_data(data, [path], limit=max(batches) * 4))
+        images, _ = collect(open_data(data, [path], limit=max(batches) * 4, checkpoints=options.checkpoints))
         inputs = images
     results = []
     for i, batch in enumerate(batches):
@@ -127,10 +131,12 @@ def compare_models(path_a: str | Path, path_b: str | Path, data: str, *, options
     interleaved latency. Shapes and class counts are checked before any inference."""
     if batch < 1 or latency_batch < 1 or latency_iters < 0:
         raise InputError("--batch and --latency-batch must be at least 1 and --latency-iters at least 0")
-    source = open_data(data, [path_a, path_b], limit=limit, seed=seed)
+    options_a, options_b = options_a or RunnerOptions(), options_b or RunnerOptions()
+    checkpoints = options_a.checkpoints or options_b.checkpoints
+    source = open_data(data, [path_a, path_b], limit=limit, seed=seed, checkpoints=checkpoints)
     # two sessions alive at once: neither may spin on the cores the other one is being timed on
-    a = replace(options_a or RunnerOptions(), shared_cpu=True).open(path_a)
-    b = replace(options_b or RunnerOptions(), shared_cpu=True).open(path_b)
+    a = replace(options_a, shared_cpu=True).open(path_a)
+    b = replace(options_b, shared_cpu=True).open(path_b)
     names = (Path(path_a).name, Path(path_b).name)
     if names[0] == names[1]:
         names = (str(path_a), str(path_b))
@@ -140,7 +146,8 @@ def compare_models(path_a: str | Path, path_b: str | Path, data: str, *, options
     finally:
         a.deactivate()
         b.deactivate()
-    health = {name: model_metadata(p).get("health") for name, p in zip(names, (path_a, path_b), strict=True)}
+    health = {name: model_metadata(p, o.checkpoints).get("health")
+              for name, p, o in zip(names, (path_a, path_b), (options_a, options_b), strict=True)}
     result.data = {**result.data, "spec": data, "limit": limit, "health": health}
     return result
 

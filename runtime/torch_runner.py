@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gprebn_edge.errors import InputError, MissingDependencyError
-from gprebn_edge.runtime.base import Runner, RunnerInfo, TensorInfo
+from gprebn_edge.runtime.base import CheckpointReader, Runner, RunnerInfo, TensorInfo, require_checkpoints
 
 if TYPE_CHECKING:
     from gprebn_edge.consent import CodeConsent
@@ -91,18 +91,22 @@ class TorchRunner(Runner):
     `infer` (then the first call also pays for it). `cuda_graphs` (CUDA only) captures the forward pass once
     per batch shape and replays it, re-capturing when the shape changes. `threads` sets torch's intra-op
     threads while active (torch_threads). `consent`: to the model code a checkpoint names (user code is not
-    imported without it)."""
+    imported without it). `checkpoints` reads a checkpoint (runtime.base.CheckpointReader), handed in like
+    `prepare`: gprebn_edge.stages.CHECKPOINTS."""
 
     name = "torch"
 
     def __init__(self, module_or_checkpoint: Any, *, device: str = "cpu", fp16: bool = False,
                  cuda_graphs: bool = False, folded: bool = True, which: str = "adapted",
                  input_shape: tuple[int, ...] | None = None, threads: int | None = None,
-                 consent: CodeConsent | None = None, prepare: Prepare | None = None) -> None:
+                 consent: CodeConsent | None = None, prepare: Prepare | None = None,
+                 checkpoints: CheckpointReader | None = None) -> None:
         super().__init__()
         torch = import_torch()
+        self.checkpoints: CheckpointReader | None = None
         if isinstance(module_or_checkpoint, str | Path):
             self.path: Path | None = Path(module_or_checkpoint)
+            self.checkpoints = require_checkpoints(checkpoints, self.path)
             self._source: Any = None
         elif isinstance(module_or_checkpoint, torch.nn.Module):
             self.path = None
@@ -145,11 +149,10 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         torch = import_torch()
         if self.path is not None:
-            from gprebn_edge.checkpoint import rebuild_model  # the adapted artifact, handed forward
-
+            assert self.checkpoints is not None
             if not self.path.is_file():
                 raise InputError(f"no such checkpoint: {self.path}")
-            model, self._meta = rebuild_model(self.path, self.which, consent=self.consent)
+            model, self._meta = self.checkpoints.rebuild(self.path, self.which, self.consent)
             self._num_classes = self._meta.get("num_classes")
             crop = (self._meta.get("preprocess") or {}).get("crop")
             if self.input_shape is None and crop:

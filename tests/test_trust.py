@@ -21,6 +21,7 @@ from gprebn_edge.cli import app
 from gprebn_edge.consent import TRUST_ALL, CodeConsent, require_consent, same_code
 from gprebn_edge.errors import ModelError
 from gprebn_edge.runtime.loading import open_runner
+from gprebn_edge.stages import CHECKPOINTS
 
 runner = CliRunner()
 DATA = "synthetic:fog:5:n=8"
@@ -111,7 +112,7 @@ def test_rebuild_model_refuses_code_without_consent(forged):
         assert specs[kind] in str(e.value) and "--trust-model-code" in str(e.value)
         assert not marker.exists(), kind
     with pytest.raises(ModelError, match="consent"):
-        open_runner(artifacts["absolute"]).activate()
+        open_runner(artifacts["absolute"], checkpoints=CHECKPOINTS).activate()
     assert not marker.exists()
 
 

@@ -12,15 +12,8 @@ from gprebn_edge.cli.options import BACKEND_HELP, Backend, Device, JsonOut, Limi
 from gprebn_edge.cli.output import check_outputs, emit_json, existing, json_to_stdout, note, say_replaced
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.io import strict_json
+from gprebn_edge.stages import CHECKPOINTS, fold_as_exported
 from gprebn_edge.validate import flag_number
-
-
-def _fold(model: Any, example: Any) -> tuple[Any, Any]:
-    """A checkpoint run with the torch backend is folded as its export is (the runtime does not import the
-    export stage: the fold is handed in as `prepare`); imported on first use, so ONNX runs need no torch."""
-    from gprebn_edge.export.fold import fold_batchnorm
-
-    return fold_batchnorm(model, example)
 
 
 def _batch_list(text: str) -> list[int]:
@@ -74,7 +67,8 @@ def bench(
     flag_number(threads, "--threads", low=1)
     options = RunnerOptions(backend=backend, device=device, threads=threads, fp16=fp16, cuda_graphs=cuda_graphs,
                             input_shape=parse_shape(input_shape) if input_shape else None,
-                            consent=CodeConsent(any_code=trust_model_code), verify=verify, prepare=_fold,
+                            consent=CodeConsent(any_code=trust_model_code), verify=verify, prepare=fold_as_exported,
+                            checkpoints=CHECKPOINTS,
                             providers=parse_providers(providers) if providers else None, engine_cache=engine_cache)
     batches = _batch_list(batch)
     check_outputs(json_out, plot)
@@ -141,8 +135,9 @@ def compare(
                              (latency_iters, "--latency-iters", 0), (latency_batch, "--latency-batch", 1)):
         flag_number(value, flag, low=low)
     onnx_providers = parse_providers(providers) if providers else None
-    options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify, prepare=_fold,
-                             providers=onnx_providers, engine_cache=engine_cache) for b in (backend_a, backend_b)]
+    options = [RunnerOptions(backend=b, device=device, threads=threads, consent=consent, verify=verify,
+                             prepare=fold_as_exported, checkpoints=CHECKPOINTS, providers=onnx_providers,
+                             engine_cache=engine_cache) for b in (backend_a, backend_b)]
     with progress() as update:
         result = compare_models(model_a, model_b, data, options_a=options[0], options_b=options[1], batch=batch,
                                 limit=limit, latency_iters=latency_iters, latency_batch=latency_batch,

@@ -11,12 +11,13 @@ from gprebn_edge.runtime.loading import backend_for, model_metadata, open_runner
 from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 from gprebn_edge.runtime.torch_runner import TorchRunner
 from gprebn_edge.runtime.trt_runner import TensorRTRunner
+from gprebn_edge.stages import CHECKPOINTS
 
 
 def test_backend_by_suffix(exported, tmp_path):
     onnx_runner = open_runner(exported.onnx, threads=1)
     assert isinstance(onnx_runner, OnnxRuntimeRunner) and onnx_runner.providers == ("cpu",)
-    assert isinstance(open_runner(exported.checkpoint), TorchRunner)
+    assert isinstance(open_runner(exported.checkpoint, checkpoints=CHECKPOINTS), TorchRunner)
     for suffix in (".engine", ".plan", ".trt", ".ENGINE"):
         engine = tmp_path / f"m{suffix}"
         engine.write_bytes(b"x")
@@ -58,7 +59,7 @@ def test_bad_requests(exported, tmp_path):
     with pytest.raises(InputError, match="device must be"):
         open_runner(exported.onnx, device="tpu")
     with pytest.raises(InputError, match="onnxruntime settings"):
-        open_runner(exported.checkpoint, providers=("cpu",))
+        open_runner(exported.checkpoint, providers=("cpu",), checkpoints=CHECKPOINTS)
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"x")
     with pytest.raises(InputError, match="run on the GPU"):
@@ -69,7 +70,9 @@ def test_bad_requests(exported, tmp_path):
 
 def test_metadata_of_onnx_and_checkpoint(exported):
     onnx_meta = model_metadata(exported.onnx)
-    ckpt_meta = model_metadata(exported.checkpoint)
+    ckpt_meta = model_metadata(exported.checkpoint, CHECKPOINTS)
+    with pytest.raises(InputError, match="adapt stage's reader"):
+        model_metadata(exported.checkpoint)
     assert onnx_meta["format"] == "onnx" and ckpt_meta["format"] == "checkpoint"
     for meta in (onnx_meta, ckpt_meta):
         assert meta["model"] == "adapted" and meta["num_classes"] == 10

@@ -10,6 +10,7 @@ from gprebn_edge.errors import InputError, MissingDependencyError
 from gprebn_edge.export.fold import fold_batchnorm
 from gprebn_edge.runtime.ort_runner import OnnxRuntimeRunner
 from gprebn_edge.runtime.torch_runner import TorchRunner
+from gprebn_edge.stages import CHECKPOINTS
 
 
 def max_rel(got: np.ndarray, ref: np.ndarray) -> float:
@@ -23,7 +24,7 @@ def ort_logits(exported):
 
 
 def test_checkpoint_on_cpu_equals_onnxruntime(exported, ort_logits):
-    runner = TorchRunner(exported.checkpoint, prepare=fold_batchnorm)
+    runner = TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, prepare=fold_batchnorm)
     # the built-in model's preprocessing has no crop, so the input size is learnt from the first batch
     assert runner.inputs()[0].shape == ("batch", None, None, None)
     with runner:
@@ -37,17 +38,18 @@ def test_checkpoint_on_cpu_equals_onnxruntime(exported, ort_logits):
 
 
 def test_input_shape_folds_at_activate_and_unfolded_agrees(exported, ort_logits):
-    with TorchRunner(exported.checkpoint, input_shape=(3, 32, 32), threads=1, prepare=fold_batchnorm) as runner:
+    with TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, input_shape=(3, 32, 32), threads=1,
+                     prepare=fold_batchnorm) as runner:
         assert runner.info().details["fold"]["folded"] == 9  # before any inference
         folded = runner.infer(exported.images)
-    with TorchRunner(exported.checkpoint, folded=False) as runner:
+    with TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, folded=False) as runner:
         unfolded = runner.infer(exported.images)
         assert "fold" not in runner.info().details
     assert max_rel(folded, ort_logits) <= 1e-5 and max_rel(unfolded, ort_logits) <= 1e-5
 
 
 def test_source_model_differs(exported, ort_logits):
-    with TorchRunner(exported.checkpoint, which="source") as runner:
+    with TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, which="source") as runner:
         source = runner.infer(exported.images)
     model, _ = rebuild_model(exported.checkpoint, "source")
     with torch.no_grad():
@@ -71,28 +73,28 @@ def test_module_is_left_as_given(exported):
 
 def test_bad_settings(exported, tmp_path):
     with pytest.raises(InputError, match="CUDA graphs need a CUDA device"):
-        TorchRunner(exported.checkpoint, cuda_graphs=True)
+        TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, cuda_graphs=True)
     with pytest.raises(InputError, match="nn.Module or a .safetensors"):
         TorchRunner(42)
     with pytest.raises(InputError, match="which"):
-        TorchRunner(exported.checkpoint, which="both")
+        TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, which="both")
     with pytest.raises(InputError, match="no such checkpoint"):
-        TorchRunner(tmp_path / "none.safetensors").activate()
+        TorchRunner(tmp_path / "none.safetensors", checkpoints=CHECKPOINTS).activate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_cuda_without_gpu(exported):
     with pytest.raises(MissingDependencyError, match="no CUDA GPU"):
-        TorchRunner(exported.checkpoint, device="cuda")
+        TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, device="cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_match_eager_and_recapture_on_new_batch(exported):
     x = exported.images
-    with TorchRunner(exported.checkpoint, device="cuda") as runner:
+    with TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, device="cuda") as runner:
         eager = runner.infer(x)
-    with TorchRunner(exported.checkpoint, device="cuda", cuda_graphs=True) as runner:
+    with TorchRunner(exported.checkpoint, checkpoints=CHECKPOINTS, device="cuda", cuda_graphs=True) as runner:
         graphed = runner.infer(x)
         again = runner.infer(x)          # replay
         small = runner.infer(x[:3])      # new shape: re-captured
@@ -118,3 +120,9 @@ def test_prepare_is_the_callers_fold(exported, ort_logits):
     assert calls == [(2, 3, 32, 32)] and max_rel(got, ort_logits) <= 1e-5
     with pytest.raises(InputError, match="prepare"):
         TorchRunner(model, folded=False, prepare=prepare)
+
+
+def test_a_checkpoint_needs_the_adapt_stages_reader(exported):
+    """The runtime imports nothing of the adapt stage: the reader is handed in, and its absence is one error."""
+    with pytest.raises(InputError, match="checkpoints=gprebn_edge.stages.CHECKPOINTS"):
+        TorchRunner(exported.checkpoint)
