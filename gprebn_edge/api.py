@@ -23,8 +23,8 @@ from gprebn_edge.device.loop import LoopSession, LoopStatus
 from gprebn_edge.device.shift import ShiftConfig
 from gprebn_edge.device.window import frame_predictions
 from gprebn_edge.errors import GprebnError, InputError
-from gprebn_edge.runtime.compare import CompareResult
 from gprebn_edge.runtime.base import Runner
+from gprebn_edge.runtime.compare import CompareResult
 from gprebn_edge.stages import CHECKPOINTS, fold_as_exported
 
 __all__ = ["adapt", "export_onnx", "open_runner", "compare", "AdaptiveLoop", "AdaptReport", "ExportReport",
