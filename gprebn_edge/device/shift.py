@@ -11,20 +11,9 @@ their top-1 class. `check()` compares the recent window with a reference window 
 - entropy:   |change| of the mean softmax entropy / log(C);
 - diversity: |change| of the entropy of the predicted-class histogram / log(C).
 
-Defaults, measured on the built-in stream with the built-in model (committed weights), window 64, the
-reference taken at the first full window and again one window into each new segment (as after a swap):
-
-    OMP_NUM_THREADS=1 .venv/bin/python tests/device/test_shift.py   # prints the per-seed table
-
-- stationary, clean*2500, seeds 0-4, every frame checked: the largest input move was 0.52 sigma, entropy
-  move 0.032, diversity move 0.090. Thresholds 1.0 / 0.1 / 0.2 leave 1.9x / 3.1x / 2.2x of headroom.
-- each change of DEFAULT_SEGMENTS (160 frames per segment), seeds 0-4: clean -> fog is caught by entropy
-  (peak 0.19-0.23, so >= 1.9x its threshold); every other change by diversity (peak 0.38-0.75, >= 1.9x).
-  The first trigger came 0-41 frames after the change, within the 64-frame window every time.
-- the input move does NOT separate these corruptions at severity 5: 0.22-0.92 sigma after a change,
-  against 0.52 when stationary, because a window's pixel std is dominated by the spread of colours across
-  frames. Its threshold (1.0) is set above the stationary noise to catch gross input changes (exposure,
-  a swapped camera) that leave a confidently wrong model's outputs unchanged.
+The defaults (window 64, thresholds 1.0 / 0.1 / 0.2) and the measurements they rest on are in
+benchmarks/results/shift_thresholds.md (stationary noise, and the frames to detection at each change of the
+built-in stream); `tests/device/test_shift.py` reruns them.
 """
 
 from __future__ import annotations
@@ -46,7 +35,8 @@ _STD_FLOOR = 1e-3
 
 @dataclass(frozen=True)
 class ShiftConfig:
-    """window: frames in the recent (and the reference) window; the thresholds: see the module docstring."""
+    """window: frames in the recent (and the reference) window; the thresholds: see the module docstring and
+    benchmarks/results/shift_thresholds.md."""
 
     window: int = 64
     input_threshold: float = 1.0

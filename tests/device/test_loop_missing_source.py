@@ -89,3 +89,21 @@ def test_engine_alone_with_a_missing_source_is_one_line(tmp_path, exported, monk
     r = _invoke("--engine", engine, "--no-verify", "--source", missing, "--state", tmp_path / "st")
     _one_error_line(r, str(missing))
     assert not (tmp_path / "st").exists()  # a failed start leaves nothing
+
+
+def test_every_attribute_of_the_loop_exists_after_init(tmp_path, exported):
+    """The bug's cause, checked for all of them: an attribute first set outside __init__ is missing on an
+    early way out. Every `self.NAME =` in LoopSession is already there once it is made."""
+    import ast
+    import inspect
+
+    from gprebn_edge.device.config import LoopConfig
+    from gprebn_edge.device.loop import LoopSession
+
+    tree = ast.parse(inspect.getsource(LoopSession))
+    assigned = {t.attr for node in ast.walk(tree) if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign)
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                for t in ast.walk(t) if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                and t.value.id == "self"}
+    session = LoopSession(LoopConfig(state=tmp_path / "st", source="stream", onnx=exported))
+    assert len(assigned) > 20 and assigned <= set(vars(session)), assigned - set(vars(session))
