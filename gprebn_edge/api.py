@@ -19,7 +19,7 @@ import numpy as np
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.device.config import APP_SOURCE, LoopConfig, LoopResult
-from gprebn_edge.device.loop import LoopSession, LoopStatus
+from gprebn_edge.device.session import LoopSession, LoopStatus
 from gprebn_edge.device.shift import ShiftConfig
 from gprebn_edge.device.window import frame_predictions
 from gprebn_edge.errors import GprebnError, InputError

@@ -21,6 +21,7 @@ from gprebn_edge.cli import app
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.device.report import read_log, summarize
+from gprebn_edge.device.state import StateDir
 
 PUBLIC = {"__version__", "adapt", "export_onnx", "open_runner", "compare", "AdaptiveLoop", "AdaptReport",
           "ExportReport", "Predictions", "LoopStatus", "LoopResult", "CompareResult", "GprebnError"}
@@ -112,9 +113,11 @@ def test_adaptive_loop_serves_adapts_swaps_and_resumes(made, tmp_path):
     summary = summarize(read_log(result.log))
     assert summary["served_only_passed"] and summary["rounds"] == result.rounds
     assert summary["labeled"] == result.frames and result.stop_reason == "closed"
+    persisted = StateDir(tmp_path / "st").read()  # a round that passed after the last swap serves on resume
+    assert persisted is not None and persisted.round >= result.served_round
     with gprebn_edge.AdaptiveLoop(tmp_path / "st", model=made["checkpoint"], every=60, buffer=96,
                                   min_frames=48) as again:
-        assert again.status().frames == result.frames and again.status().serving_round == result.served_round
+        assert again.status().frames == result.frames and again.status().serving_round == persisted.round
         again.infer(frames[:3])
         assert again.status().frames == result.frames + 3
 

@@ -51,7 +51,7 @@ def _rounds(result: LoopResult) -> list[dict]:
 def test_an_engine_keeps_its_manifest_in_the_state_folder(tmp_path, start, monkeypatch):
     """--engine: the manifest beside it (preprocessing, classes) is copied with it, so the loop can start.
     TensorRT cannot run here: the 'engine' is an ONNX file that onnxruntime opens in its place."""
-    from gprebn_edge.device import loop
+    from gprebn_edge.device import session as loop
     from gprebn_edge.export.pipeline import export_artifact
 
     export_artifact(start, tmp_path / "m.onnx", check_images=16)
@@ -233,7 +233,7 @@ def test_every_thread_bound_runner_is_used_on_the_thread_that_activated_it(tmp_p
 def test_a_cpu_candidate_is_handed_over_active_so_serving_never_opens_one(tmp_path, start, monkeypatch):
     """onnxruntime on the CPU may change threads: the worker's gated session serves as is, and the serving
     thread opens only the first model (no session creation stalls serving at a swap)."""
-    from gprebn_edge.device import loop
+    from gprebn_edge.device import session as loop
 
     opened_by: list[str] = []
     real_open = loop.LoopSession._open

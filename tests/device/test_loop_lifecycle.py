@@ -153,7 +153,7 @@ def test_a_non_finite_first_frame_leaves_nothing(tmp_path, start, monkeypatch):
         runner.infer = lambda x: np.full((len(x), 10), np.nan, dtype=np.float32)
         return runner
 
-    monkeypatch.setattr("gprebn_edge.device.loop.open_runner", nan_runner)
+    monkeypatch.setattr("gprebn_edge.device.session.open_runner", nan_runner)
     with pytest.raises(InputError, match="non-finite"):
         _run(_config(tmp_path / "state", start))
     assert not (tmp_path / "state").exists()

@@ -82,7 +82,7 @@ def test_engine_alone_with_a_missing_source_is_one_line(tmp_path, exported, monk
         return real_open(path, "onnxruntime", **{k: v for k, v in kw.items() if k in ("threads", "shared_cpu")},
                          verify=False)
 
-    import gprebn_edge.device.loop as loop_module
+    import gprebn_edge.device.session as loop_module
 
     monkeypatch.setattr(loop_module, "open_runner", open_as_onnx)
     missing = tmp_path / "no-such-frames"
@@ -98,7 +98,7 @@ def test_every_attribute_of_the_loop_exists_after_init(tmp_path, exported):
     import inspect
 
     from gprebn_edge.device.config import LoopConfig
-    from gprebn_edge.device.loop import LoopSession
+    from gprebn_edge.device.session import LoopSession
 
     tree = ast.parse(inspect.getsource(LoopSession))
     assigned = {t.attr for node in ast.walk(tree) if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign)
