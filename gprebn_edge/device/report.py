@@ -6,7 +6,6 @@ Run-level latency percentiles merge the windows' latency histograms (within 4.4 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from gprebn_edge.device.histogram import MAX_RELATIVE_ERROR, LatencyHistogram, check_layout
 from gprebn_edge.device.metrics_log import LoopLog, read_log
 from gprebn_edge.errors import ArtifactError, InputError
+from gprebn_edge.io import strict_json
 from gprebn_edge.optional import new_figure, save_figure
 from gprebn_edge.runtime.tables import fmt_ms, fmt_pct, fmt_ratio, md_escape, md_table
 
@@ -225,16 +225,7 @@ def summarize(log: LoopLog) -> dict[str, Any]:
 
 def summary_to_json(summary: Mapping[str, Any]) -> str:
     """The summary as strict JSON: NaN and infinities (a log may carry them) become null."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, Mapping):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(summary), indent=2, allow_nan=False)
+    return strict_json(summary, indent=2)
 
 
 def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from gprebn_edge.errors import ArtifactError, GprebnError
 from gprebn_edge.io import strict_json, write_text_atomic
+from gprebn_edge.runtime.loading import manifest_beside
 
 __all__ = ["LoopState", "StateDir", "STATE_VERSION"]
 
@@ -136,7 +137,7 @@ class StateDir:
         if not self.path.is_dir():
             return []
         keep = set() if state is None else {state.checkpoint, state.onnx, state.engine,
-                                            *(Path(f).stem + ".manifest.json" for f in (state.onnx, state.engine) if f)}
+                                            *(manifest_beside(f).name for f in (state.onnx, state.engine) if f)}
         removed = []
         for f in self.path.iterdir():
             stray_tmp = f.name.startswith(".") and f.name.endswith(".tmp")
