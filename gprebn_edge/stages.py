@@ -16,10 +16,7 @@ class Checkpoints:
     """The adapt stage's checkpoints as the runtime reads them (runtime.base.CheckpointReader)."""
 
     def metadata(self, path: Path) -> dict[str, Any]:
-        from gprebn_edge.runtime.torch_runner import import_torch
-
-        import_torch()  # the serving install has no torch: one line naming the extra to install
-        from gprebn_edge.checkpoint import load_checkpoint
+        from gprebn_edge.checkpoint import load_checkpoint  # without torch, the CLI names the extra to install
 
         return load_checkpoint(path)[1]
 
