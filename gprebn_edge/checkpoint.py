@@ -23,7 +23,17 @@ from safetensors.torch import load_file, save_file
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.errors import ArtifactError
 from gprebn_edge.io import atomic_path, strict_json
-from gprebn_edge.validate import check, check_preprocess, check_size, field, int_list, number, optional, require
+from gprebn_edge.validate import (
+    check,
+    check_preprocess,
+    check_size,
+    field,
+    int_list,
+    number,
+    oneline,
+    optional,
+    require,
+)
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "check_metadata", "encode_tensors", "decode_tensors",
            "source_state_dict", "rebuild_model"]
@@ -68,7 +78,7 @@ def decode_tensors(encoded: Any, where: object = "the artifact") -> dict[str, to
             a = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
         except (binascii.Error, ValueError) as err:
             raise ArtifactError(f"{where}: its metadata field '{key}.data' is not base64 of a {dtype} tensor of "
-                                f"shape {shape} ({str(err).splitlines()[0][:80]}): re-create the artifact") from None
+                                f"shape {shape} ({oneline(err, 80)}): re-create the artifact") from None
         out[name] = torch.from_numpy(a.astype(dtype).copy())
     return out
 
@@ -84,7 +94,7 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], metadata: 
         try:
             save_file(tensors, str(tmp), metadata={_META_KEY: strict_json(meta, sort_keys=True)})
         except SafetensorError as e:  # safetensors reports a full disk as its own error, not OSError
-            raise ArtifactError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
+            raise ArtifactError(f"cannot write {path}: {oneline(e)}") from None
     return path
 
 
@@ -101,7 +111,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         hint = "" if path.suffix == ".safetensors" else "; expected an adapted checkpoint from `gprebn-edge adapt`"
-        raise ArtifactError(f"{path} is not a safetensors checkpoint ({str(e).splitlines()[0]}){hint}") from None
+        raise ArtifactError(f"{path} is not a safetensors checkpoint ({oneline(e)}){hint}") from None
     if _META_KEY not in header:
         raise ArtifactError(f"{path} is a safetensors file but not a gprebn-edge checkpoint (no metadata)")
     try:

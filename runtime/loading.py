@@ -69,7 +69,7 @@ def verify_file(path: str | Path) -> bool:
     try:
         raw = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"cannot read {manifest}, the manifest of {path.name} ({str(e).splitlines()[0]}): "
+        raise ArtifactError(f"cannot read {manifest}, the manifest of {path.name} ({oneline(e)}): "
                             f"{override}") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{manifest}, the manifest of {path.name}, is not a JSON object: {override}")
