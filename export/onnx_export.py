@@ -58,9 +58,12 @@ def _session(path: str | Path):
 @torch.no_grad()
 def onnx_parity(path: str | Path, model: nn.Module, batches: Iterable[np.ndarray]) -> Parity:
     """Run the ONNX file in onnxruntime and the model in PyTorch on each float32 NCHW batch."""
+    from gprebn_edge.progress import ProgressLine
+
     session = _session(path)
     n = agree = 0
     max_abs = max_ref = 0.0
+    report = ProgressLine("parity check (onnxruntime vs PyTorch)")
     for x in batches:
         ref = model(torch.from_numpy(x)).numpy()
         got = session.run([OUTPUT], {INPUT: x})[0]
@@ -73,6 +76,8 @@ def onnx_parity(path: str | Path, model: nn.Module, batches: Iterable[np.ndarray
         max_ref = max(max_ref, float(np.abs(ref).max()))
         agree += int((got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).sum())
         n += len(x)
+        report.update(n)
+    report.close()
     if n == 0:
         raise GprebnError("no inputs to check ONNX parity on")
     return Parity(images=n, max_abs=max_abs, max_rel=max_abs / max(max_ref, 1e-12), top1_agreement=agree / n)

@@ -1,5 +1,11 @@
 """The adapt stage as a library call: model + calibration data + method -> static adapted model and the
-metadata of its checkpoint. The CLI's `adapt` and the demo are thin callers of `adapt_model`/`adapt_to_file`."""
+metadata of its checkpoint. The CLI's `adapt` and the demo are thin callers of `adapt_model`/`adapt_to_file`.
+
+Passes (docs/budget.md): one online pass over the calibration images (forward + backward for gradient
+methods, forward only for statistics methods, none for `source`), the refresh pass where the freeze mode
+asks for it, and the health check's two forwards over the held-back slice. The before/after figures of
+the summary come from the health check's slice; scoring the whole calibration set again is opt-in
+(AdaptConfig.eval_limit). Images stream through batch by batch; no pass holds the decoded set."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 
 from gprebn_edge import __version__
+from gprebn_edge.budget import MemoryPlan, plan_memory
 from gprebn_edge.checkpoint import encode_tensors, save_checkpoint
 from gprebn_edge.data.holdout import split_holdout
 from gprebn_edge.data.preprocess import Preprocess
@@ -25,9 +32,12 @@ from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
 from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
 
 __all__ = ["AdaptConfig", "AdaptResult", "AdaptationRefused", "adapt_and_freeze", "adapt_model", "adapt_to_file",
-           "calibration_tensors", "check_health", "evaluate", "probe", "run_online", "statistics_shift"]
+           "calibration_tensors", "check_health", "evaluate", "probe", "probe_input", "run_online", "statistics_shift",
+           "StageProgress"]
 
 Progress = Callable[[int, int], None]
+StageProgress = Callable[[str, int, int], None]
+"""report(stage, done, total): adapt's stages ("adapting (gprebn)", "refreshing statistics") in images."""
 
 
 @dataclass
@@ -42,15 +52,18 @@ class AdaptConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     freeze: str | None = None          # None: the method's default
     refresh_batch: int = 64
-    eval_limit: int = 1024              # calibration images scored before/after (entropy)
+    eval_limit: int = 0                 # >0: also score this many calibration images before/after (2 more passes)
     holdout: float = 0.1                # fraction of calibration images held back for the health check
     seed: int = 0
+    max_memory: int | None = None       # bytes the process may peak at (budget.plan_memory); None: no limit
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise GprebnError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.holdout <= 0.5:  # also refuses NaN
             raise GprebnError(f"--holdout must be a fraction in [0, 0.5], got {self.holdout}")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise GprebnError(f"--max-memory must be positive, got {self.max_memory}")
 
     def adapter_kwargs(self) -> dict[str, Any]:
         return {"lr": self.lr, "optimizer": self.optimizer, "lr_scaling": self.lr_scaling, "stats": self.stats}
@@ -73,9 +86,9 @@ def calibration_tensors(source: ImageSource, batch_size: int) -> Iterator[torch.
         yield torch.from_numpy(batch.images)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, source: ImageSource, limit: int | None = None,
-             batch_size: int = 256) -> dict[str, float | int | None]:
+             batch_size: int = 64) -> dict[str, float | int | None]:
     """Mean entropy, confidence and (with labels) error of an eval-mode model on the first `limit` items."""
     model.eval()
     n = correct = 0
@@ -120,12 +133,16 @@ def statistics_shift(before: nn.Module, after: nn.Module) -> list[dict[str, Any]
 
 
 def run_online(adapter: Adapter, source: ImageSource, batch_size: int,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """One pass over the calibration stream: adapt on each batch, score the predictions it made."""
+               progress: Progress | None = None, score: bool = True) -> dict[str, Any]:
+    """One pass over the calibration stream: adapt on each batch, score the predictions it made. With
+    `score` False, a method that changes nothing (`source`) makes no pass: its online figures are None."""
     n = correct = 0
     ent = 0.0
     counts = None
     total = len(source)
+    if not score and adapter.name == "source":
+        return {"images": total, "steps": 0, "online_error": None, "online_entropy": None,
+                "predicted_classes": None}
     for batch in source.batches(batch_size):
         x = torch.from_numpy(batch.images)
         try:
@@ -158,40 +175,86 @@ def run_online(adapter: Adapter, source: ImageSource, batch_size: int,
 
 
 def adapt_and_freeze(model: nn.Module, source: ImageSource, config: AdaptConfig,
-                     progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any], Adapter]:
+                     progress: StageProgress | None = None, plan: MemoryPlan | None = None,
+                     score_source: bool = True) -> tuple[nn.Module, dict[str, Any], Adapter]:
     """One online pass of `config.method` over `source`, then freeze (the method's default mode unless
-    config.freeze names one it supports). Returns the static model, the online figures and the adapter."""
+    config.freeze names one it supports). Returns the static model, the online figures (with the images
+    each pass ran, "passes") and the adapter. `plan` (budget.plan_memory) bounds the memory of each step;
+    `score_source` False skips the pass of `source`, which changes nothing."""
     torch.manual_seed(config.seed)
     adapter = make_adapter(config.method, model, **config.adapter_kwargs())
-    online = run_online(adapter, source, config.batch_size, progress)
+    if plan is not None:
+        plan.apply(adapter)
+    what = f"adapting ({config.method})"
+    online = run_online(adapter, source, config.batch_size,
+                        None if progress is None else lambda done, total: progress(what, done, total),
+                        score=score_source)
     freeze = config.freeze or adapter.freeze_modes[0]
-    static = adapter.freeze(freeze, lambda: calibration_tensors(source, config.refresh_batch))
-    return static, {**online, "freeze": freeze}, adapter
+    refreshed = [0]
+
+    def refresh_batches() -> Iterator[torch.Tensor]:
+        for x in calibration_tensors(source, config.refresh_batch):
+            yield x
+            refreshed[0] += len(x)
+            if progress is not None:
+                progress("refreshing statistics", refreshed[0], len(source))
+
+    static = adapter.freeze(freeze, refresh_batches)
+    ran = 0 if online["online_entropy"] is None else online["images"]
+    return static, {**online, "freeze": freeze, "passes": {"online": ran, "refresh": refreshed[0]}}, adapter
 
 
 def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
-                progress: Progress | None = None) -> AdaptResult:
-    """Adapt `loaded.model` on `source` with `config.method`, freeze it, and describe what happened."""
-    num_classes = probe(loaded.model, source, loaded.spec.spec)
-    calib, held = split_holdout(source, holdout_size(len(source), config.holdout))
-    start = time.perf_counter()
-    static, online, adapter = adapt_and_freeze(loaded.model, calib, config, progress)
+                progress: StageProgress | None = None) -> AdaptResult:
+    """Adapt `loaded.model` on `source` with `config.method`, freeze it, and describe what happened.
+    With config.max_memory, a memory plan (budget.py) chooses the micro-batch and checkpointing first."""
+    clock = time.perf_counter()
+    num_classes, shape = probe_input(loaded.model, source, loaded.spec.spec)
+    k = holdout_size(len(source), config.holdout)
+    plan = None
+    if config.max_memory is not None:
+        plan = plan_memory(loaded.model, shape, config.method, config.batch_size, config.max_memory,
+                           refresh_batch=config.refresh_batch, holdout_images=k, **config.adapter_kwargs())
+    eval_batch = plan.no_grad_batch if plan is not None else max(config.batch_size, config.refresh_batch)
+    calib, held = split_holdout(source, k, batch_size=eval_batch)
+    stages = {"probe": time.perf_counter() - clock}
+    clock = start = time.perf_counter()
+    static, online, adapter = adapt_and_freeze(loaded.model, calib, config, progress, plan, score_source=False)
     freeze = online["freeze"]
     elapsed = time.perf_counter() - start
+    stages["adapt"] = elapsed
 
+    clock = time.perf_counter()
     health = check_health(loaded.model, static, held, len(source), config.holdout)
-    limit = min(config.eval_limit, len(calib)) if config.eval_limit else None
-    before = evaluate(loaded.model, calib, limit)
-    after = evaluate(static, calib, limit) if health["verdict"] != NON_FINITE else None
-    if after is not None and not math.isfinite(float(after["entropy"] or 0.0)):  # too few images to hold any back
-        health = {**health, "verdict": NON_FINITE,
-                  "signals": ["the adapted model's outputs on the calibration images are not finite (NaN or Inf)"]}
-        after = None
+    held_images = sum(len(b.images) for b in held)
+    passes = {"probe": 1, **online.pop("passes"), "health": 2 * held_images if held else 0}
+    if not held and config.method != "source":  # nothing held back to check: at least outputs must be finite
+        first = next(iter(calibration_tensors(calib, eval_batch)))
+        with torch.inference_mode():
+            finite = bool(torch.isfinite(static(first)).all())
+        passes["finite_check"] = len(first)
+        if not finite:
+            health = {**health, "verdict": NON_FINITE, "signals": [
+                "the adapted model's outputs on the calibration images are not finite (NaN or Inf)"]}
+    before, after = _held_back_figures(health)
+    if config.eval_limit:  # opt-in: score the calibration set itself, two more passes
+        limit = min(config.eval_limit, len(calib))
+        before = evaluate(loaded.model, calib, limit, eval_batch)
+        after = evaluate(static, calib, limit, eval_batch) if health["verdict"] != NON_FINITE else None
+        passes["evaluate"] = before["images"] + (after["images"] if after else 0)  # type: ignore[operator]
+        if after is not None and not math.isfinite(float(after["entropy"] or 0.0)):
+            health = {**health, "verdict": NON_FINITE, "signals": [
+                "the adapted model's outputs on the calibration images are not finite (NaN or Inf)"]}
+            after = None
+    stages["health"] = time.perf_counter() - clock
     summary = {
         **online,
         "seconds": round(elapsed, 3),
+        "stage_seconds": {name: round(v, 3) for name, v in stages.items()},
+        "passes": passes,
+        "memory_plan": plan.to_dict() if plan is not None else None,
         "skipped": len(source.skipped),
-        "held_back": sum(len(b.images) for b in held),
+        "held_back": held_images,
         "calibration_before": before,
         "calibration_after": after,
         "health": health,
@@ -219,7 +282,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
 def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig, *,
                   weights: str | None = None, num_classes: int | None = None,
                   preprocess: dict[str, Any] | None = None, shuffle: bool = True, limit: int | None = None,
-                  force: bool = False, progress: Progress | None = None) -> AdaptResult:
+                  force: bool = False, progress: StageProgress | None = None) -> AdaptResult:
     """Load the model and data, adapt, write the checkpoint atomically. `preprocess` overrides the model's
     default preprocessing field by field (resize, crop, mean, std). The health check decides what is written:
     a non-finite model never, a collapsed one only with `force` (AdaptationRefused otherwise, and an existing
@@ -282,9 +345,14 @@ def _non_finite_cause(model: nn.Module, images: np.ndarray, name: str) -> str:
 def probe(model: nn.Module, source: ImageSource, name: str) -> int:
     """Run one image through the model before any work, so a wrong input size fails with a clear message.
     Returns the number of classes."""
+    return probe_input(model, source, name)[0]
+
+
+def probe_input(model: nn.Module, source: ImageSource, name: str) -> tuple[int, tuple[int, ...]]:
+    """probe, and the shape of one preprocessed image: (classes, (C, H, W))."""
     for batch in source.batches(1):
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 out = model(torch.from_numpy(batch.images))
         except RuntimeError as e:
             shape = tuple(batch.images.shape[1:])
@@ -294,5 +362,19 @@ def probe(model: nn.Module, source: ImageSource, name: str) -> int:
             raise InputError(f"{name} must return (N, classes) logits, got shape {tuple(out.shape)}")
         if not torch.isfinite(out).all():
             raise InputError(_non_finite_cause(model, batch.images, name))
-        return int(out.shape[1])
+        return int(out.shape[1]), tuple(batch.images.shape[1:])
     raise InputError(f"no readable images in {source.spec}")
+
+
+def _held_back_figures(health: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The summary's before/after figures, taken from the health check's slice (no pass of their own)."""
+    if not health.get("images"):
+        return None, None
+    labeled = health.get("labeled") or {}
+    out = []
+    for side in ("before", "after"):
+        prof = health.get(side) or {}
+        acc = labeled.get(f"accuracy_{side}")
+        out.append({"on": "held-back", "images": health["images"], "entropy": prof.get("entropy"),
+                    "confidence": prof.get("confidence"), "error": None if acc is None else 1.0 - acc})
+    return out[0], out[1]

@@ -150,3 +150,57 @@ def test_a_non_finite_model_is_never_written_even_unchecked(tmp_path, loaded, mo
         with pytest.raises(AdaptationRefused, match="not finite"):
             adapt_to_file("builtin:small_resnet", f"synthetic:clean:n={n}", out, AdaptConfig(batch_size=16))
         assert not out.exists()
+
+
+# -- passes and progress (issue 17) ----------------------------------------------------------------------------
+
+# images each method forwards for 128 calibration images at batch 32: probe 1, the online pass 112, the refresh
+# 112 (freeze "refresh"), the health check 2 x 16 held back; `source` runs only the probe and the health check
+_EXPECTED_IMAGES = {"source": 1 + 32, "bn": 1 + 112 + 112 + 32, "adabn": 1 + 112 + 32, "tent": 1 + 112 + 112 + 32,
+                    "gprebn": 1 + 112 + 112 + 32}
+
+
+@pytest.mark.parametrize("method", sorted(_EXPECTED_IMAGES))
+def test_adapt_makes_only_the_passes_its_method_needs(loaded, method):
+    """Counts the model's forward calls (a hook on the root module travels into every copy the adapter and
+    the freeze make), so a redundant pass over the calibration set cannot come back unnoticed."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    images: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: images.append(args[0].shape[0]))
+    counted = type(loaded)(model=model, spec=loaded.spec, preprocess=loaded.preprocess)
+    source = open_source("synthetic:gaussian_noise:5:n=128", loaded.preprocess)
+    s = adapt_model(counted, source, AdaptConfig(method=method, batch_size=32)).summary
+    assert sum(images) == _EXPECTED_IMAGES[method]
+    assert sum(s["passes"].values()) == sum(images)
+    assert s["passes"]["online"] == (0 if method == "source" else 112)
+
+
+def test_adapt_reports_progress_per_stage(loaded):
+    import io
+
+    from gprebn_edge.progress import progress_lines
+
+    log = io.StringIO()
+    source = open_source("synthetic:gaussian_noise:5:n=128", loaded.preprocess)
+    adapt_model(loaded, source, AdaptConfig(batch_size=32), progress=progress_lines(every=0.0, stream=log))
+    lines = log.getvalue().splitlines()
+    assert "adapting (gprebn): 32/112 images" in lines[0] and "ETA" in lines[0]
+    assert any(line.startswith("adapting (gprebn): 112/112 images") and "done in" in line for line in lines)
+    assert any(line.startswith("refreshing statistics: 112/112 images") for line in lines)
+
+
+def test_adapt_within_a_memory_budget_records_its_plan(loaded, monkeypatch):
+    import gprebn_edge.budget as budget_module
+    from gprebn_edge.budget import footprint
+
+    monkeypatch.setattr(budget_module, "current_rss", lambda: 100_000_000)  # the process, made deterministic
+    source = open_source("synthetic:gaussian_noise:5:n=128", loaded.preprocess)
+    fp = footprint(loaded.model, (3, 32, 32), "gprebn")
+    # room for 12 images per step (16 held back, 3 copies of a logical batch of 32)
+    budget = 100_000_000 + 4 * fp.model + (16 + 3 * 32) * fp.image + int(1.3 * 12.5 * fp.step(True))
+    s = adapt_model(loaded, source, AdaptConfig(batch_size=32, max_memory=budget)).summary
+    plan = s["memory_plan"]
+    assert plan["micro_batch"] == 12 and plan["budget"] == budget and not plan["checkpoint"]
+    assert s["steps"] == 4 and s["health"]["verdict"] == "ok"  # still one step per logical batch of 32

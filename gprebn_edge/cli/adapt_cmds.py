@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gprebn_edge.cli._app import command, console, err_console, error_line, progress
+from gprebn_edge.cli._app import command, console, err_console, error_line
 from gprebn_edge.cli.options import JsonOut, Limit
 from gprebn_edge.cli.output import check_outputs, emit_json, existing, json_to_stdout, say_replaced
 from gprebn_edge.cli.tables import adapt_table, checkpoint_table, export_info_table
@@ -58,23 +58,29 @@ def adapt(
                                            "no check.")] = 0.1,
     force: Annotated[bool, typer.Option("--force", help="Write the model even when the health check says it "
                                         "collapsed (a non-finite model is never written).")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Peak memory the run may use, e.g. 2GB, 1.5GiB, 800MB: "
+                                                   "picks the micro-batch (and checkpointing of blocks) to "
+                                                   "stay under it; see docs/budget.md.")] = None,
     json_out: JsonOut = None,
 ) -> None:
-    """Adapt a BatchNorm model to unlabeled target images and write the adapted checkpoint."""
+    """Adapt a BatchNorm model to unlabeled target images and write the adapted checkpoint. Progress lines
+    (images, rate, ETA) go to stderr every few seconds, also into a redirected log."""
     from gprebn_edge.adapt import adapt_to_file  # imports torch: without it, one line naming the extra
+    from gprebn_edge.budget import parse_size
     from gprebn_edge.data.preprocess import parse_triple
+    from gprebn_edge.progress import progress_lines
 
     config = _adapt_config(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_scaling=lr_scaling,
                            momentum=momentum, theta=theta, stats_init=stats_init, stats_order=stats_order,
                            freeze=freeze, holdout=holdout, seed=seed, limit=limit)
+    config.max_memory = parse_size(max_memory) if max_memory is not None else None
     preprocess = {"resize": resize, "crop": crop, "mean": parse_triple(mean, "mean") if mean else None,
                   "std": parse_triple(std, "std") if std else None}
     check_outputs(json_out)
     replaced = existing(output, json_out)
-    with progress(enabled=not json_to_stdout(json_out)) as update:
-        result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,
-                               preprocess=preprocess, shuffle=shuffle, limit=limit, force=force,
-                               progress=lambda done, total: update(f"adapting ({method})", done, total))
+    result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,
+                           preprocess=preprocess, shuffle=shuffle, limit=limit, force=force,
+                           progress=progress_lines())
     say_replaced(replaced)
     _warn_health(result.summary["health"])
     if not json_to_stdout(json_out):

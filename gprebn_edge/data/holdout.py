@@ -86,8 +86,9 @@ class WithoutHead(ImageSource):
         update(self.parent.fingerprint().encode())
 
 
-def split_holdout(source: ImageSource, k: int) -> tuple[ImageSource, list[Batch]]:
-    """(the source to adapt on, the held-back batches); with k = 0 the source itself and no batches."""
+def split_holdout(source: ImageSource, k: int, batch_size: int = 256) -> tuple[ImageSource, list[Batch]]:
+    """(the source to adapt on, the held-back batches of at most `batch_size` images); with k = 0 the source
+    itself and no batches. The held-back images are the only ones held in memory for the whole run."""
     if k <= 0:
         return source, []
-    return WithoutHead(source, k), head_batches(source, k)
+    return WithoutHead(source, k), head_batches(source, k, batch_size)

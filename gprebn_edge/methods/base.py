@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gprebn_edge.errors import GprebnError
+from gprebn_edge.methods.blocks import checkpoint_blocks, uncheckpoint_blocks
 from gprebn_edge.methods.layer import gprebn_layers, swap_in, swap_out
 from gprebn_edge.methods.stats import REFERENCE_BATCH, StatsConfig
 
@@ -36,12 +37,13 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.op
     raise GprebnError(f"--optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-@torch.no_grad()
-def reestimate(model: nn.Module, batches: Iterable[torch.Tensor], theta: float = 1.0) -> nn.Module:
+def reestimate(model: nn.Module, batches: Iterable[torch.Tensor], theta: float = 1.0,
+               max_batch: int | None = None) -> nn.Module:
     """Return a static copy of `model` whose BN statistics are the pooled statistics of its own activations
     over `batches` (cumulative, law of total variance), mixed by theta with the source statistics (those of
     a model that is still adapting, else the model's current ones). Each batch is normalized with the
-    estimate that already includes it, so the result does not depend on the batch size."""
+    estimate that already includes it, so the result does not depend on the batch size; `max_batch` splits
+    larger batches (a memory budget)."""
     frozen = copy.deepcopy(model).eval()
     config = StatsConfig(momentum=None, theta=theta, init="first", order="before")
     layers = gprebn_layers(frozen)
@@ -52,9 +54,11 @@ def reestimate(model: nn.Module, batches: Iterable[torch.Tensor], theta: float =
     if not layers:
         swap_in(frozen, config)
     count = 0
-    for x in batches:
-        frozen(x)
-        count += x.shape[0]
+    with torch.inference_mode():
+        for batch in batches:
+            for x in (batch.split(max_batch) if max_batch else (batch,)):
+                frozen(x)
+                count += x.shape[0]
     if count == 0:
         raise GprebnError("no calibration images to re-estimate the statistics from")
     return swap_out(frozen).eval()
@@ -88,25 +92,50 @@ class Adapter:
         self._model_state = copy.deepcopy(self.model.state_dict())
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
         self.steps = 0
+        #: images per forward (and backward) within one step; None: the whole batch (a memory plan sets it)
+        self.micro_batch: int | None = None
+        #: images per forward in passes without gradients (the refresh of `freeze`); None: as given
+        self.no_grad_batch: int | None = None
 
     # -- the interface -------------------------------------------------------------------------------
     def configure(self) -> None:
         """Prepare self.model for adaptation (swap layers, choose what trains)."""
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Predict on a batch (returned logits, detached) and adapt on it."""
+        """Predict on a batch (returned logits, detached) and adapt on it: one optimizer step per batch.
+
+        With `micro_batch` set, the batch runs in slices of that many images: each slice's forward and
+        backward use its own batch statistics, the gradients of the batch's mean entropy accumulate over the
+        slices, and one optimizer step follows (docs/budget.md). Only one slice's graph is alive at a time."""
+        chunks = x.split(self.micro_batch) if self.micro_batch and self.micro_batch < x.shape[0] else (x,)
         if self.optimizer is None:
-            with torch.no_grad():
-                return self._forward(x)
+            with torch.inference_mode():
+                outs = [self._forward(c) for c in chunks]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        n = x.shape[0]
+        outs = []
         with torch.enable_grad():
-            logits = self._forward(x)
-            loss = entropy(logits).mean()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self._scale_hyperparameters(x.shape[0])
+            for c in chunks:
+                logits = self._forward(c)
+                # the batch's mean entropy, a slice at a time
+                loss = entropy(logits).mean() if len(chunks) == 1 else entropy(logits).sum() / n
+                loss.backward()
+                outs.append(logits.detach())
+                del logits, loss  # the slice's graph goes before the next slice's forward
+            self._scale_hyperparameters(n)
             self.optimizer.step()
         self.steps += 1
-        return logits.detach()
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def checkpoint_blocks(self) -> int:
+        """Checkpoint the model's blocks (blocks.py): a step then holds one block's activations at a time
+        and computes each block's forward twice. Returns the number of blocks (GprebnError when none)."""
+        blocks = checkpoint_blocks(self.model)
+        if blocks == 0:
+            raise GprebnError("the model has no blocks to checkpoint (children of nn.Sequential/nn.ModuleList "
+                              "holding a BatchNorm): a larger memory budget is needed")
+        return blocks
 
     def _scale_hyperparameters(self, batch: int) -> None:
         """Keep the adaptation per image independent of the batch size.
@@ -156,9 +185,10 @@ class Adapter:
         if mode == "refresh":
             if batches is None:
                 raise GprebnError("freeze with refresh needs the calibration batches")
-            static = reestimate(self.model, batches(), theta=self._refresh_theta())
+            static = reestimate(self.model, batches(), theta=self._refresh_theta(), max_batch=self.no_grad_batch)
         else:
             static = swap_out(copy.deepcopy(self.model))
+        uncheckpoint_blocks(static)
         for p in static.parameters():
             p.requires_grad_(True)
         self._finalize(static)

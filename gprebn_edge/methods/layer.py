@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gprebn_edge.methods.blocks import recomputing
 from gprebn_edge.methods.stats import StatsConfig, batch_stats, mix, update_running
 
 __all__ = ["GpreBatchNorm", "gprebn_function", "swap_in", "swap_out", "gprebn_layers"]
@@ -74,6 +75,9 @@ class GpreBatchNorm(nn.Module):
         self.register_buffer("target_var", bn.running_var.detach().clone())
         self.seen = 0  # items the target estimate has absorbed; a Python int (saved as extra state)
         self.adapting = True
+        # what the last gradient-mode forward normalized with: a checkpointed block's recomputation in the
+        # backward (blocks.py) uses it again instead of updating the estimate a second time
+        self._used: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, {self.config}"
@@ -95,9 +99,16 @@ class GpreBatchNorm(nn.Module):
         return mix(self.target_mean, self.source_mean, theta), mix(self.target_var, self.source_var, theta)
 
     def _update(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, n: int) -> None:
-        # out of place: tensors an autograd graph saved from the previous forward are never modified
-        self.target_mean, self.target_var = update_running(self.target_mean, self.target_var, batch_mean,
-                                                           batch_var, self.config.rate(n, self.seen))
+        mean, var = update_running(self.target_mean, self.target_var, batch_mean, batch_var,
+                                   self.config.rate(n, self.seen))
+        if torch.is_inference_mode_enabled():
+            # in place: new tensors made here would be inference tensors, which a later gradient-mode
+            # forward or load_state_dict could not use; no autograd graph can hold the old values here
+            self.target_mean.copy_(mean)
+            self.target_var.copy_(var)
+        else:
+            # out of place: tensors an autograd graph saved from the previous forward are never modified
+            self.target_mean, self.target_var = mean, var
         self.seen += n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +117,10 @@ class GpreBatchNorm(nn.Module):
         if not self.adapting:
             mean, var = self.dataset_stats()
             return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
+        if recomputing() and self._used is not None:
+            used_mean, used_var, used_batch_mean, used_batch_var = self._used
+            return gprebn_function(x, self.weight, self.bias, used_mean, used_var, used_batch_mean, used_batch_var,
+                                   self.eps)
         batch_mean, batch_var = batch_stats(x.detach())
         n = x.shape[0]
         # "after" normalizes with the estimate so far, which does not exist before the first batch
@@ -116,6 +131,7 @@ class GpreBatchNorm(nn.Module):
         if not before:
             self._update(batch_mean, batch_var, n)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            self._used = (mean, var, batch_mean, batch_var)
             return gprebn_function(x, self.weight, self.bias, mean, var, batch_mean, batch_var, self.eps)
         return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
 

@@ -153,8 +153,10 @@ def _build_torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, P
 def _import_file(target: str) -> Any:
     path = Path(target).expanduser().absolute()
     if not path.is_file():
-        raise ModelError(f"model file {target} does not exist" if not path.exists()
-                         else f"model file {target} is not a file")
+        if path.exists():
+            raise ModelError(f"model file {target} is not a file")
+        raise ModelError(f"model file {target} does not exist (working directory {Path.cwd()}): give the file's "
+                         "path from the working directory, or an absolute path")
     name = f"_gprebn_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}_{next(_counter)}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
