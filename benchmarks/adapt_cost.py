@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from _common import RESULTS, command_line, environment, publish  # noqa: E402
+from _common import RESULTS, command_line, environment, environment_line, publish, write_results  # noqa: E402
 
 from gprebn_edge.progress import ProgressLine  # noqa: E402
 
@@ -112,12 +112,12 @@ def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in args.models:
         data = str(args.site) if name == "lite0" else BUILTIN_DATA
         for batch in args.batches:
+            if args.budget and "gprebn" in args.methods:  # first: the run that must stay under its budget
+                out.append({"model": name, "run": "gprebn", "batch": batch, "data": data, "budget": args.budget})
             for kind in ("forward", "tent-step"):
                 out.append({"model": name, "run": kind, "batch": batch, "data": data})
             for method in args.methods:
                 out.append({"model": name, "run": method, "batch": batch, "data": data, "budget": None})
-                if args.budget and method == "gprebn":
-                    out.append({"model": name, "run": method, "batch": batch, "data": data, "budget": args.budget})
     return out
 
 
@@ -219,7 +219,21 @@ def main() -> None:
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
     parser.add_argument("--child-data", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="only write --out from the rows of earlier runs' JSON files (one table per model)")
     args = parser.parse_args()
+    if args.combine:
+        parts = [json.loads(p.read_text()) for p in args.combine]
+        payload = _payload(args, [r for p in parts for r in p["rows"]])
+        payload["args"]["models"] = [m for p in parts for m in p["args"]["models"]]
+        payload["combined"] = [{"file": str(p), "command": part["command"], "environment": part["environment"],
+                                "partial": part.get("partial")} for p, part in zip(args.combine, parts, strict=True)]
+        lines = markdown(payload) + ["", "Combined from:", ""]
+        for c in payload["combined"]:
+            partial = f" PARTIAL: {c['partial']}" if c["partial"] else ""
+            lines.append(f"- `{c['command']}` ({c['environment']['date']}){partial}")
+        publish(args.out, payload, lines)
+        return
     if args.child:
         child(args.child, args.child_model, args.child_data, args.child_batch)
         return
@@ -240,12 +254,20 @@ def main() -> None:
                 print(f"{cfg['model']} {cfg['run']} b{cfg['batch']}{' ' + cfg['budget'] if cfg.get('budget') else ''}:"
                       f" {r['wall']:.1f} s, {r['rss'] / 1e9:.2f} GB{' FAILED ' + str(r['error']) if r['rc'] else ''}",
                       file=sys.stderr, flush=True)
+                # what is measured so far, so that an interrupted run keeps it (marked partial)
+                partial = _payload(args, [summarize(c, rs) for c, rs in zip(cfgs, results, strict=True) if rs])
+                partial["partial"] = f"{done} of {len(cfgs) * args.repeat} runs"
+                lines = markdown(partial) + ["", f"PARTIAL: {partial['partial']}", ""]
+                write_results(args.out, partial, "\n".join([*lines, environment_line(partial["environment"]), ""]))
     progress.close()
-    rows = [summarize(c, rs) for c, rs in zip(cfgs, results, strict=True)]
-    args_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("child")}
-    payload = {"command": command_line(), "environment": environment(), "args": args_d, "rows": rows,
-               "before": [dict(zip(("run", "batch", "wall_s", "peak_rss_gb"), b, strict=True)) for b in BEFORE]}
+    payload = _payload(args, [summarize(c, rs) for c, rs in zip(cfgs, results, strict=True)])
     publish(args.out, payload, markdown(payload))
+
+
+def _payload(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    args_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("child")}
+    return {"command": command_line(), "environment": environment(), "args": args_d, "rows": rows,
+            "before": [dict(zip(("run", "batch", "wall_s", "peak_rss_gb"), b, strict=True)) for b in BEFORE]}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gprebn_edge import __version__
-from gprebn_edge.budget import MemoryPlan, plan_memory
+from gprebn_edge.budget import MemoryPlan, plan_memory, release_memory
 from gprebn_edge.checkpoint import encode_tensors, save_checkpoint
 from gprebn_edge.data.holdout import split_holdout
 from gprebn_edge.data.preprocess import Preprocess
@@ -191,6 +191,7 @@ def adapt_and_freeze(model: nn.Module, source: ImageSource, config: AdaptConfig,
                         score=score_source)
     freeze = config.freeze or adapter.freeze_modes[0]
     refreshed = [0]
+    release_memory()  # the online pass's freed blocks, before the refresh allocates in another pattern
 
     def refresh_batches() -> Iterator[torch.Tensor]:
         for x in calibration_tensors(source, config.refresh_batch):
@@ -225,6 +226,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
     stages["adapt"] = elapsed
 
     clock = time.perf_counter()
+    release_memory()
     health = check_health(loaded.model, static, held, len(source), config.holdout)
     held_images = sum(len(b.images) for b in held)
     passes = {"probe": 1, **online.pop("passes"), "health": 2 * held_images if held else 0}

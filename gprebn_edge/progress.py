@@ -73,6 +73,9 @@ class ProgressLine:
         now = self.clock()
         if now - self.last >= self.every:
             self.last = now
+            if self.total and done >= self.total:  # finished: close() says so, once
+                self.lines = max(self.lines, 1)
+                return
             self._print(self.line())
 
     def close(self) -> None:

@@ -193,13 +193,13 @@ def test_adapt_reports_progress_per_stage(loaded):
 
 def test_adapt_within_a_memory_budget_records_its_plan(loaded, monkeypatch):
     import gprebn_edge.budget as budget_module
-    from gprebn_edge.budget import footprint
+    from gprebn_edge.budget import SLACK, footprint
 
     monkeypatch.setattr(budget_module, "current_rss", lambda: 100_000_000)  # the process, made deterministic
     source = open_source("synthetic:gaussian_noise:5:n=128", loaded.preprocess)
     fp = footprint(loaded.model, (3, 32, 32), "gprebn")
     # room for 12 images per step (16 held back, 3 copies of a logical batch of 32)
-    budget = 100_000_000 + 4 * fp.model + (16 + 3 * 32) * fp.image + int(1.3 * 12.5 * fp.step(True))
+    budget = 100_000_000 + 4 * fp.model + (16 + 3 * 32) * fp.image + int(SLACK * 12.5 * fp.step(True))
     s = adapt_model(loaded, source, AdaptConfig(batch_size=32, max_memory=budget)).summary
     plan = s["memory_plan"]
     assert plan["micro_batch"] == 12 and plan["budget"] == budget and not plan["checkpoint"]

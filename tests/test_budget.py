@@ -2,7 +2,7 @@
 
 import pytest
 
-from gprebn_edge.budget import BudgetError, footprint, format_size, parse_size, plan_memory
+from gprebn_edge.budget import SLACK, BudgetError, footprint, format_size, parse_size, plan_memory
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.models.spec import load_model
@@ -45,7 +45,7 @@ def test_plan_picks_the_largest_micro_batch_that_fits(model):
     fp = footprint(model, SHAPE, "gprebn")
     roomy = plan_memory(model, SHAPE, "gprebn", 64, 10 ** 10, baseline_bytes=0)
     assert roomy.micro_batch == 64 and not roomy.checkpoint and roomy.no_grad_batch == 64
-    budget = roomy.fixed + int(1.3 * 10.5 * fp.step(True))  # room for 10 images per step
+    budget = roomy.fixed + int(SLACK * 10.5 * fp.step(True))  # room for 10 images per step
     tight = plan_memory(model, SHAPE, "gprebn", 64, budget, baseline_bytes=0)
     assert tight.micro_batch == 10 and not tight.checkpoint and tight.estimated_peak <= budget
     adapter = tight.apply(make_adapter("gprebn", model))
@@ -55,7 +55,7 @@ def test_plan_picks_the_largest_micro_batch_that_fits(model):
 def test_plan_checkpoints_when_one_image_does_not_fit_otherwise(model):
     fp = footprint(model, SHAPE, "gprebn")
     fixed = plan_memory(model, SHAPE, "gprebn", 64, 10 ** 10, baseline_bytes=0).fixed
-    budget = fixed + int(1.3 * (fp.step(True) + fp.step(True, checkpoint=True)) / 2)
+    budget = fixed + int(SLACK * (fp.step(True) + fp.step(True, checkpoint=True)) / 2)
     plan = plan_memory(model, SHAPE, "gprebn", 64, budget, baseline_bytes=0)
     assert plan.checkpoint and plan.micro_batch == 1
     adapter = plan.apply(make_adapter("gprebn", model))
