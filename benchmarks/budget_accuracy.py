@@ -30,7 +30,7 @@ from fashion_accuracy import DEFAULT_CORRUPTIONS, WEIGHTS, fashion_data  # noqa:
 
 from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.budget import SLACK, MemoryPlan, footprint, format_size, plan_memory  # noqa: E402
-from gprebn_edge.data.idx import FASHION_MNIST_DIR, load_fashion_mnist, to_rgb32  # noqa: E402
+from gprebn_edge.data.idx import load_fashion_mnist, to_rgb32  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
 from gprebn_edge.progress import ProgressLine  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
             data = synthetic_data(args.n_calib, args.n_test, loaded.preprocess)
         else:
             loaded = load_model("builtin:small_resnet", WEIGHTS)
-            images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "t10k")
+            images, labels = load_fashion_mnist("t10k")
             data = fashion_data(to_rgb32(images), labels, args.n_calib, args.n_test, loaded.preprocess)
         plans: dict[str, MemoryPlan | None] = {"none": None, **{m: plan_for(loaded.model, m) for m in args.micro}}
         for domain in domains:
