@@ -66,3 +66,18 @@ def test_plan_refuses_a_budget_that_holds_not_one_image(model):
     with pytest.raises(BudgetError, match=r"too small for gprebn: one image needs about .* give at least") as e:
         plan_memory(model, SHAPE, "gprebn", 64, 2_000_000, baseline_bytes=1_000_000)
     assert "\n" not in str(e.value)
+
+
+def test_cli_adapt_max_memory_refusals_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from gprebn_edge.cli import app
+
+    runner = CliRunner()
+    base = ["adapt", "--model", "builtin:small_resnet", "--data", "synthetic:fog:n=64", "-o",
+            str(tmp_path / "a.safetensors")]
+    bad = runner.invoke(app, [*base, "--max-memory", "2XB"])
+    assert bad.exit_code == 1 and "--max-memory must be a size such as 2GB" in bad.output
+    small = runner.invoke(app, [*base, "--max-memory", "1MB"])
+    assert small.exit_code == 1 and "too small for gprebn" in small.output and "Traceback" not in small.output
+    assert len(small.output.strip().splitlines()) == 1 and not (tmp_path / "a.safetensors").exists()
