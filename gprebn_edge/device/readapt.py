@@ -11,6 +11,7 @@ restarts the adapter from a checkpoint (the last good round)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from gprebn_edge.errors import ArtifactError, GprebnError
 from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
 from gprebn_edge.models.spec import batchnorm_layers
+from gprebn_edge.runtime.torch_runner import torch_threads
 
 __all__ = ["ReadaptConfig", "Candidate", "Diverged", "Readapter", "stats_drift", "input_shift"]
 
@@ -106,8 +108,8 @@ class Readapter:
         self.config = config or ReadaptConfig()
         if self.config.batch_size < 1:
             raise GprebnError(f"the adaptation batch size must be at least 1, got {self.config.batch_size}")
-        self._threads_before = torch.get_num_threads()  # put back by close()
-        torch.set_num_threads(max(1, self.config.threads))
+        self._threads = contextlib.ExitStack()  # torch's thread count, put back by close()
+        self._threads.enter_context(torch_threads(max(1, self.config.threads)))
         # held in memory: the state folder deletes a round's files once another round serves
         model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
         self._start_model = copy.deepcopy(model)
@@ -116,7 +118,7 @@ class Readapter:
 
     def close(self) -> None:
         """Put the torch thread count back as it was."""
-        torch.set_num_threads(self._threads_before)
+        self._threads.close()
 
     def reset_to(self, checkpoint: str | Path) -> None:
         """Restart adaptation from `checkpoint` (an adapted artifact: the round that serves)."""

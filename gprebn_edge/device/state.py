@@ -15,7 +15,6 @@ gates, so state.json never points at a candidate that failed."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,9 @@ from typing import Any
 from gprebn_edge.errors import ArtifactError, GprebnError
 from gprebn_edge.io import strict_json, write_text_atomic
 from gprebn_edge.runtime.loading import manifest_beside
+from gprebn_edge.validate import number, optional, require
+
+_START_AFRESH = "move the folder away to start afresh"
 
 __all__ = ["LoopState", "StateDir", "STATE_VERSION"]
 
@@ -99,34 +101,27 @@ class StateDir:
         return state
 
     def _validate(self, raw: Any) -> LoopState:
-        """Types, ranges, and file names that stay inside the state folder; one line naming the field."""
-        def bad(what: str) -> ArtifactError:
-            return ArtifactError(f"{self.state_file}: {what}: move the folder away to start afresh")
-
+        """Types, ranges, and file names that stay inside the state folder (validate.py); one line naming
+        the field."""
+        where, fix = self.state_file, _START_AFRESH
         if not isinstance(raw, dict):
-            raise bad(f"expected a JSON object, got {type(raw).__name__}")
-        for key in ("round", "checkpoint", "onnx"):
-            if key not in raw:
-                raise bad(f"field `{key}` is missing")
-        fields = {k: v for k, v in raw.items() if k in LoopState.__dataclass_fields__}
+            raise ArtifactError(f"{where}: expected a JSON object, got {type(raw).__name__}: {fix}")
         for key in ("round", "frames", "failures", "rounds_tried", "version"):
-            value = fields.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
-                raise bad(f"field `{key}` must be an integer >= 0, got {value!r:.60}")
-        updated = fields.get("updated", 0.0)
-        if isinstance(updated, bool) or not isinstance(updated, int | float) or not math.isfinite(updated):
-            raise bad(f"field `updated` must be a number, got {updated!r:.60}")
-        for key, optional in (("checkpoint", False), ("onnx", False), ("engine", True), ("source", True)):
-            value = fields.get(key)
-            if not (isinstance(value, str) or (optional and value is None)):
-                raise bad(f"field `{key}` must be a {'string or null' if optional else 'string'}, "
-                          f"got {type(value).__name__}")
+            if key in ("round",) or key in raw:
+                number(raw, key, where, integer=True, low=0, fix=fix)
+        if "updated" in raw:
+            number(raw, "updated", where, fix=fix)
+        for key in ("checkpoint", "onnx"):
+            require(raw, key, str, where, fix=fix)
+        for key in ("engine", "source"):
+            optional(raw, key, str, where, fix=fix)
         root = self.path.resolve()
         for key in ("checkpoint", "onnx", "engine"):
-            name = fields.get(key)
+            name = raw.get(key)
             if name and (Path(name).name != name or (self.path / name).resolve().parent != root):
-                raise bad(f"field `{key}` names {name!r:.80}, which is not a file inside the state folder")
-        return LoopState(**fields)
+                raise ArtifactError(f"{where}: its field '{key}' names {name!r:.80}, which is not a file inside the "
+                                    f"state folder: {fix}")
+        return LoopState(**{k: v for k, v in raw.items() if k in LoopState.__dataclass_fields__})
 
     def write(self, state: LoopState) -> None:
         state.updated = time.time()
