@@ -44,6 +44,7 @@ from torch.nn.modules.padding import _CircularPadNd, _ConstantPadNd, _Reflection
 
 from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold_math import fold_bn
+from gprebn_edge.validate import oneline
 
 __all__ = ["FoldReport", "UntraceableModelError", "fold_batchnorm"]
 
@@ -106,9 +107,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ... for untraceable code
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UntraceableModelError(f"cannot fold BatchNorm: torch.fx cannot trace {type(model).__name__} "
-                                    f"({first[:160]}); remove data-dependent control flow from forward(), or "
+                                    f"({oneline(e, 160)}); remove data-dependent control flow from forward(), or "
                                     "mark such code with torch.fx.wrap") from None
 
 

@@ -59,6 +59,7 @@ from gprebn_edge.errors import ModelError
 from gprebn_edge.export.fold import FoldReport
 from gprebn_edge.export.fold_math import bn_scale_shift, fold_bn
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, INPUT, OUTPUT, drop_initializer_inputs
+from gprebn_edge.validate import oneline
 
 __all__ = ["bn_scale_shift_np", "fold_bn_np", "fold_onnx_batchnorm", "export_bn_onnx",
            "export_folded_onnx_fallback"]
@@ -360,9 +361,8 @@ def export_bn_onnx(model: nn.Module, example: torch.Tensor, opset: int = DEFAULT
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
             proto = onnx.load(path)
     except Exception as e:  # the exporter raises many types (AssertionError, RuntimeError, OnnxExporterError)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"the TorchScript ONNX exporter cannot export {type(model).__name__} "
-                         f"({first[:160]})") from e
+                         f"({oneline(e, 160)})") from e
     finally:
         model.train(was_training)
     drop_initializer_inputs(proto)

@@ -33,9 +33,10 @@ from gprebn_edge.export.precision import FLOORS, MIN_INT8_IMAGES, PRECISIONS, ch
 from gprebn_edge.io import atomic_path, strict_json, write_text_atomic
 from gprebn_edge.models.weights import sha256_file
 from gprebn_edge.optional import import_polygraphy, import_tensorrt
+from gprebn_edge.runtime.loading import manifest_beside
 
 __all__ = ["EngineOptions", "export_artifact", "export_model", "default_onnx_path", "default_engine_path",
-           "manifest_path", "require_tensorrt"]
+           "require_tensorrt"]
 
 
 def default_onnx_path(artifact: Path, unadapted: bool, precision: str = "fp32") -> Path:
@@ -61,8 +62,6 @@ class EngineOptions:
     timing_cache: Path | None = None
 
 
-def manifest_path(onnx_path: Path) -> Path:
-    return onnx_path.with_name(onnx_path.stem + ".manifest.json")
 
 
 def require_tensorrt() -> None:
@@ -134,7 +133,7 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     if engine is not None:
         manifest["tensorrt"] = _build_engine(out, engine, say)
         manifest["seconds"] = round(time.perf_counter() - start, 2)
-        write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
+        write_text_atomic(manifest_beside(out), strict_json(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -190,7 +189,7 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out: Path, batche
         "adaptation_health": health,
     }
     try:
-        write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
+        write_text_atomic(manifest_beside(out), strict_json(manifest, indent=1) + "\n")
     except BaseException:  # an ONNX file without its manifest is a partial export: remove it
         out.unlink(missing_ok=True)
         raise
@@ -225,7 +224,7 @@ def _reduced(model: torch.nn.Module, fp32_manifest: dict[str, Any], fp32: Path, 
 
         manifest["versions"] = {**manifest["versions"], "onnxconverter_common": onnxconverter_common.__version__}
     try:
-        write_text_atomic(manifest_path(out), strict_json(manifest, indent=1) + "\n")
+        write_text_atomic(manifest_beside(out), strict_json(manifest, indent=1) + "\n")
     except BaseException:
         out.unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ from rich.text import Text
 from typer.core import TyperCommand
 
 from gprebn_edge.errors import GprebnError, missing_extra
+from gprebn_edge.validate import oneline
 
 __all__ = ["app", "command", "session", "console", "err_console", "cli_errors", "stop_signals", "cooperative_stop",
            "signal_received", "stopped_exit", "progress", "status", "error_line", "STOPPED"]
@@ -137,7 +138,7 @@ def cli_errors(interrupted: str | None = None) -> Iterator[None]:
     except Exception as e:  # a bug, not a user error: still one line unless --debug
         if session.debug:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = oneline(e) if str(e).strip() else ""
         err_console.print(error_line("internal error:", f"{type(e).__name__}: {first} (rerun with --debug for "
                                       "the traceback and report it)"), soft_wrap=True)
         raise typer.Exit(2) from None

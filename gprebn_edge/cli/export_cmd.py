@@ -50,7 +50,8 @@ def export(
     """Fold BatchNorm into the convs and export ONNX (fp32, or --fp16 / --int8), checked against PyTorch fp32
     with onnxruntime; with --trt, also build a TensorRT engine from it."""
     from gprebn_edge.consent import CodeConsent  # imports torch: without it, one line naming the extra
-    from gprebn_edge.export.pipeline import default_engine_path, default_onnx_path, export_artifact, manifest_path
+    from gprebn_edge.export.pipeline import default_engine_path, default_onnx_path, export_artifact
+    from gprebn_edge.runtime.loading import manifest_beside
 
     if check_images < 1:
         raise GprebnError(f"--check-images must be at least 1, got {check_images}")
@@ -60,7 +61,7 @@ def export(
     options = _engine_options(trt=trt, engine=engine, refittable=refittable, batch=batch, workspace_mb=workspace_mb)
     check_outputs(json_out)
     out = onnx or default_onnx_path(artifact, unadapted, precision)
-    replaced = existing(out, manifest_path(out), (engine or default_engine_path(out)) if trt else None, json_out)
+    replaced = existing(out, manifest_beside(out), (engine or default_engine_path(out)) if trt else None, json_out)
     with status() as say:
         manifest = export_artifact(artifact, onnx, unadapted=unadapted, data=data, check_images=check_images,
                                    engine=options, progress=say, precision=precision,
