@@ -24,11 +24,9 @@ import argparse
 import copy
 import multiprocessing as mp
 import os
-import re
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +44,7 @@ from gprebn_edge.data.domains import load_domain  # noqa: E402
 from gprebn_edge.data.preprocess import Preprocess  # noqa: E402
 from gprebn_edge.data.stream import DEFAULT_SEGMENTS, ShiftingStream  # noqa: E402
 from gprebn_edge.device.loop import LoopConfig, run_loop  # noqa: E402
+from gprebn_edge.device.metrics_log import LoopLog  # noqa: E402
 from gprebn_edge.device.report import read_log, summarize  # noqa: E402
 from gprebn_edge.methods.base import entropy  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402
@@ -155,24 +154,17 @@ def second_half_accuracy(windows: list[dict[str, Any]], bounds: list[tuple[str, 
     return out
 
 
-def reason_name(reason: str) -> str:
-    """The gate (or 'diverged') a rejection reason names: the text before its first colon."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip() or reason
-
-
-def round_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+def round_stats(log: LoopLog) -> dict[str, Any]:
+    """The round counts as `loop-report` counts them (device/report.summarize: rounds, passed, rejected,
+    errors, triggers, rejection reasons, swaps, rollbacks), plus what only this benchmark tabulates: the
+    timeline of rounds, the frames of the swaps and the shift detections."""
+    summary = summarize(log)
+    records = log.records
     rounds = [r for r in records if r["event"] == "round"]
-    rejected = [r for r in rounds if r.get("outcome") == "rejected"]
     return {
-        "rounds": len(rounds),
-        "by_trigger": dict(Counter(str(r.get("trigger") or "cadence").split(":")[0] for r in rounds)),
-        "passed": sum(r.get("outcome") == "passed" for r in rounds),
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(reason_name(x) for r in rejected for x in (r.get("reasons") or []))),
-        "errors": sum(r.get("outcome") == "error" for r in rounds),
-        "error_messages": [r.get("error") for r in rounds if r.get("outcome") == "error"][:5],
-        "swaps": sum(r["event"] == "swap" for r in records),
-        "rollbacks": sum(r["event"] == "rollback" for r in records),
+        **{k: summary[k] for k in ("rounds", "passed", "rejected", "errors", "triggers", "rejection_reasons",
+                                   "swaps", "rollbacks")},
+        "error_messages": [r.get("error") for r in rounds if r.get("error") is not None][:5],
         "shift_detections": [{"frames": r["frames"], "reason": r["reason"]} for r in records if r["event"] == "shift"],
         "timeline": [{"round": r["round"], "frames": r.get("frames"), "trigger": r.get("trigger"),
                       "outcome": r.get("outcome"), "seconds": r.get("seconds"),
@@ -192,9 +184,9 @@ def loop_run(state: Path, source: str, start: Path, bounds: list[tuple[str, int,
     run = {"seconds": round(time.perf_counter() - t0, 1), "frames": result.frames,
            "served_only_passed": summary["served_only_passed"], "accuracy": summary["accuracy"],
            "latency_ms": summary["latency_ms"], "second_half": second_half_accuracy(windows, bounds),
-           **round_stats(log.records)}
-    print(f"  {run['frames']} frames in {run['seconds']} s: rounds {run['rounds']} {run['by_trigger']}, swaps "
-          f"{run['swaps']}, rejected {run['rejected_by_reason']}, errors {run['errors']}", flush=True)
+           **round_stats(log)}
+    print(f"  {run['frames']} frames in {run['seconds']} s: rounds {run['rounds']} {run['triggers']}, swaps "
+          f"{run['swaps']}, rejected {run['rejection_reasons']}, errors {run['errors']}", flush=True)
     return run
 
 
@@ -250,8 +242,8 @@ def _d(a: float | None, b: float) -> str:
 
 
 def round_lines(run: dict[str, Any]) -> list[str]:
-    reasons = ", ".join(f"{k} x{v}" for k, v in sorted(run["rejected_by_reason"].items())) or "none"
-    trig = ", ".join(f"{k} {v}" for k, v in sorted(run["by_trigger"].items())) or "none"
+    reasons = ", ".join(f"{k} x{v}" for k, v in sorted(run["rejection_reasons"].items())) or "none"
+    trig = ", ".join(f"{k} {v}" for k, v in sorted(run["triggers"].items()) if v) or "none"
     lines = [f"Rounds {run['rounds']} (by trigger: {trig}); passed {run['passed']}, swaps {run['swaps']} (at frames "
              f"{run['swapped_at']}); rejected {run['rejected']} (failed gates, counted by gate: {reasons}); errors "
              f"{run['errors']}; rollbacks {run['rollbacks']}; served only candidates that passed: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,24 +26,34 @@ def test_second_half_counts_only_whole_windows_of_each_second_half():
     assert straddling["a#0"] == {"accuracy": None, "labeled": 0}
 
 
-def test_round_stats_counts_triggers_reasons_swaps():
+def test_round_stats_count_as_loop_report_does(tmp_path):
+    """Counts come from device/report.summarize (one reading of the log); the benchmark adds the timeline."""
+    from gprebn_edge.device.metrics_log import read_log
+
     records = [
-        {"event": "round", "round": 1, "frames": 500, "trigger": "cadence", "outcome": "passed", "reasons": []},
+        {"event": "start", "round": 0, "frames": 0},
+        {"event": "round", "round": 1, "frames": 500, "trigger": "cadence", "outcome": "passed", "passed": True,
+         "reasons": []},
         {"event": "swap", "round": 1, "frames": 520},
         {"event": "shift", "frames": 1040, "reason": "entropy 0.9 sigma"},
         {"event": "round", "round": 2, "frames": 1100, "trigger": "shift: entropy", "outcome": "rejected",
-         "reasons": ["agreement: top-1 agreement 0.1 (floors: 0.5)", "mean_entropy: 0.001 < 0.02"]},
-        {"event": "round", "round": 3, "frames": 1600, "trigger": "cadence", "outcome": "rejected",
+         "passed": False, "reasons": ["agreement: top-1 agreement 0.1 (floors: 0.5)", "mean_entropy: 0.001 < 0.02"]},
+        {"event": "round", "round": 3, "frames": 1600, "trigger": "cadence", "outcome": "rejected", "passed": False,
          "reasons": ["diverged: adaptation diverged (non-finite)"]},
-        {"event": "round", "round": 4, "frames": 2100, "trigger": "cadence", "outcome": "error", "error": "boom"},
+        {"event": "round", "round": 4, "frames": 2100, "trigger": "cadence", "outcome": "error", "passed": False,
+         "error": "boom"},
         {"event": "rollback", "frames": 2200, "to_round": 1},
+        {"event": "stop", "frames": 2300, "reason": "end"},
     ]
-    s = loop_streams.round_stats(records)
-    assert s["rounds"] == 4 and s["by_trigger"] == {"cadence": 3, "shift": 1}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"t": float(i), **r}) + "\n" for i, r in enumerate(records)))
+    s = loop_streams.round_stats(read_log(path))
+    assert s["rounds"] == 4 and s["triggers"] == {"cadence": 3, "shift": 1, "follow-up": 0}
     assert s["passed"] == 1 and s["rejected"] == 2 and s["errors"] == 1 and s["error_messages"] == ["boom"]
-    assert s["rejected_by_reason"] == {"agreement": 1, "mean_entropy": 1, "diverged": 1}
+    assert s["rejection_reasons"] == {"agreement": 1, "mean_entropy": 1, "diverged": 1}
     assert s["swaps"] == 1 and s["swapped_at"] == [520] and s["rollbacks"] == 1
     assert s["shift_detections"] == [{"frames": 1040, "reason": "entropy 0.9 sigma"}]
+    assert [r["round"] for r in s["timeline"]] == [1, 2, 3, 4]
 
 
 def test_segment_rows_mark_each_criterion():
