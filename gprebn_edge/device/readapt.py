@@ -47,6 +47,10 @@ class ReadaptConfig:
     threads: int = 1        # torch threads for the worker (the serving runner keeps the others)
     consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise GprebnError(f"the adaptation batch size must be at least 1, got {self.batch_size}")
+
 
 @dataclass
 class Candidate:
@@ -106,8 +110,6 @@ class Readapter:
 
     def __init__(self, checkpoint: str | Path, config: ReadaptConfig | None = None) -> None:
         self.config = config or ReadaptConfig()
-        if self.config.batch_size < 1:
-            raise GprebnError(f"the adaptation batch size must be at least 1, got {self.config.batch_size}")
         self._threads = contextlib.ExitStack()  # torch's thread count, put back by close()
         self._threads.enter_context(torch_threads(max(1, self.config.threads)))
         # held in memory: the state folder deletes a round's files once another round serves
