@@ -225,7 +225,7 @@ def main() -> None:
     if args.combine:
         parts = [json.loads(p.read_text()) for p in args.combine]
         payload = _payload(args, [r for p in parts for r in p["rows"]])
-        payload["args"]["models"] = [m for p in parts for m in p["args"]["models"]]
+        payload["args"]["models"] = list(dict.fromkeys(m for p in parts for m in p["args"]["models"]))
         payload["combined"] = [{"file": str(p), "command": part["command"], "environment": part["environment"],
                                 "partial": part.get("partial")} for p, part in zip(args.combine, parts, strict=True)]
         lines = markdown(payload) + ["", "Combined from:", ""]
@@ -265,7 +265,10 @@ def main() -> None:
 
 
 def _payload(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    args_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("child")}
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+
+    args_d = {k: plain(v) for k, v in vars(args).items() if not k.startswith("child")}
     return {"command": command_line(), "environment": environment(), "args": args_d, "rows": rows,
             "before": [dict(zip(("run", "batch", "wall_s", "peak_rss_gb"), b, strict=True)) for b in BEFORE]}
 

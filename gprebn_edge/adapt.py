@@ -176,15 +176,19 @@ def run_online(adapter: Adapter, source: ImageSource, batch_size: int,
 
 def adapt_and_freeze(model: nn.Module, source: ImageSource, config: AdaptConfig,
                      progress: StageProgress | None = None, plan: MemoryPlan | None = None,
-                     score_source: bool = True) -> tuple[nn.Module, dict[str, Any], Adapter]:
+                     score_source: bool = True, no_grad_batch: int | None = None
+                     ) -> tuple[nn.Module, dict[str, Any], Adapter]:
     """One online pass of `config.method` over `source`, then freeze (the method's default mode unless
     config.freeze names one it supports). Returns the static model, the online figures (with the images
     each pass ran, "passes") and the adapter. `plan` (budget.plan_memory) bounds the memory of each step;
-    `score_source` False skips the pass of `source`, which changes nothing."""
+    `score_source` False skips the pass of `source`, which changes nothing; `no_grad_batch` slices the
+    refresh's batches (of config.refresh_batch images) into forwards of at most that many."""
     torch.manual_seed(config.seed)
     adapter = make_adapter(config.method, model, **config.adapter_kwargs())
     if plan is not None:
         plan.apply(adapter)
+    if no_grad_batch is not None:
+        adapter.no_grad_batch = min(no_grad_batch, adapter.no_grad_batch or no_grad_batch)
     what = f"adapting ({config.method})"
     online = run_online(adapter, source, config.batch_size,
                         None if progress is None else lambda done, total: progress(what, done, total),
@@ -216,11 +220,14 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
     if config.max_memory is not None:
         plan = plan_memory(loaded.model, shape, config.method, config.batch_size, config.max_memory,
                            refresh_batch=config.refresh_batch, holdout_images=k, **config.adapter_kwargs())
-    eval_batch = plan.no_grad_batch if plan is not None else max(config.batch_size, config.refresh_batch)
+    # passes without gradients (refresh, health check) run at no more images than a step: a run at batch 4
+    # must not peak at a 64-image forward
+    eval_batch = plan.no_grad_batch if plan is not None else config.batch_size
     calib, held = split_holdout(source, k, batch_size=eval_batch)
     stages = {"probe": time.perf_counter() - clock}
     clock = start = time.perf_counter()
-    static, online, adapter = adapt_and_freeze(loaded.model, calib, config, progress, plan, score_source=False)
+    static, online, adapter = adapt_and_freeze(loaded.model, calib, config, progress, plan, score_source=False,
+                                               no_grad_batch=eval_batch)
     freeze = online["freeze"]
     elapsed = time.perf_counter() - start
     stages["adapt"] = elapsed
@@ -270,6 +277,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
         "preprocess": loaded.preprocess.to_dict(),
         "method": {**adapter.hparams(), "batch_size": config.batch_size, "freeze": freeze,
                    "refresh_batch": config.refresh_batch if freeze == "refresh" else None,
+                   "refresh_forward_batch": adapter.no_grad_batch if freeze == "refresh" else None,
                    "seed": config.seed},
         "calibration": {**calib.describe(), "fingerprint": source.fingerprint(),
                         "skipped_items": [list(s) for s in source.skipped[:20]]},

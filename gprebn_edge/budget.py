@@ -244,7 +244,7 @@ def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, bat
     of blocks when even batch 1 does not fit without it; BudgetError (one line) when nothing fits.
 
     `baseline_bytes`: the process's memory before adaptation (default: its resident size now, so call this
-    with the model loaded). `refresh_batch`: the largest batch of the passes without gradients."""
+    with the model loaded). The passes without gradients run at no more than min(batch_size, refresh_batch)."""
     if batch_size < 1:
         raise GprebnError(f"--batch-size must be at least 1, got {batch_size}")
     fp = footprint(model, tuple(input_shape), method, **hparams)
@@ -256,7 +256,7 @@ def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, bat
     def largest(per_image: int, cap: int) -> int:
         return max(0, min(cap, int((budget_bytes - fixed) / (SLACK * per_image))))
 
-    no_grad_cap = max(batch_size, refresh_batch or batch_size)
+    no_grad_cap = min(batch_size, refresh_batch or batch_size)
     no_grad = largest(fp.step(False), no_grad_cap)
     checkpoint = False
     micro = largest(fp.step(gradient), batch_size)
