@@ -30,8 +30,7 @@ from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batc
 from gprebn_edge.export.onnx_export import DEFAULT_OPSET, Parity, export_onnx, onnx_parity
 from gprebn_edge.export.onnx_fold import export_folded_onnx_fallback
 from gprebn_edge.export.precision import FLOORS, MIN_INT8_IMAGES, PRECISIONS, check_floor, to_fp16, to_int8
-from gprebn_edge.io import atomic_path, strict_json, write_text_atomic
-from gprebn_edge.models.weights import sha256_file
+from gprebn_edge.io import atomic_path, sha256_file, strict_json, write_text_atomic
 from gprebn_edge.optional import import_polygraphy, import_tensorrt
 from gprebn_edge.runtime.loading import manifest_beside
 

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from gprebn_edge.errors import ArtifactError, GprebnError, InputError
-from gprebn_edge.io import atomic_path
-from gprebn_edge.models.weights import sha256_file
+from gprebn_edge.io import atomic_path, sha256_file
 from gprebn_edge.optional import import_polygraphy, import_tensorrt
 from gprebn_edge.validate import oneline
 

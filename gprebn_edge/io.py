@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from gprebn_edge.errors import GprebnError
 
-__all__ = ["atomic_path", "write_text_atomic", "finite_json", "strict_json", "current_umask"]
+__all__ = ["atomic_path", "write_text_atomic", "finite_json", "strict_json", "current_umask", "sha256_file"]
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _PROC_STATUS = "/proc/self/status"
@@ -104,3 +105,12 @@ def strict_json(value: Any, **kwargs: Any) -> str:
     default = kwargs.pop("default", None)
     hook = None if default is None else (lambda v: finite_json(default(v)))
     return json.dumps(finite_json(value), allow_nan=False, default=hook, **kwargs)
+
+
+def sha256_file(path: str | Path) -> str:
+    """`sha256:<hex>` of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"

@@ -19,10 +19,13 @@ _NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer",
           bool: "true or false", type(None): "null"}
 
 
-def oneline(e: BaseException | str, limit: int = 200) -> str:
-    """The first line of an exception's message (or its type), cut at a word boundary with an ellipsis."""
+def oneline(e: BaseException | str, limit: int = 200, typed: bool = False) -> str:
+    """The first line of an exception's message (or its type), cut at a word boundary with an ellipsis;
+    `typed`: as "Type: first line" (for a foreign library's error, whose type says what went wrong)."""
     text = str(e).strip()
     text = text.splitlines()[0] if text else type(e).__name__
+    if typed and str(e).strip() and isinstance(e, BaseException):
+        text = f"{type(e).__name__}: {text}"
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0] + " ..."

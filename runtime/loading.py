@@ -3,13 +3,13 @@ how to preprocess its inputs. Imports without torch (checkpoints import it when 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.errors import ArtifactError, InputError
+from gprebn_edge.io import sha256_file
 from gprebn_edge.runtime.base import CheckpointReader, Runner, require_checkpoints
 from gprebn_edge.runtime.trt_runner import ENGINE_SUFFIXES
 from gprebn_edge.validate import check, check_preprocess, oneline, optional
@@ -48,14 +48,6 @@ def manifest_beside(path: str | Path) -> Path:
     return path.with_name(path.stem + ".manifest.json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
-
-
 def verify_file(path: str | Path) -> bool:
     """Check an ONNX file or engine against the hash its export manifest (NAME.manifest.json beside it)
     records; ArtifactError, in one line naming both files and --no-verify, when they differ or the manifest
@@ -81,7 +73,7 @@ def verify_file(path: str | Path) -> bool:
         expected = trt.get("engine_sha256") if named and isinstance(trt, dict) else None
     if expected is None:
         return False
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise ArtifactError(f"{path} does not match its manifest {manifest} ({actual[:19]}... vs {str(expected)[:19]}"
                             f"...): it changed after export; {override}")

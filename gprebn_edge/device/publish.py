@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gprebn_edge.errors import GprebnError, InputError
-from gprebn_edge.io import strict_json, write_text_atomic
+from gprebn_edge.io import sha256_file, strict_json, write_text_atomic
 
 __all__ = ["Publisher", "PublishError", "parse_publish", "config_pbtxt", "DEFAULT_NAME"]
 
@@ -115,7 +115,7 @@ class Publisher:
     def _publish(self, model: Path, manifest: Path | None, round_id: int) -> Published | None:
         engine = model.suffix.lower() != ".onnx"
         export = json.loads(manifest.read_text(encoding="utf-8")) if manifest is not None and manifest.is_file() else {}
-        sha = _sha256(model)
+        sha = sha256_file(model)
         current = self.current()
         if current is not None and current.get("sha256") == sha and (self.root / str(current.get("version"))).is_dir():
             return None
@@ -164,14 +164,6 @@ class Publisher:
             old = self.root / f"{_OLD}{v}"
             os.rename(self.root / str(v), old)  # gone from view at once, then deleted
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
 
 
 def _copy_hashed(src: Path, dst: Path) -> str:

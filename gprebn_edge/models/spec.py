@@ -24,8 +24,10 @@ from gprebn_edge.consent import FORMS as _FORMS
 from gprebn_edge.consent import split_spec as _split
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from gprebn_edge.errors import ArtifactError, MissingDependencyError, ModelError
+from gprebn_edge.io import sha256_file
 from gprebn_edge.models.builtin import BUILTIN_MODELS
-from gprebn_edge.models.weights import _oneline, apply_state_dict, read_state_dict, sha256_file
+from gprebn_edge.models.weights import apply_state_dict, read_state_dict
+from gprebn_edge.validate import oneline
 
 __all__ = [
     "BUILTIN_WEIGHTS_DIR",
@@ -37,7 +39,6 @@ __all__ = [
     "apply_state_dict",
     "batchnorm_layers",
     "require_batchnorm",
-    "sha256_file",
 ]
 
 BUILTIN_WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -90,7 +91,7 @@ def _preprocess_attr(factory: Any, where: str) -> Preprocess | None:
         try:
             return Preprocess.from_dict(pre)
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{where}.preprocess is not a valid preprocessing dict ({_oneline(e)}): "
+            raise ModelError(f"{where}.preprocess is not a valid preprocessing dict ({oneline(e, typed=True)}): "
                              "give resize, crop, mean and std") from None
     return None
 
@@ -133,10 +134,10 @@ def _build_torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, P
             # beside a CPU torch): the extra is there, so naming it would not help
             raise MissingDependencyError(
                 f"torchvision {_installed_version('torchvision')} was built for another torch than "
-                f"{torch.__version__} ({_oneline(e)}); install a matching pair, e.g. "
+                f"{torch.__version__} ({oneline(e, typed=True)}); install a matching pair, e.g. "
                 f"pip install torch==2.14.1 torchvision==0.29.1 on x86_64") from None
         raise MissingDependencyError(
-            f"torchvision is not importable ({_oneline(e)}): pip install 'gprebn-edge[vision]'") from None
+            f"torchvision is not importable ({oneline(e, typed=True)}): pip install 'gprebn-edge[vision]'") from None
     kwargs = {"num_classes": num_classes} if num_classes else {}
     try:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
@@ -146,7 +147,7 @@ def _build_torchvision(name: str, num_classes: int | None) -> tuple[nn.Module, P
             close = difflib.get_close_matches(name, known, n=5)
             hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
             raise ModelError(f"unknown torchvision model {name!r}: {hint}") from None
-        raise ModelError(f"torchvision:{name} could not be built ({_oneline(e)})") from None
+        raise ModelError(f"torchvision:{name} could not be built ({oneline(e, typed=True)})") from None
     return model, _IMAGENET
 
 
@@ -170,7 +171,7 @@ def _import_file(target: str) -> Any:
         module_spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise ModelError(f"model file {target} failed to import ({_oneline(e)})") from None
+        raise ModelError(f"model file {target} failed to import ({oneline(e, typed=True)})") from None
     finally:
         if str(path.parent) in sys.path:
             sys.path.remove(str(path.parent))
@@ -181,7 +182,7 @@ def _import_module(target: str) -> Any:
     try:
         return importlib.import_module(target)
     except Exception as e:
-        raise ModelError(f"cannot import module {target!r} ({_oneline(e)}): use {_FORMS}") from None
+        raise ModelError(f"cannot import module {target!r} ({oneline(e, typed=True)}): use {_FORMS}") from None
 
 
 def _call_factory(factory: Callable[..., Any], where: str, num_classes: int | None) -> nn.Module:
@@ -196,7 +197,7 @@ def _call_factory(factory: Callable[..., Any], where: str, num_classes: int | No
     try:
         model = factory(num_classes=num_classes) if num_classes else factory()
     except Exception as e:
-        raise ModelError(f"{where} raised {_oneline(e)}") from None
+        raise ModelError(f"{where} raised {oneline(e, typed=True)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{where} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -4,7 +4,6 @@ arbitrary objects), load it into a model after checking names and shapes, and ha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import pickle
 import pickletools
@@ -19,17 +18,11 @@ import torch
 from torch import nn
 
 from gprebn_edge.errors import ModelError
+from gprebn_edge.validate import oneline
 
-__all__ = ["read_state_dict", "apply_state_dict", "sha256_file"]
+__all__ = ["read_state_dict", "apply_state_dict"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-
-
-def _oneline(exc: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message`, for error messages that must stay on one line."""
-    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _names(items: list[str], limit: int = 3) -> str:
@@ -107,7 +100,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except ModelError:
             raise
         except Exception as e:
-            raise ModelError(f"{path} is not a readable safetensors file ({_oneline(e)})") from None
+            raise ModelError(f"{path} is not a readable safetensors file ({oneline(e, typed=True)})") from None
     try:
         with _quiet():  # torch warns about pickle protocols on files it then refuses
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -119,7 +112,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path} is not a readable weights file: expected a state dict saved with "
                          "torch.save or safetensors") from None
     except Exception as e:
-        raise ModelError(f"{path} is not a readable weights file ({_oneline(e)}): expected a state dict "
+        raise ModelError(f"{path} is not a readable weights file ({oneline(e, typed=True)}): expected a state dict "
                          "saved with torch.save or safetensors") from None
     return _unwrap(obj, path)
 
@@ -145,12 +138,3 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         if k not in state:  # a tolerated num_batches_tracked
             state[k] = own[k]
     model.load_state_dict(state, strict=True)
-
-
-def sha256_file(path: str | Path) -> str:
-    """`sha256:<hex>` of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"

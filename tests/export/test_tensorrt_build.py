@@ -26,8 +26,8 @@ from gprebn_edge.export.tensorrt_build import (
     refit_engine,
     refit_engine_file,
 )
+from gprebn_edge.io import sha256_file
 from gprebn_edge.models.spec import load_model
-from gprebn_edge.models.weights import sha256_file
 from gprebn_edge.optional import TRT_INSTALL_FIX, import_polygraphy, import_tensorrt
 
 

@@ -16,6 +16,7 @@ from torchvision_beside_cpu_torch import usable_torchvision
 
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, Preprocess
 from gprebn_edge.errors import ArtifactError, GprebnError, MissingDependencyError, ModelError
+from gprebn_edge.io import sha256_file
 from gprebn_edge.models import spec as spec_mod
 from gprebn_edge.models.builtin import small_resnet
 from gprebn_edge.models.spec import (
@@ -27,7 +28,6 @@ from gprebn_edge.models.spec import (
     load_model,
     read_state_dict,
     require_batchnorm,
-    sha256_file,
 )
 
 TINY_NET = """
