@@ -101,7 +101,7 @@ class GpreBatchNorm(nn.Module):
     def _update(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, n: int) -> None:
         mean, var = update_running(self.target_mean, self.target_var, batch_mean, batch_var,
                                    self.config.rate(n, self.seen))
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # dynamo cannot trace it
             # in place: new tensors made here would be inference tensors, which a later gradient-mode
             # forward or load_state_dict could not use; no autograd graph can hold the old values here
             self.target_mean.copy_(mean)
@@ -117,7 +117,10 @@ class GpreBatchNorm(nn.Module):
         if not self.adapting:
             mean, var = self.dataset_stats()
             return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
-        if recomputing() and self._used is not None:
+        # a compiled step never checkpoints blocks: keep the thread-local flag and the stored tensors out of
+        # the graph (dynamo would guard on them and recompile at every step)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and recomputing() and self._used is not None:
             used_mean, used_var, used_batch_mean, used_batch_var = self._used
             return gprebn_function(x, self.weight, self.bias, used_mean, used_var, used_batch_mean, used_batch_var,
                                    self.eps)
@@ -131,7 +134,8 @@ class GpreBatchNorm(nn.Module):
         if not before:
             self._update(batch_mean, batch_var, n)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            self._used = (mean, var, batch_mean, batch_var)
+            if not compiling:
+                self._used = (mean, var, batch_mean, batch_var)
             return gprebn_function(x, self.weight, self.bias, mean, var, batch_mean, batch_var, self.eps)
         return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
 
