@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, environment_line, write_results  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
 from gprebn_edge.data.sources import ImageSource, open_source  # noqa: E402
 from gprebn_edge.methods import METHODS, StatsConfig  # noqa: E402

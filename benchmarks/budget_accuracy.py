@@ -28,7 +28,7 @@ from _common import RESULTS, command_line, environment, publish  # noqa: E402
 from accuracy import synthetic_data  # noqa: E402
 from fashion_accuracy import DEFAULT_CORRUPTIONS, WEIGHTS, fashion_data  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.budget import SLACK, MemoryPlan, footprint, format_size, plan_memory  # noqa: E402
 from gprebn_edge.data.idx import load_fashion_mnist, to_rgb32  # noqa: E402
 from gprebn_edge.models.spec import load_model  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
-from gprebn_edge.adapt import calibration_tensors  # noqa: E402
+from gprebn_edge.adaptation import calibration_tensors  # noqa: E402
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: E402
 from gprebn_edge.data.sources import open_source  # noqa: E402
 from gprebn_edge.export.fold import fold_batchnorm  # noqa: E402

@@ -71,7 +71,7 @@ from bn_zoo import (  # noqa: E402
 )
 from torchvision_beside_cpu_torch import usable_torchvision  # noqa: E402
 
-from gprebn_edge.adapt import calibration_tensors  # noqa: E402
+from gprebn_edge.adaptation import calibration_tensors  # noqa: E402
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: E402
 from gprebn_edge.data.sources import open_source  # noqa: E402
 from gprebn_edge.export.fold import FoldReport, UntraceableModelError, fold_batchnorm  # noqa: E402

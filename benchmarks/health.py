@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, environment_line, write_results  # noqa: E402
 
-from gprebn_edge.adapt import AdaptationRefused, AdaptConfig, adapt_model, adapt_to_file, evaluate  # noqa: E402
+from gprebn_edge.adaptation import AdaptationRefused, AdaptConfig, adapt_model, adapt_to_file, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS, corrupt  # noqa: E402
 from gprebn_edge.data.domains import load_domain  # noqa: E402
 from gprebn_edge.data.sources import open_source  # noqa: E402

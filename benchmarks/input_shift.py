@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file  # noqa: E402
 from gprebn_edge.checkpoint import rebuild_model  # noqa: E402
 from gprebn_edge.data.preprocess import Preprocess  # noqa: E402
 from gprebn_edge.data.sources import collect, open_source  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file  # noqa: E402
 from gprebn_edge.device.loop import LoopConfig, run_loop  # noqa: E402
 from gprebn_edge.device.report import read_log, summarize  # noqa: E402
 from gprebn_edge.export.pipeline import export_artifact  # noqa: E402

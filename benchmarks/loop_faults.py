@@ -73,7 +73,7 @@ def main() -> None:
 
     from _common import RESULTS, command_line, environment, publish
 
-    from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+    from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
     from gprebn_edge.device.report import read_log, summarize
 
     rng = random.Random(args.seed)

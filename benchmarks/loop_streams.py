@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, adapt_to_file  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_and_freeze, adapt_to_file  # noqa: E402
 from gprebn_edge.data.arrays import ArraySource  # noqa: E402
 from gprebn_edge.data.domains import load_domain  # noqa: E402
 from gprebn_edge.data.preprocess import Preprocess  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, command_line, environment, environment_line, write_results  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_model, evaluate  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_model, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import corrupt  # noqa: E402
 from gprebn_edge.data.sources import open_source  # noqa: E402
 from gprebn_edge.methods import StatsConfig  # noqa: E402

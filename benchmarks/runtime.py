@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, environment, publish  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file  # noqa: E402
 from gprebn_edge.export.pipeline import export_artifact  # noqa: E402
 from gprebn_edge.runtime.bench import CV_LIMIT, time_interleaved  # noqa: E402
 from gprebn_edge.runtime.metrics import latency_summary, paired_ratio  # noqa: E402

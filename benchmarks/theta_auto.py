@@ -32,7 +32,7 @@ from _common import RESULTS, command_line, environment, environment_line, write_
 from accuracy import synthetic_data  # noqa: E402
 from fashion_accuracy import WEIGHTS, fashion_data  # noqa: E402
 
-from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
+from gprebn_edge.adaptation import AdaptConfig, adapt_and_freeze, evaluate  # noqa: E402
 from gprebn_edge.data.corruptions import CORRUPTIONS  # noqa: E402
 from gprebn_edge.data.holdout import split_holdout  # noqa: E402
 from gprebn_edge.data.idx import load_fashion_mnist, to_rgb32  # noqa: E402

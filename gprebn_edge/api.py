@@ -55,7 +55,7 @@ def adapt(model: str, data: str, output: str | Path, *, weights: str | None = No
     `data` and write the adapted checkpoint `output` (.safetensors), as `gprebn-edge adapt` does. Arguments
     left None take the command's defaults. A collapsed model is not written unless `force`; a non-finite one
     never (GprebnError). Needs PyTorch."""
-    from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+    from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 
     config = AdaptConfig(**_given(method=method, batch_size=batch_size, lr=lr, holdout=holdout, seed=seed))
     result = adapt_to_file(model, data, output, config, weights=weights, num_classes=num_classes,

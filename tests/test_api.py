@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,15 @@ def test_a_wrong_frame_is_one_line_and_the_loop_goes_on(made, tmp_path):
         with pytest.raises(gprebn_edge.GprebnError, match="uint8 RGB"):
             loop.prepare(np.zeros((32, 32), np.uint8))
     assert not (tmp_path / "st" / "round-000001.onnx").exists()  # serve-only: nothing adapted
+
+
+def test_the_api_names_survive_the_modules_being_imported():
+    """A submodule named like a public function would replace it on the package once imported
+    (`import gprebn_edge.adapt` made `gprebn_edge.adapt` the module): the adapt stage is `adaptation`."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(gprebn_edge.__path__):
+        importlib.import_module(f"gprebn_edge.{info.name}")
+    for name in gprebn_edge.__all__:
+        assert not isinstance(getattr(gprebn_edge, name), types.ModuleType), name

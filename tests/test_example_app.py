@@ -17,7 +17,7 @@ APP = Path(__file__).resolve().parents[1] / "examples" / "app_video.py"
 
 @pytest.fixture(scope="module")
 def onnx(tmp_path_factory) -> Path:
-    from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+    from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
     from gprebn_edge.export.pipeline import export_artifact
 
     root = tmp_path_factory.mktemp("app")

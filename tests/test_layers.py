@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # folder -> the gprebn_edge modules (and their submodules) that no file in it may import
 FORBIDDEN = {
-    "runtime": ("gprebn_edge.checkpoint", "gprebn_edge.adapt", "gprebn_edge.models", "gprebn_edge.methods",
+    "runtime": ("gprebn_edge.checkpoint", "gprebn_edge.adaptation", "gprebn_edge.models", "gprebn_edge.methods",
                 "gprebn_edge.health", "gprebn_edge.export", "gprebn_edge.device", "gprebn_edge.cli",
                 "gprebn_edge.demo", "gprebn_edge.api"),
-    "export": ("gprebn_edge.adapt", "gprebn_edge.methods", "gprebn_edge.health", "gprebn_edge.device",
+    "export": ("gprebn_edge.adaptation", "gprebn_edge.methods", "gprebn_edge.health", "gprebn_edge.device",
                "gprebn_edge.cli", "gprebn_edge.demo", "gprebn_edge.api"),
 }
 

@@ -23,7 +23,7 @@ import pytest
 from signal_wait import wait_for_handlers
 from typer.testing import CliRunner
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 
 CLI = [sys.executable, "-c", "from gprebn_edge.cli import main; main()"]
 PREVIOUS = b"previous content\n"

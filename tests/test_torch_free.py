@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.export.pipeline import export_artifact
 
 TIMEOUT = 120  # seconds per command; each takes a few

@@ -29,7 +29,7 @@ def adapt_on(device: str, model: Any, source: Any, config: Any) -> tuple[Any, di
     """`adapt_and_freeze` with the model and batches on `device`; the frozen model comes back on the CPU."""
     import torch
 
-    from gprebn_edge.adapt import calibration_tensors, run_online
+    from gprebn_edge.adaptation import calibration_tensors, run_online
     from gprebn_edge.methods import make_adapter
 
     torch.manual_seed(config.seed)
@@ -46,7 +46,7 @@ def run(c: Check) -> None:
     95 % band; the runs share their data, so this bound is loose, and it is reported beside the figures)."""
     import torch
 
-    from gprebn_edge.adapt import AdaptConfig, adapt_and_freeze, evaluate
+    from gprebn_edge.adaptation import AdaptConfig, adapt_and_freeze, evaluate
 
     case = c.models(["builtin"])[0]
     n_cal, n_test = (256, 256) if c.quick else (2000, 2000)

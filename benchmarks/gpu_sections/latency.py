@@ -60,7 +60,7 @@ def _latency(c: Check, case: Case, mode: str, options: dict[str, Any]) -> None:
 
 
 def _latency_ratio(c: Check, case: Case) -> None:
-    from gprebn_edge.adapt import AdaptConfig
+    from gprebn_edge.adaptation import AdaptConfig
     from gprebn_edge.export.fold import fold_batchnorm
     from gprebn_edge.runtime.compare import compare
     from gprebn_edge.runtime.torch_runner import TorchRunner

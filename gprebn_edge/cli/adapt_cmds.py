@@ -17,7 +17,7 @@ from gprebn_edge.runtime.loading import health_note, model_metadata
 from gprebn_edge.validate import flag_number
 
 if TYPE_CHECKING:
-    from gprebn_edge.adapt import AdaptConfig
+    from gprebn_edge.adaptation import AdaptConfig
 
 
 @command()
@@ -65,7 +65,7 @@ def adapt(
 ) -> None:
     """Adapt a BatchNorm model to unlabeled target images and write the adapted checkpoint. Progress lines
     (images, rate, ETA) go to stderr every few seconds, also into a redirected log."""
-    from gprebn_edge.adapt import adapt_to_file  # imports torch: without it, one line naming the extra
+    from gprebn_edge.adaptation import adapt_to_file  # imports torch: without it, one line naming the extra
     from gprebn_edge.budget import parse_size
     from gprebn_edge.data.preprocess import parse_triple
     from gprebn_edge.progress import progress_lines
@@ -92,7 +92,7 @@ def _adapt_config(*, method: str, batch_size: int, lr: float, optimizer: str, lr
                   theta: float, stats_init: str, stats_order: str, freeze: str | None, holdout: float,
                   seed: int, limit: int | None) -> AdaptConfig:
     """adapt's flags as an AdaptConfig, the numbers checked first."""
-    from gprebn_edge.adapt import AdaptConfig
+    from gprebn_edge.adaptation import AdaptConfig
     from gprebn_edge.methods import StatsConfig
 
     flag_number(lr, "--lr", low=0)

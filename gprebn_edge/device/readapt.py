@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gprebn_edge.adapt import statistics_shift
+from gprebn_edge.adaptation import statistics_shift
 from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.device.stop import StopToken

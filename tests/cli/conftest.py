@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.device.histogram import LAYOUT, LatencyHistogram
 from gprebn_edge.export.pipeline import export_artifact
 

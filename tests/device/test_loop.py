@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.device.gates import GateConfig
 from gprebn_edge.device.loop import LoopConfig, run_loop
 from gprebn_edge.device.report import read_log, summarize

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from deadline import call_with_deadline
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.device.loop import LoopConfig, LoopResult, run_loop
 from gprebn_edge.device.metrics_log import read_log
 from gprebn_edge.device.state import LoopState, StateDir

@@ -21,7 +21,7 @@ import pytest
 from deadline import call_with_deadline
 from signal_wait import wait_for_handlers
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.device.loop import LoopConfig, LoopResult, run_loop
 from gprebn_edge.device.report import read_log
 from gprebn_edge.device.state import StateDir

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.cli import app
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.cli import app
 from gprebn_edge.device.loop import PredictionsOut
 from gprebn_edge.device.metrics_log import log_parts, read_log

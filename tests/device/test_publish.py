@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gprebn_edge.adapt import AdaptConfig, adapt_to_file
+from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.cli import app
 from gprebn_edge.device import publish as publish_module
 from gprebn_edge.device.publish import Publisher, PublishError, config_pbtxt, parse_publish

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from gprebn_edge.adapt import AdaptConfig, adapt_model, calibration_tensors
+from gprebn_edge.adaptation import AdaptConfig, adapt_model, calibration_tensors
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.errors import GprebnError
 from gprebn_edge.export.fold import fold_batchnorm

@@ -15,7 +15,7 @@ from bn_zoo import CONCAT_REASON, TORCHVISION_ZOO, far_from_defaults_deep, torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision_beside_cpu_torch import torchvision_or_skip
 
-from gprebn_edge.adapt import calibration_tensors
+from gprebn_edge.adaptation import calibration_tensors
 from gprebn_edge.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.export.pipeline import export_model

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from gprebn_edge.adapt import AdaptConfig, adapt_model, evaluate, probe, statistics_shift
+from gprebn_edge.adaptation import AdaptConfig, adapt_model, evaluate, probe, statistics_shift
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
 from gprebn_edge.errors import InputError
@@ -96,14 +96,14 @@ def _mlp():
 
 
 def test_gprebn_runs_a_batchnorm1d_model_at_batch_1(tmp_path):
-    from gprebn_edge.adapt import adapt_and_freeze
+    from gprebn_edge.adaptation import adapt_and_freeze
 
     static, online, _ = adapt_and_freeze(_mlp(), _mlp_source(tmp_path), AdaptConfig(batch_size=1))
     assert online["steps"] == 6 and isinstance(static[2], nn.BatchNorm1d)
 
 
 def test_batch_statistics_methods_explain_batch_1_with_batchnorm1d(tmp_path):
-    from gprebn_edge.adapt import adapt_and_freeze
+    from gprebn_edge.adaptation import adapt_and_freeze
     from gprebn_edge.errors import GprebnError
 
     with pytest.raises(GprebnError, match="larger --batch-size"):
@@ -111,7 +111,7 @@ def test_batch_statistics_methods_explain_batch_1_with_batchnorm1d(tmp_path):
 
 
 def test_collapsed_adaptation_is_refused_and_keeps_the_previous_file(tmp_path):
-    from gprebn_edge.adapt import AdaptationRefused, adapt_to_file
+    from gprebn_edge.adaptation import AdaptationRefused, adapt_to_file
 
     out = tmp_path / "a.safetensors"
     out.write_bytes(b"good artifact")
@@ -133,8 +133,8 @@ def test_too_few_images_are_not_checked(loaded):
 
 
 def test_a_non_finite_model_is_never_written_even_unchecked(tmp_path, loaded, monkeypatch):
-    from gprebn_edge import adapt as adapt_module
-    from gprebn_edge.adapt import AdaptationRefused, adapt_to_file
+    from gprebn_edge import adaptation as adapt_module
+    from gprebn_edge.adaptation import AdaptationRefused, adapt_to_file
 
     real = adapt_module.adapt_and_freeze
 
