@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ import torch
 from gprebn_edge import __version__
 from gprebn_edge.io import strict_json, write_text_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def environment() -> dict[str, Any]:
@@ -51,3 +54,16 @@ def publish(stem: Path, payload: dict[str, Any], lines: list[str]) -> None:
     markdown = "\n".join([*lines, "", environment_line(payload["environment"]), ""])
     write_results(stem, payload, markdown)
     print(markdown)
+
+
+def run_child(cmd: list[str]) -> tuple[float, int, int, str]:
+    """(wall seconds, peak RSS bytes, exit code, stderr tail) of one fresh process."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode(errors="replace")[-600:]
+    return wall, usage.ru_maxrss * 1024, proc.returncode, tail

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from _common import RESULTS, command_line, environment, environment_line, publish, write_results  # noqa: E402
+from _common import RESULTS, command_line, environment, environment_line, publish, run_child, write_results  # noqa: E402
 
 from gprebn_edge.progress import ProgressLine  # noqa: E402
 
@@ -47,19 +44,6 @@ BIN = Path(sys.executable).parent
 # The issue's measurements of the code before this change (issue 17; fresh clone, 2-core CPU, /usr/bin/time).
 BEFORE = [("source", 64, 93, 5.7), ("adabn", 64, 107, 5.7), ("tent", 64, 111, 7.4), ("gprebn", 64, 109, 8.3),
           ("gprebn", 16, 126, 6.4), ("forward (no grad)", 64, 3.9, 1.3), ("tent step (reference)", 64, None, 5.8)]
-
-
-def run_child(cmd: list[str]) -> tuple[float, int, int, str]:
-    """(wall seconds, peak RSS bytes, exit code, stderr tail) of one fresh process."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        tail = err.read().decode(errors="replace")[-600:]
-    return wall, usage.ru_maxrss * 1024, proc.returncode, tail
 
 
 def adapt_cmd(model: str, data: str, method: str, batch: int, out: Path, budget: str | None) -> list[str]:

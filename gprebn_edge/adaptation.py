@@ -30,6 +30,7 @@ from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.health import COLLAPSED, NON_FINITE, Thresholds, advice, assess, holdout_size, unchecked
 from gprebn_edge.methods import Adapter, StatsConfig, entropy, make_adapter
 from gprebn_edge.models.spec import LoadedModel, batchnorm_layers, load_model
+from gprebn_edge.validate import flag_number, oneline
 
 __all__ = ["AdaptConfig", "AdaptResult", "AdaptationRefused", "adapt_and_freeze", "adapt_model", "adapt_to_file",
            "calibration_tensors", "check_health", "evaluate", "probe", "probe_input", "run_online", "statistics_shift",
@@ -58,8 +59,7 @@ class AdaptConfig:
     max_memory: int | None = None       # bytes the process may peak at (budget.plan_memory); None: no limit
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise GprebnError(f"--batch-size must be at least 1, got {self.batch_size}")
+        flag_number(self.batch_size, "--batch-size", low=1)
         if not 0.0 <= self.holdout <= 0.5:  # also refuses NaN
             raise GprebnError(f"--holdout must be a fraction in [0, 0.5], got {self.holdout}")
         if self.max_memory is not None and self.max_memory < 1:
@@ -366,7 +366,7 @@ def probe_input(model: nn.Module, source: ImageSource, name: str) -> tuple[int, 
                 out = model(torch.from_numpy(batch.images))
         except RuntimeError as e:
             shape = tuple(batch.images.shape[1:])
-            raise InputError(f"{name} cannot run on images of shape {shape} ({str(e).splitlines()[0][:120]}); "
+            raise InputError(f"{name} cannot run on images of shape {shape} ({oneline(e, 120)}); "
                              "set --resize/--crop to the model's input size") from None
         if out.dim() != 2:
             raise InputError(f"{name} must return (N, classes) logits, got shape {tuple(out.shape)}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from gprebn_edge.budget import parse_size
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.device.config import APP_SOURCE, LoopConfig, LoopResult
@@ -130,8 +131,10 @@ class AdaptiveLoop:
     Use it as a context manager, from one thread.
 
     `model`: an adapted checkpoint to keep adapting (needs PyTorch); without it the loop only serves `onnx`
-    (or `engine`). Other arguments, left None, take the `loop` command's defaults; `on_notice` gets each
-    problem serving survives (a failed round, a full disk, a failed publish) as one line."""
+    (or `engine`). `max_memory` (bytes, or a size such as "2GB") bounds the process's peak while a round
+    runs, as the `loop` command's --max-memory does. Other arguments, left None, take the `loop` command's
+    defaults; `on_notice` gets each problem serving survives (a failed round, a full disk, a failed publish)
+    as one line."""
 
     def __init__(self, state: str | Path, *, model: str | Path | None = None, onnx: str | Path | None = None,
                  engine: str | Path | None = None, every: int | None = None, interval: float | None = None,
@@ -139,7 +142,7 @@ class AdaptiveLoop:
                  window: int | None = None, probe: str | None = None, recovery: int | None = None,
                  lr: float | None = None, adapt_threads: int | None = None, serve_threads: int | None = None,
                  publish: str | None = None, keep: int | None = None, shift_trigger: bool = True,
-                 trust_model_code: bool = False, verify: bool = True,
+                 max_memory: int | str | None = None, trust_model_code: bool = False, verify: bool = True,
                  on_notice: Callable[[str], None] | None = None) -> None:
         def path(p: str | Path | None) -> Path | None:
             return None if p is None else Path(p)
@@ -147,6 +150,7 @@ class AdaptiveLoop:
         config = LoopConfig(state=Path(state), source=APP_SOURCE, model=path(model), onnx=path(onnx),
                             engine=path(engine), consent=CodeConsent(any_code=trust_model_code), verify=verify,
                             shift=ShiftConfig() if shift_trigger else None, publish=publish,
+                            max_memory=parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
                             **_given(every=every, interval=interval, buffer=buffer, holdout=holdout,
                                      min_frames=min_frames, window=window, probe=probe, recovery=recovery, lr=lr,
                                      adapt_threads=adapt_threads, serve_threads=serve_threads, keep=keep))

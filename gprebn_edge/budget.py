@@ -23,17 +23,16 @@ import ctypes.util
 import functools
 import math
 import re
-import resource
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from gprebn_edge.errors import GprebnError
+from gprebn_edge.runtime.environment import resident_memory
+from gprebn_edge.validate import flag_number
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where a plan is made: sizes and BudgetError serve torch-free callers
+    from torch import nn
+
     from gprebn_edge.methods import Adapter
 
 __all__ = ["Footprint", "MemoryPlan", "BudgetError", "footprint", "plan_memory", "parse_size", "format_size",
@@ -75,12 +74,8 @@ def format_size(n: float) -> str:
 
 
 def current_rss() -> int:
-    """This process's resident set size now, in bytes (Linux /proc; elsewhere the peak so far)."""
-    try:
-        fields = Path("/proc/self/statm").read_text().split()
-        return int(fields[1]) * resource.getpagesize()
-    except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's resident set size now, in bytes (0 where it cannot be read)."""
+    return resident_memory() or 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,12 +120,14 @@ class Footprint:
 
 
 def _nbytes(t: Any) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+    return t.numel() * t.element_size() if hasattr(t, "element_size") and hasattr(t, "numel") else 0
 
 
 def footprint(model: nn.Module, input_shape: tuple[int, ...], method: str = "gprebn", **hparams: Any) -> Footprint:
     """Measure `method`'s step on a copy of `model` at batch PROBE_BATCH (random inputs; the caller's model,
     RNG state and autograd settings are left as they were)."""
+    import torch
+
     from gprebn_edge.methods import make_adapter
     from gprebn_edge.methods.blocks import find_blocks
 
@@ -245,8 +242,7 @@ def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, bat
 
     `baseline_bytes`: the process's memory before adaptation (default: its resident size now, so call this
     with the model loaded). The passes without gradients run at no more than min(batch_size, refresh_batch)."""
-    if batch_size < 1:
-        raise GprebnError(f"--batch-size must be at least 1, got {batch_size}")
+    flag_number(batch_size, "--batch-size", low=1)
     fp = footprint(model, tuple(input_shape), method, **hparams)
     release_memory()  # what the measurement freed, before the process's size is read
     gradient = method in GRADIENT_METHODS

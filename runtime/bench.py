@@ -18,8 +18,9 @@ import numpy as np
 from gprebn_edge.errors import InputError
 from gprebn_edge.io import write_text_atomic
 from gprebn_edge.runtime.base import Runner
-from gprebn_edge.runtime.environment import describe_environment, memory_available
+from gprebn_edge.runtime.environment import describe_environment, memory_available, peak_resident_memory
 from gprebn_edge.runtime.metrics import latency_summary
+from gprebn_edge.validate import flag_number
 
 __all__ = ["BenchResult", "benchmark", "time_interleaved", "latency_stats", "write_json", "read_json", "format_table",
            "CV_LIMIT", "DEFAULT_ITERS"]
@@ -73,13 +74,9 @@ def latency_stats(latencies_ms: list[float] | np.ndarray) -> dict[str, float]:
 
 
 def _peak_host_mb() -> float | None:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    """Peak resident memory of this process so far, in MiB."""
+    peak = peak_resident_memory()
+    return None if peak is None else round(peak / 2**20, 1)
 
 
 def _torch_cuda_for(runner: Runner) -> Any:
@@ -211,8 +208,7 @@ def benchmark(runner: Runner, *, batch: int = 1, warmup: int = 10, warmup_second
 def _check_request(batch: int, warmup: int, warmup_seconds: float | None, iters: int | None,
                    duration: float | None) -> int | None:
     """The number of iterations to time (None in duration mode); InputError for a request that makes no sense."""
-    if batch < 1:
-        raise InputError(f"batch must be at least 1, got {batch}")
+    flag_number(batch, "--batch", low=1)
     if iters is not None and duration is not None:
         raise InputError("give either a number of iterations or a duration, not both")
     if iters is None and duration is None:

@@ -22,6 +22,7 @@ from gprebn_edge.runtime.base import Runner, TensorInfo
 from gprebn_edge.runtime.bench import time_interleaved
 from gprebn_edge.runtime.loading import health_note
 from gprebn_edge.runtime.tables import fmt_ms, fmt_num, fmt_pct, fmt_ratio, fmt_shape, md_escape, md_table
+from gprebn_edge.validate import flag_number
 
 __all__ = ["ModelReport", "CompareResult", "compare", "write_json", "Progress"]
 
@@ -182,8 +183,8 @@ def compare(runner_a: Runner, runner_b: Runner, source: ImageSource, *, batch: i
 
 def _check_request(source: ImageSource, batch: int, latency_iters: int, latency_batch: int, latency_warmup: int,
                    names: tuple[str, str]) -> None:
-    if batch < 1 or latency_batch < 1:
-        raise InputError(f"batch sizes must be at least 1, got batch={batch}, latency batch={latency_batch}")
+    flag_number(batch, "--batch", low=1)
+    flag_number(latency_batch, "--latency-batch", low=1)
     if latency_iters < 0 or latency_warmup < 0:
         raise InputError(f"latency iterations must be non-negative, got {latency_iters} (warm-up {latency_warmup})")
     if len(names) != 2:

@@ -17,7 +17,8 @@ from typing import Any
 from gprebn_edge import __version__
 from gprebn_edge.runtime.base import RunnerInfo
 
-__all__ = ["describe_environment", "library_versions", "cpu_model", "jetson_info"]
+__all__ = ["describe_environment", "library_versions", "cpu_model", "jetson_info", "memory_available",
+           "resident_memory", "peak_resident_memory"]
 
 # distribution names that provide each module (the first one installed wins)
 _DISTRIBUTIONS = {
@@ -60,6 +61,36 @@ def memory_available() -> int | None:
         return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _statm_resident() -> int | None:
+    fields = (_read("/proc/self/statm") or "").split()
+    try:
+        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (IndexError, ValueError, OSError, AttributeError):
+        return None
+
+
+def _maxrss() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def resident_memory() -> int | None:
+    """This process's resident set size now, in bytes (Linux /proc; elsewhere its peak so far)."""
+    now = _statm_resident()
+    return now if now is not None else _maxrss()
+
+
+def peak_resident_memory() -> int | None:
+    """This process's peak resident set size so far, in bytes (ru_maxrss, which the kernel updates a little
+    behind the current size: never less than that), or None where neither can be read."""
+    known = [n for n in (_maxrss(), _statm_resident()) if n is not None]
+    return max(known) if known else None
 
 
 def cpu_model() -> str | None:

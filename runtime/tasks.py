@@ -17,6 +17,7 @@ from gprebn_edge.runtime.base import CheckpointReader
 from gprebn_edge.runtime.bench import BenchResult, benchmark
 from gprebn_edge.runtime.compare import CompareResult, compare
 from gprebn_edge.runtime.loading import model_metadata, open_runner
+from gprebn_edge.validate import flag_number
 
 if TYPE_CHECKING:
     from gprebn_edge.runtime.torch_runner import Prepare
@@ -129,8 +130,9 @@ def compare_models(path_a: str | Path, path_b: str | Path, data: str, *, options
                    progress: Progress | None = None) -> CompareResult:
     """Compare two model files (any backend each) on the same data: accuracy, agreement, calibration and
     interleaved latency. Shapes and class counts are checked before any inference."""
-    if batch < 1 or latency_batch < 1 or latency_iters < 0:
-        raise InputError("--batch and --latency-batch must be at least 1 and --latency-iters at least 0")
+    for value, flag, low in ((batch, "--batch", 1), (latency_batch, "--latency-batch", 1),
+                             (latency_iters, "--latency-iters", 0)):
+        flag_number(value, flag, low=low)
     options_a, options_b = options_a or RunnerOptions(), options_b or RunnerOptions()
     checkpoints = options_a.checkpoints or options_b.checkpoints
     source = open_data(data, [path_a, path_b], limit=limit, seed=seed, checkpoints=checkpoints)

@@ -96,7 +96,6 @@ def _adapt_config(*, method: str, batch_size: int, lr: float, optimizer: str, lr
     from gprebn_edge.methods import StatsConfig
 
     flag_number(lr, "--lr", low=0)
-    flag_number(batch_size, "--batch-size", low=1)
     flag_number(limit, "--limit", low=1)
     stats = StatsConfig(momentum=_parse_momentum(momentum), theta=theta, init=stats_init, order=stats_order)
     return AdaptConfig(method=method, batch_size=batch_size, lr=lr, optimizer=optimizer, lr_scaling=lr_scaling,

@@ -56,12 +56,16 @@ def loop(
     publish: Annotated[str | None, typer.Option(help="DIR[:NAME]: write every model that passed its gates into a "
                                                 "Triton model repository DIR/NAME (docs/serving.md).")] = None,
     keep: Annotated[int, typer.Option(help="Published versions kept (older ones are deleted).")] = _d("keep"),
+    max_memory: Annotated[str | None, typer.Option(help="Peak memory the whole process may use while a round "
+                                                   "runs beside serving, e.g. 2GB: rounds take micro-batches "
+                                                   "(docs/budget.md).")] = None,
     trust_model_code: TrustModelCode = False,
     verify: Verify = True,
 ) -> None:
     """Serve frames with the current model while re-adapting it in the background; swap in a candidate only
     after it passed its gates; persist and resume."""
     session.interrupted = f"interrupted: the state in {state} is servable; run the same command again to resume"
+    from gprebn_edge.budget import parse_size
     from gprebn_edge.consent import CodeConsent
     from gprebn_edge.device.shift import ShiftConfig
 
@@ -70,7 +74,7 @@ def loop(
                         max_frames=frames, fps=fps, window=window, lr=lr, adapt_threads=adapt_threads,
                         serve_threads=serve_threads, consent=CodeConsent(any_code=trust_model_code), verify=verify,
                         shift=ShiftConfig() if shift_trigger else None, predictions=predictions, publish=publish,
-                        keep=keep)
+                        keep=keep, max_memory=parse_size(max_memory) if max_memory is not None else None)
     with _app.cooperative_stop() as stop:
         _run(config, stop)
 
@@ -90,9 +94,10 @@ def _run(config: LoopConfig, stop: StopToken) -> None:
 
         result = run_loop(config, on_window=on_window, on_notice=on_notice, stop=stop)
     skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
+    peak = "" if result.peak_rss is None else f"; peak RSS {result.peak_rss / 1e9:.2f} GB"
     out.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
               f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
-              f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s", soft_wrap=True)
+              f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s{peak}", soft_wrap=True)
     out.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
     if result.worker_abandoned:
         # the worker is still inside torch: a normal interpreter exit would abort in its native thread pool

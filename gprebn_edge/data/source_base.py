@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gprebn_edge.data.preprocess import Preprocess
-from gprebn_edge.errors import InputError
+from gprebn_edge.validate import flag_number
 
 __all__ = ["Batch", "ImageSource"]
 
@@ -46,8 +46,7 @@ class ImageSource(ABC):
         return len(self.order)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        if batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        flag_number(batch_size, "batch size", low=1)
         return self._batches(batch_size)
 
     def fingerprint(self) -> str:

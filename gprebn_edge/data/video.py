@@ -14,6 +14,7 @@ from PIL import Image
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.source_base import Batch
 from gprebn_edge.errors import InputError, MissingDependencyError
+from gprebn_edge.validate import flag_number
 
 __all__ = ["VIDEO_SUFFIXES", "VideoFrames", "is_video_spec"]
 
@@ -83,8 +84,7 @@ class VideoFrames:
         return np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.uint8)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        if batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        flag_number(batch_size, "batch size", low=1)
         cv2 = _cv2()
         capture = self._open()
         served, pending = 0, []

@@ -12,6 +12,7 @@ from gprebn_edge.consent import CodeConsent
 from gprebn_edge.device.gates import GateConfig
 from gprebn_edge.device.shift import ShiftConfig
 from gprebn_edge.errors import InputError
+from gprebn_edge.validate import flag_number
 
 __all__ = ["LoopConfig", "LoopResult", "config_record", "DEFAULT_EVERY", "APP_SOURCE", "default"]
 
@@ -20,7 +21,7 @@ APP_SOURCE = "app:"  # the source of an AdaptiveLoop: the application's own fram
 # the `loop` command's flag of each field it has (the others are named as fields: min_frames, batch_size, ...)
 _FLAGS = {"every": "--every", "adapt_threads": "--adapt-threads", "serve_threads": "--serve-threads",
           "window": "--window", "recovery": "--recovery", "max_frames": "--frames", "keep": "--keep",
-          "buffer": "--buffer"}
+          "buffer": "--buffer", "max_memory": "--max-memory"}
 
 
 @dataclass
@@ -56,6 +57,7 @@ class LoopConfig:
     predictions: str | None = None   # "-" (stdout) or a file: one JSON line per served frame
     publish: str | None = None       # DIR[:NAME]: a Triton model repository that gets every gated model
     keep: int = 3                    # versions kept in the published repository
+    max_memory: int | None = None    # bytes the process may peak at while a round runs (None: no limit)
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, Path):
@@ -71,10 +73,8 @@ class LoopConfig:
             raise InputError("give one of --every N (frames) and --interval S (seconds)")
         for name, low in (("every", 1), ("adapt_threads", 1), ("serve_threads", 1), ("window", 1), ("recovery", 1),
                           ("max_frames", 1), ("keep", 1), ("min_frames", 1), ("probe_limit", 1), ("batch_size", 1),
-                          ("buffer", 16)):
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise InputError(f"{_FLAGS.get(name, name)} must be at least {low}, got {value}")
+                          ("buffer", 16), ("max_memory", 1)):
+            flag_number(getattr(self, name), _FLAGS.get(name, name), low=low)
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if not 0 < self.momentum <= 1:
@@ -119,6 +119,7 @@ class LoopResult:
     skipped: int = 0                 # unreadable frames skipped (image folders)
     errors: list[str] = field(default_factory=list)  # worker failures, each reported when it happened
     worker_abandoned: bool = False   # the worker did not stop in time and still runs (exit with os._exit)
+    peak_rss: int | None = None      # bytes: the process's peak resident memory (ru_maxrss), serving and rounds
 
 
 def config_record(c: LoopConfig) -> dict[str, Any]:

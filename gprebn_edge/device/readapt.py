@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gprebn_edge.adaptation import statistics_shift
+from gprebn_edge.budget import MemoryPlan, plan_memory
 from gprebn_edge.checkpoint import rebuild_model, save_checkpoint
 from gprebn_edge.consent import CodeConsent
 from gprebn_edge.device.stop import StopToken
@@ -31,8 +32,11 @@ from gprebn_edge.methods import make_adapter
 from gprebn_edge.methods.stats import StatsConfig
 from gprebn_edge.models.spec import batchnorm_layers
 from gprebn_edge.runtime.torch_runner import torch_threads
+from gprebn_edge.validate import flag_number
 
-__all__ = ["ReadaptConfig", "Candidate", "Diverged", "Readapter", "stats_drift", "input_shift"]
+__all__ = ["ReadaptConfig", "Candidate", "Diverged", "Readapter", "stats_drift", "input_shift", "REFRESH_BATCH"]
+
+REFRESH_BATCH = 64  # frames per batch of a candidate's statistics refresh (a memory plan splits them further)
 
 
 class Diverged(GprebnError):
@@ -46,10 +50,12 @@ class ReadaptConfig:
     momentum: float = 0.1   # EMA rate per 64 frames for the statistics while adapting
     threads: int = 1        # torch threads for the worker (the serving runner keeps the others)
     consent: CodeConsent | None = None  # to the model code the checkpoint names (user code needs it)
+    max_memory: int | None = None  # bytes the loop's process may peak at (budget.plan_memory); None: no limit
+    buffer: int = 512       # frames a snapshot holds at most (what the memory plan reserves for it)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise GprebnError(f"the adaptation batch size must be at least 1, got {self.batch_size}")
+        flag_number(self.batch_size, "the adaptation batch size", low=1)
+        flag_number(self.max_memory, "--max-memory", low=1)
 
 
 @dataclass
@@ -69,26 +75,33 @@ def stats_drift(old: torch.nn.Module, new: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def input_shift(model: torch.nn.Module, frames: torch.Tensor) -> float:
+def input_shift(model: torch.nn.Module, frames: torch.Tensor, batch: int | None = None) -> float:
     """How unfamiliar `frames` are to an eval-mode `model`: mean over its BN layers of mean over channels of
     |mu_frames - mu_running| / sigma_running, where mu_frames is the mean of the layer's input over the
-    frames. Near 0 on the domain the statistics were estimated on; several sigmas on a new one."""
-    shifts: list[float] = []
+    frames. Near 0 on the domain the statistics were estimated on; several sigmas on a new one. The frames
+    go through `batch` at a time (default: all at once); the means are over all of them either way."""
+    layers = [(bn, bn.running_mean, bn.running_var, bn.eps) for _, bn in batchnorm_layers(model)
+              if bn.running_mean is not None and bn.running_var is not None]
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
 
-    def hook(mean: torch.Tensor, var: torch.Tensor, eps: float) -> Callable[..., None]:
+    def hook(i: int) -> Callable[..., None]:
         def pre(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
-            mu = x.mean(dim=[d for d in range(x.dim()) if d != 1])
-            shifts.append(float(((mu - mean).abs() / (var + eps).sqrt()).mean()))
+            total = x.sum(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.float64)
+            sums[i] = sums[i] + total if i in sums else total
+            counts[i] = counts.get(i, 0) + x.numel() // x.shape[1]
         return pre
 
-    handles = [bn.register_forward_pre_hook(hook(bn.running_mean, bn.running_var, bn.eps))
-               for _, bn in batchnorm_layers(model) if bn.running_mean is not None and bn.running_var is not None]
+    handles = [bn.register_forward_pre_hook(hook(i)) for i, (bn, *_) in enumerate(layers)]
     try:
-        model(frames)
+        for chunk in torch.split(frames, batch or max(1, len(frames))):
+            model(chunk)
     finally:
         for h in handles:
             h.remove()
+    shifts = [float((((sums[i] / counts[i]).float() - mean).abs() / (var + eps).sqrt()).mean())
+              for i, (_, mean, var, eps) in enumerate(layers) if i in sums]
     return float(np.mean(shifts)) if shifts else 0.0
 
 
@@ -114,6 +127,7 @@ class Readapter:
         self._threads.enter_context(torch_threads(max(1, self.config.threads)))
         # held in memory: the state folder deletes a round's files once another round serves
         model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
+        self.plan: MemoryPlan | None = None  # made on the first round, once the frames' shape is known
         self._start_model = copy.deepcopy(model)
         self._source = _source_model(checkpoint, self.config.consent)
         self._adapt_from(model, meta)
@@ -140,6 +154,26 @@ class Readapter:
         self.serving = copy.deepcopy(model).eval()
         stats = StatsConfig(momentum=self.config.momentum, init="source")
         self.adapter = make_adapter("gprebn", model, lr=self.config.lr, stats=stats)
+        if self.plan is not None:
+            self.plan.apply(self.adapter)
+
+    @property
+    def no_grad_batch(self) -> int | None:
+        """Frames per forward without gradients under the memory plan (None: no limit)."""
+        return None if self.plan is None else self.plan.no_grad_batch
+
+    def _plan_memory(self, frames: torch.Tensor) -> None:
+        """With --max-memory: plan the rounds' micro-batch (and checkpointing) on the first snapshot's shape.
+        The process as it is now is the fixed part; the buffer still to fill, and its stacked copy, are added.
+        BudgetError (one line) when even one frame does not fit."""
+        if self.config.max_memory is None or self.plan is not None:
+            return
+        growth = 2 * max(0, self.config.buffer - len(frames))
+        stats = StatsConfig(momentum=self.config.momentum, init="source")
+        self.plan = plan_memory(self.serving, tuple(frames.shape[1:]), "gprebn", self.config.batch_size,
+                                self.config.max_memory, refresh_batch=REFRESH_BATCH, holdout_images=growth,
+                                lr=self.config.lr, stats=stats)
+        self.plan.apply(self.adapter)
 
     def accept(self, candidate: Candidate) -> None:
         """The candidate now serves: drift is measured against it from here on."""
@@ -151,11 +185,13 @@ class Readapter:
         checkpoint holds no source statistics)."""
         if self._source is None:
             return None
-        return self._source(torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+        return torch.cat([self._source(c) for c in torch.split(x, self.no_grad_batch or max(1, len(x)))]).numpy()
 
     def input_shift(self, frames: np.ndarray) -> float:
         """How far `frames` are from the serving model's BN statistics (see input_shift)."""
-        return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)))
+        return input_shift(self.serving, torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)),
+                           self.no_grad_batch)
 
     def round(self, frames: np.ndarray, stop: StopToken | None = None) -> Candidate:
         """Adapt on `frames` (float32 NCHW, in stream order) and freeze a candidate. `stop` is checked before
@@ -166,6 +202,7 @@ class Readapter:
         start = time.perf_counter()
         b = self.config.batch_size
         x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+        self._plan_memory(x)
         steps = 0
         for i in range(0, len(x), b):
             if stop is not None:
@@ -174,7 +211,7 @@ class Readapter:
             if not torch.isfinite(logits).all():
                 raise Diverged(f"adaptation step {steps + 1} gave non-finite outputs")
             steps += 1
-        model = self.adapter.freeze("refresh", lambda: (x[i:i + 64] for i in range(0, len(x), 64)))
+        model = self.adapter.freeze("refresh", lambda: torch.split(x, REFRESH_BATCH))  # the plan splits further
         return Candidate(model=model, steps=steps, seconds=time.perf_counter() - start,
                          stats_drift=stats_drift(self.serving, model))
 
@@ -184,5 +221,6 @@ class Readapter:
         meta = {k: v for k, v in self.meta.items() if k not in ("format", "format_version")}
         meta["loop"] = {"round": round_id, "frames": frames, "steps_total": self.adapter.steps,
                         "stats": {"momentum": self.config.momentum, "lr": self.config.lr,
-                                  "batch_size": self.config.batch_size}}
+                                  "batch_size": self.config.batch_size},
+                        "memory_plan": None if self.plan is None else self.plan.to_dict()}
         return save_checkpoint(path, candidate.model.state_dict(), meta)

@@ -60,6 +60,7 @@ from gprebn_edge.device.worker import Job, Shared, Worker, describe
 from gprebn_edge.device.worker_thread import WorkerThread
 from gprebn_edge.errors import GprebnError, InputError
 from gprebn_edge.runtime.base import Runner, TensorInfo
+from gprebn_edge.runtime.environment import peak_resident_memory, resident_memory
 from gprebn_edge.runtime.loading import manifest_beside, model_metadata, open_runner
 
 __all__ = ["LoopSession", "LoopStatus"]
@@ -323,7 +324,7 @@ class LoopSession:
     def _flush(self) -> None:
         assert self.log is not None
         record = self.log.write("window", frames=self.frames, served_round=self.served_round,
-                                skipped=self.skipped, **self.window.record())
+                                skipped=self.skipped, **self.window.record(), **memory_record())
         self.window = Window()
         with self.shared.lock:
             self.shared.state.frames = self.frames
@@ -401,4 +402,11 @@ class LoopSession:
                               rollbacks=s.rollbacks, served_round=self.served_round, resumed=self.resumed,
                               seconds=time.perf_counter() - self.started_at, stop_reason=self.reason,
                               log=self.dir.log_file, skipped=self.skipped, errors=list(s.errors),
-                              worker_abandoned=self.worker_abandoned)
+                              worker_abandoned=self.worker_abandoned, peak_rss=peak_resident_memory())
+
+
+def memory_record() -> dict[str, float | None]:
+    """The process's resident memory now and its peak so far, in MB, for a metrics record."""
+    def mb(n: int | None) -> float | None:
+        return None if n is None else round(n / 1e6, 1)
+    return {"rss_mb": mb(resident_memory()), "peak_rss_mb": mb(peak_resident_memory())}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gprebn_edge.budget import BudgetError
 from gprebn_edge.device.gates import GateResult, RecoveryPolicy, evaluate_gates
 from gprebn_edge.device.metrics_log import MetricsLog
 from gprebn_edge.device.state import LoopState, StateDir
@@ -140,7 +141,8 @@ class Worker:
             start_ckpt = self.dir.path / self.shared.state.checkpoint
         try:
             readapter = Readapter(start_ckpt, ReadaptConfig(batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-                                                            threads=c.adapt_threads, consent=c.consent))
+                                                            threads=c.adapt_threads, consent=c.consent,
+                                                            max_memory=c.max_memory, buffer=c.buffer))
         except Exception as e:  # the loop keeps serving the current model; the command fails at the end
             self.fail(f"the adaptation worker failed to start ({describe(e)}); serving goes on without adapting")
             return
@@ -156,6 +158,9 @@ class Worker:
                 try:
                     self.round(job, readapter, policy)
                 except Stopped:
+                    return
+                except BudgetError as e:  # every round would fail alike: stop adapting, keep serving
+                    self.fail(f"{oneline(e)}; serving goes on without adapting")
                     return
                 except Exception as e:  # never let a worker crash silently: report it, keep serving
                     self.fail(f"adaptation round {job.round_id} failed ({describe(e)})", e)
@@ -209,6 +214,8 @@ class Worker:
             outcome.candidate = candidate = readapter.round(adapt, stop=stop)
             stop.check()
             record.update(steps=candidate.steps, stats_drift=candidate.stats_drift)
+            if readapter.plan is not None:
+                record["memory_plan"] = readapter.plan.describe()
             self._export(candidate, readapter, holdout, serving, job.round_id, outcome.files)
             stop.check()
             result, cand_logits = self._gate(outcome.files, holdout, readapter, serving, outcome)
@@ -216,7 +223,7 @@ class Worker:
                           mean_entropy=float(metrics.entropy(cand_logits).mean()),
                           outcome="passed" if result.passed else "rejected")
             outcome.reference = (holdout, cand_logits)
-        except Stopped:
+        except (Stopped, BudgetError):
             outcome.files.discard()
             if outcome.runner is not None:
                 outcome.runner.deactivate()
@@ -234,7 +241,8 @@ class Worker:
 
         files.onnx = self.dir.round_path(round_id, ".onnx")
         files.manifest = manifest_beside(files.onnx)
-        export_model(candidate.model, readapter.meta, files.onnx, [holdout], data="loop buffer (held-back frames)")
+        export_model(candidate.model, readapter.meta, files.onnx, _chunks(holdout, readapter.no_grad_batch),
+                     data="loop buffer (held-back frames)")
         if serving.engine:
             self.shared.stop.check()
             files.engine = self.refit(serving, files.onnx, round_id)
@@ -249,12 +257,13 @@ class Worker:
                      open_runner(files.onnx, "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
         candidate.activate()
         try:
+            n = readapter.no_grad_batch
             with self.open(serving) as current:
-                cand_logits, cur_logits = candidate.infer(holdout), current.infer(holdout)
+                cand_logits, cur_logits = _infer(candidate, holdout, n), _infer(current, holdout, n)
                 probe = None
                 if self.probe is not None:
                     images, labels = self.probe
-                    probe = (candidate.infer(images), current.infer(images), labels)
+                    probe = (_infer(candidate, images, n), _infer(current, images, n), labels)
         finally:
             if candidate.thread_affine:
                 candidate.deactivate()
@@ -315,6 +324,16 @@ class Worker:
         with atomic_path(out) as tmp:
             tmp.write_bytes(refitted)
         return out
+
+
+def _chunks(x: np.ndarray, n: int | None) -> list[np.ndarray]:
+    """`x` in batches of at most `n` frames (None: one batch): what a memory plan allows per forward."""
+    n = n or max(1, len(x))
+    return [x[i:i + n] for i in range(0, len(x), n)]
+
+
+def _infer(runner: Runner, x: np.ndarray, n: int | None) -> np.ndarray:
+    return np.concatenate([runner.infer(c) for c in _chunks(x, n)])
 
 
 def lower_priority() -> None:
