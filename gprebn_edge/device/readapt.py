@@ -158,9 +158,10 @@ class Readapter:
             self.plan.apply(self.adapter)
 
     @property
-    def no_grad_batch(self) -> int | None:
-        """Frames per forward without gradients under the memory plan (None: no limit)."""
-        return None if self.plan is None else self.plan.no_grad_batch
+    def no_grad_batch(self) -> int:
+        """Frames per forward without gradients: the memory plan's, else the adaptation batch size (a gate's
+        forward on all the held-back frames at once would outgrow a round's step)."""
+        return self.config.batch_size if self.plan is None else self.plan.no_grad_batch
 
     def _plan_memory(self, frames: torch.Tensor) -> None:
         """With --max-memory: plan the rounds' micro-batch (and checkpointing) on the first snapshot's shape.
@@ -186,7 +187,7 @@ class Readapter:
         if self._source is None:
             return None
         x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
-        return torch.cat([self._source(c) for c in torch.split(x, self.no_grad_batch or max(1, len(x)))]).numpy()
+        return torch.cat([self._source(c) for c in torch.split(x, self.no_grad_batch)]).numpy()
 
     def input_shift(self, frames: np.ndarray) -> float:
         """How far `frames` are from the serving model's BN statistics (see input_shift)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from gprebn_edge.budget import release_memory
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.device.config import APP_SOURCE, LoopConfig
@@ -43,6 +44,7 @@ def initial_state(c: LoopConfig, state_dir: StateDir) -> LoopState:
         from gprebn_edge.export.pipeline import export_artifact  # torch: only to export the first model
 
         export_artifact(state_dir.path / checkpoint, onnx, check_images=256, consent=c.consent)
+        release_memory()  # what the export's passes freed, before serving and rounds size the process
     engine = None
     if c.engine is not None:  # with its manifest: the engine's preprocessing and classes are recorded there
         engine = state_dir.round_path(0, ".engine").name

@@ -326,13 +326,12 @@ class Worker:
         return out
 
 
-def _chunks(x: np.ndarray, n: int | None) -> list[np.ndarray]:
-    """`x` in batches of at most `n` frames (None: one batch): what a memory plan allows per forward."""
-    n = n or max(1, len(x))
+def _chunks(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """`x` in batches of at most `n` frames: what a forward without gradients may take."""
     return [x[i:i + n] for i in range(0, len(x), n)]
 
 
-def _infer(runner: Runner, x: np.ndarray, n: int | None) -> np.ndarray:
+def _infer(runner: Runner, x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([runner.infer(c) for c in _chunks(x, n)])
 
 
