@@ -236,18 +236,21 @@ class MemoryPlan:
 
 def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, batch_size: int, budget_bytes: int, *,
                 refresh_batch: int | None = None, holdout_images: int = 0, baseline_bytes: int | None = None,
-                **hparams: Any) -> MemoryPlan:
+                reserve_bytes: int = 0, **hparams: Any) -> MemoryPlan:
     """The largest micro-batch (up to `batch_size`) whose estimated peak fits `budget_bytes`; checkpointing
     of blocks when even batch 1 does not fit without it; BudgetError (one line) when nothing fits.
 
     `baseline_bytes`: the process's memory before adaptation (default: its resident size now, so call this
-    with the model loaded). The passes without gradients run at no more than min(batch_size, refresh_batch)."""
+    with the model loaded). The passes without gradients run at no more than min(batch_size, refresh_batch).
+    `reserve_bytes`: what the caller will hold beside the plan that the plan cannot see (the loop: its
+    onnxruntime sessions and the export of each candidate), added to the fixed part."""
     flag_number(batch_size, "--batch-size", low=1)
     fp = footprint(model, tuple(input_shape), method, **hparams)
     release_memory()  # what the measurement freed, before the process's size is read
     gradient = method in GRADIENT_METHODS
     base = current_rss() if baseline_bytes is None else baseline_bytes
-    fixed = int(base + MODEL_COPIES * fp.model + (holdout_images + BATCH_COPIES * batch_size) * fp.image)
+    images = holdout_images + BATCH_COPIES * batch_size
+    fixed = int(base + reserve_bytes + MODEL_COPIES * fp.model + images * fp.image)
 
     def largest(per_image: int, cap: int) -> int:
         return max(0, min(cap, int((budget_bytes - fixed) / (SLACK * per_image))))

@@ -50,6 +50,10 @@ def test_plan_picks_the_largest_micro_batch_that_fits(model):
     assert tight.micro_batch == 10 and not tight.checkpoint and tight.estimated_peak <= budget
     adapter = tight.apply(make_adapter("gprebn", model))
     assert adapter.micro_batch == 10 and adapter.no_grad_batch == tight.no_grad_batch
+    # what the caller holds beside the plan (the loop's onnxruntime sessions) leaves less room for a step
+    reserved = plan_memory(model, SHAPE, "gprebn", 64, budget, baseline_bytes=0,
+                           reserve_bytes=int(SLACK * 4 * fp.step(True)))
+    assert reserved.fixed == tight.fixed + int(SLACK * 4 * fp.step(True)) and reserved.micro_batch == 6
 
 
 def test_plan_checkpoints_when_one_image_does_not_fit_otherwise(model):

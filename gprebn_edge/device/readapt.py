@@ -36,6 +36,9 @@ from gprebn_edge.validate import flag_number
 
 __all__ = ["ReadaptConfig", "Candidate", "Diverged", "Readapter", "stats_drift", "input_shift", "REFRESH_BATCH"]
 
+LOOP_RESERVE = 0.05  # of --max-memory, for what a round holds beside its plan: the export (torch.onnx.export, a
+                     # parity session) and the gates' onnxruntime arenas (without it EfficientNet-Lite0 peaked
+                     # at 2.04 GB under 2GB; benchmarks/results/loop_memory.md)
 REFRESH_BATCH = 64  # frames per batch of a candidate's statistics refresh (a memory plan splits them further)
 
 
@@ -173,6 +176,7 @@ class Readapter:
         stats = StatsConfig(momentum=self.config.momentum, init="source")
         self.plan = plan_memory(self.serving, tuple(frames.shape[1:]), "gprebn", self.config.batch_size,
                                 self.config.max_memory, refresh_batch=REFRESH_BATCH, holdout_images=growth,
+                                reserve_bytes=int(LOOP_RESERVE * self.config.max_memory),
                                 lr=self.config.lr, stats=stats)
         self.plan.apply(self.adapter)
 

@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # torch: imported by the worker thread only when it adapts
 __all__ = ["Job", "Pending", "RoundFiles", "Shared", "Worker", "WORKER_NICE", "describe"]
 
 WORKER_NICE = 10  # the worker thread's nice increment
+# frames per call when a round runs a candidate or the serving model in onnxruntime (the export's parity check,
+# the gates): its CPU arena keeps the largest batch's memory for good, ~11 MB per frame on EfficientNet-Lite0,
+# and serving itself runs at 1 (benchmarks/results/loop_memory.md)
+RUNNER_BATCH = 4
 
 @dataclass
 class Job:
@@ -200,6 +204,7 @@ class Worker:
 
         c = self.config
         frames = np.stack(job.frames)
+        job.frames.clear()  # the frames that leave the buffer during the round are freed, not kept to its end
         # enough held-back frames for the gates to tell a candidate from chance (48), but never over half
         held = max(min(48, len(frames) // 2), int(round(len(frames) * c.holdout)))
         adapt, holdout = frames[:-held], frames[-held:]
@@ -241,7 +246,7 @@ class Worker:
 
         files.onnx = self.dir.round_path(round_id, ".onnx")
         files.manifest = manifest_beside(files.onnx)
-        export_model(candidate.model, readapter.meta, files.onnx, _chunks(holdout, readapter.no_grad_batch),
+        export_model(candidate.model, readapter.meta, files.onnx, _chunks(holdout, RUNNER_BATCH),
                      data="loop buffer (held-back frames)")
         if serving.engine:
             self.shared.stop.check()
@@ -257,7 +262,7 @@ class Worker:
                      open_runner(files.onnx, "onnxruntime", threads=self.config.serve_threads, shared_cpu=True))
         candidate.activate()
         try:
-            n = readapter.no_grad_batch
+            n = RUNNER_BATCH
             with self.open(serving) as current:
                 cand_logits, cur_logits = _infer(candidate, holdout, n), _infer(current, holdout, n)
                 probe = None

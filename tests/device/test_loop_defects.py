@@ -158,16 +158,21 @@ def test_frames_are_stacked_on_the_worker_not_on_serving(tmp_path, start, monkey
     from gprebn_edge.device import worker
 
     jobs: list[object] = []
+    left: list[int] = []
     real_round = worker.Worker.round
 
     def spy(self, job, readapter, policy):
-        jobs.append(job.frames)
-        return real_round(self, job, readapter, policy)
+        jobs.append(list(job.frames) if isinstance(job.frames, list) else job.frames)
+        try:
+            return real_round(self, job, readapter, policy)
+        finally:
+            left.append(len(job.frames))
 
     monkeypatch.setattr(worker.Worker, "round", spy)
     result = _run(_config(tmp_path / "state", start))
     assert result.rounds >= 1 and jobs
     assert all(isinstance(frames, list) and isinstance(frames[0], np.ndarray) for frames in jobs)
+    assert left == [0] * len(jobs)  # once stacked, the job lets go of the frames the buffer drops meanwhile
 
 
 def test_a_bug_in_a_round_is_an_error_not_a_rejected_candidate(tmp_path, start, monkeypatch):
