@@ -95,10 +95,12 @@ def _fold(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Modul
 def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *, unadapted: bool = False,
                     data: str | None = None, check_images: int = 1000, engine: EngineOptions | None = None,
                     opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None,
-                    consent: CodeConsent | None = None, precision: str = "fp32") -> dict[str, Any]:
+                    consent: CodeConsent | None = None, precision: str = "fp32",
+                    check_batch: int = CHECK_BATCH) -> dict[str, Any]:
     """Fold the adapted (or, with `unadapted`, the source) model of `artifact`, export it to ONNX in
     `precision`, check onnxruntime against PyTorch fp32 on up to `check_images` real images (`data`, default:
-    the artifact's own calibration data; int8 calibrates on them too and needs `data`) and write the ONNX file
+    the artifact's own calibration data; int8 calibrates on them too and needs `data`; `check_batch` images per
+    forward) and write the ONNX file
     and its manifest atomically; with `engine`, also build a TensorRT engine from that ONNX file. Model code
     the artifact names is imported only with `consent` (see gprebn_edge.consent). Returns the manifest."""
     say = progress or (lambda _: None)
@@ -120,7 +122,7 @@ def export_artifact(artifact: str | Path, onnx_path: str | Path | None = None, *
     except GprebnError as e:
         fix = "" if data else "; pass --data"
         raise GprebnError(f"cannot read the images to check the export against ({e}){fix}") from None
-    batches = [b.images for b in source.batches(CHECK_BATCH)]
+    batches = [b.images for b in source.batches(check_batch)]
     if not batches:
         raise GprebnError(f"no readable images in {spec} to check the export against"
                           f"{'' if data else '; pass --data'}")

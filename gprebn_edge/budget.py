@@ -212,11 +212,15 @@ class MemoryPlan:
     footprint: Footprint
 
     def apply(self, adapter: Adapter) -> Adapter:
-        """Make `adapter` run within the plan (micro-batches, checkpointing, refresh batch). Returns it."""
+        """Make `adapter` run within the plan (micro-batches, checkpointing or not, refresh batch). Returns it."""
+        from gprebn_edge.methods.blocks import uncheckpoint_blocks
+
         adapter.micro_batch = self.micro_batch if self.micro_batch < self.batch_size else None
         adapter.no_grad_batch = self.no_grad_batch
         if self.checkpoint:
             adapter.checkpoint_blocks()
+        else:
+            uncheckpoint_blocks(adapter.model)
         return adapter
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,17 +240,18 @@ class MemoryPlan:
 
 def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, batch_size: int, budget_bytes: int, *,
                 refresh_batch: int | None = None, holdout_images: int = 0, baseline_bytes: int | None = None,
-                reserve_bytes: int = 0, **hparams: Any) -> MemoryPlan:
+                reserve_bytes: int = 0, measured: Footprint | None = None, **hparams: Any) -> MemoryPlan:
     """The largest micro-batch (up to `batch_size`) whose estimated peak fits `budget_bytes`; checkpointing
     of blocks when even batch 1 does not fit without it; BudgetError (one line) when nothing fits.
 
     `baseline_bytes`: the process's memory before adaptation (default: its resident size now, so call this
     with the model loaded). The passes without gradients run at no more than min(batch_size, refresh_batch).
     `reserve_bytes`: what the caller will hold beside the plan that the plan cannot see (the loop: its
-    onnxruntime sessions and the export of each candidate), added to the fixed part."""
+    onnxruntime sessions and the export of each candidate), added to the fixed part. `measured`: the
+    model's footprint from an earlier plan (it does not change), instead of measuring it again."""
     flag_number(batch_size, "--batch-size", low=1)
-    fp = footprint(model, tuple(input_shape), method, **hparams)
-    release_memory()  # what the measurement freed, before the process's size is read
+    fp = measured or footprint(model, tuple(input_shape), method, **hparams)
+    release_memory()  # what the measurement (or the caller's last pass) freed, before the process's size is read
     gradient = method in GRADIENT_METHODS
     base = current_rss() if baseline_bytes is None else baseline_bytes
     images = holdout_images + BATCH_COPIES * batch_size

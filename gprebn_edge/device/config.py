@@ -14,10 +14,14 @@ from gprebn_edge.device.shift import ShiftConfig
 from gprebn_edge.errors import InputError
 from gprebn_edge.validate import flag_number
 
-__all__ = ["LoopConfig", "LoopResult", "config_record", "DEFAULT_EVERY", "APP_SOURCE", "default"]
+__all__ = ["LoopConfig", "LoopResult", "config_record", "DEFAULT_EVERY", "APP_SOURCE", "RUNNER_BATCH", "default"]
 
 DEFAULT_EVERY = 500  # frames between rounds when neither `every` nor `interval` is given
 APP_SOURCE = "app:"  # the source of an AdaptiveLoop: the application's own frames
+# frames per call when the loop runs a model in onnxruntime beside serving (the start's and each candidate's
+# parity check, the gates): its CPU arena keeps the largest batch's memory for good, ~11 MB per frame on
+# EfficientNet-Lite0, and serving itself runs at 1 (benchmarks/results/loop_memory.md)
+RUNNER_BATCH = 4
 # the `loop` command's flag of each field it has (the others are named as fields: min_frames, batch_size, ...)
 _FLAGS = {"every": "--every", "adapt_threads": "--adapt-threads", "serve_threads": "--serve-threads",
           "window": "--window", "recovery": "--recovery", "max_frames": "--frames", "keep": "--keep",

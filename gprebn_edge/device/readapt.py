@@ -130,7 +130,7 @@ class Readapter:
         self._threads.enter_context(torch_threads(max(1, self.config.threads)))
         # held in memory: the state folder deletes a round's files once another round serves
         model, meta = rebuild_model(checkpoint, "adapted", consent=self.config.consent)
-        self.plan: MemoryPlan | None = None  # made on the first round, once the frames' shape is known
+        self.plan: MemoryPlan | None = None  # made before every round (the frames' shape is known then)
         self._start_model = copy.deepcopy(model)
         self._source = _source_model(checkpoint, self.config.consent)
         self._adapt_from(model, meta)
@@ -167,16 +167,18 @@ class Readapter:
         return self.config.batch_size if self.plan is None else self.plan.no_grad_batch
 
     def _plan_memory(self, frames: torch.Tensor) -> None:
-        """With --max-memory: plan the rounds' micro-batch (and checkpointing) on the first snapshot's shape.
-        The process as it is now is the fixed part; the buffer still to fill, and its stacked copy, are added.
+        """With --max-memory: plan this round's micro-batch (and checkpointing). The process as it is now is
+        the fixed part (it grows between rounds: a swapped-in model, the buffer filling, the heap), plus the
+        buffer still to fill and its stacked copy; the model's footprint is measured on the first round only.
         BudgetError (one line) when even one frame does not fit."""
-        if self.config.max_memory is None or self.plan is not None:
+        if self.config.max_memory is None:
             return
         growth = 2 * max(0, self.config.buffer - len(frames))
         stats = StatsConfig(momentum=self.config.momentum, init="source")
         self.plan = plan_memory(self.serving, tuple(frames.shape[1:]), "gprebn", self.config.batch_size,
                                 self.config.max_memory, refresh_batch=REFRESH_BATCH, holdout_images=growth,
                                 reserve_bytes=int(LOOP_RESERVE * self.config.max_memory),
+                                measured=None if self.plan is None else self.plan.footprint,
                                 lr=self.config.lr, stats=stats)
         self.plan.apply(self.adapter)
 

@@ -12,7 +12,7 @@ import numpy as np
 from gprebn_edge.budget import release_memory
 from gprebn_edge.consent import CodeConsent, require_consent
 from gprebn_edge.data.preprocess import Preprocess
-from gprebn_edge.device.config import APP_SOURCE, LoopConfig
+from gprebn_edge.device.config import APP_SOURCE, RUNNER_BATCH, LoopConfig
 from gprebn_edge.device.frames import open_frames
 from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.errors import ArtifactError, InputError
@@ -43,7 +43,9 @@ def initial_state(c: LoopConfig, state_dir: StateDir) -> LoopState:
     elif c.engine is None:
         from gprebn_edge.export.pipeline import export_artifact  # torch: only to export the first model
 
-        export_artifact(state_dir.path / checkpoint, onnx, check_images=256, consent=c.consent)
+        # at the rounds' onnxruntime batch: at 32 this export was the loop's peak under a 1.7GB budget
+        export_artifact(state_dir.path / checkpoint, onnx, check_images=256, consent=c.consent,
+                        check_batch=RUNNER_BATCH)
         release_memory()  # what the export's passes freed, before serving and rounds size the process
     engine = None
     if c.engine is not None:  # with its manifest: the engine's preprocessing and classes are recorded there

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gprebn_edge.budget import BudgetError
+from gprebn_edge.device.config import RUNNER_BATCH
 from gprebn_edge.device.gates import GateResult, RecoveryPolicy, evaluate_gates
 from gprebn_edge.device.metrics_log import MetricsLog
 from gprebn_edge.device.state import LoopState, StateDir
@@ -33,10 +34,6 @@ if TYPE_CHECKING:  # torch: imported by the worker thread only when it adapts
 __all__ = ["Job", "Pending", "RoundFiles", "Shared", "Worker", "WORKER_NICE", "describe"]
 
 WORKER_NICE = 10  # the worker thread's nice increment
-# frames per call when a round runs a candidate or the serving model in onnxruntime (the export's parity check,
-# the gates): its CPU arena keeps the largest batch's memory for good, ~11 MB per frame on EfficientNet-Lite0,
-# and serving itself runs at 1 (benchmarks/results/loop_memory.md)
-RUNNER_BATCH = 4
 
 @dataclass
 class Job:

@@ -43,10 +43,10 @@ def test_rounds_take_the_micro_batch_the_budget_allows_and_the_peak_is_reported(
     result = run_loop(_config(tmp_path, start, max_memory=budget))
     assert result.frames == 400 and result.rounds >= 1 and not result.errors
     rounds = [r for r in read_log(result.log).records if r["event"] == "round"]
-    plans = [r["memory_plan"] for r in rounds]
-    assert plans and all(p == plans[0] for p in plans)
-    micro = int(plans[0].split("micro-batch ")[1].split(" of ")[0])
-    assert 1 <= micro < 64 and "of 64" in plans[0], plans[0]
+    plans = [r["memory_plan"] for r in rounds]  # planned before every round, on the process as it is then
+    assert plans and all("of 64" in p for p in plans), plans
+    micro = [int(p.split("micro-batch ")[1].split(" of ")[0]) for p in plans]
+    assert all(1 <= m < 64 for m in micro), plans
     windows = [r for r in read_log(result.log).records if r["event"] == "window"]
     memory = [(w["rss_mb"], w["peak_rss_mb"]) for w in windows]
     assert memory and all(0 < now <= peak for now, peak in memory), memory
