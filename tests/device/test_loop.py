@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.device.gates import GateConfig
 from gprebn_edge.device.loop import LoopConfig, run_loop
 from gprebn_edge.device.report import read_log, summarize
@@ -13,14 +12,6 @@ from gprebn_edge.device.state import StateDir
 from gprebn_edge.errors import InputError
 
 STREAM = "stream:clean*200,gaussian_noise-5*500"
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory) -> Path:
-    """The checkpoint the loop starts from: GpreBN-adapted once on clean images."""
-    path = tmp_path_factory.mktemp("loop") / "start.safetensors"
-    adapt_to_file("builtin:small_resnet", "synthetic:clean:n=128", path, AdaptConfig(batch_size=32))
-    return path
 
 
 def _config(tmp_path, start, **kw):

@@ -2,13 +2,11 @@
 frame stops adapting with one line while serving goes on, and the process's peak memory is reported."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gprebn_edge.adaptation import AdaptConfig, adapt_to_file
 from gprebn_edge.device.loop import LoopConfig, run_loop
 from gprebn_edge.device.readapt import input_shift
 from gprebn_edge.device.report import read_log
@@ -16,13 +14,6 @@ from gprebn_edge.errors import InputError
 from gprebn_edge.models.spec import load_model
 
 STREAM = "stream:clean*150,gaussian_noise-5*250"
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("loop_memory") / "start.safetensors"
-    adapt_to_file("builtin:small_resnet", "synthetic:clean:n=128", path, AdaptConfig(batch_size=32))
-    return path
 
 
 def _config(tmp_path, start, **kw):
