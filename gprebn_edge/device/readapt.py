@@ -37,8 +37,8 @@ from gprebn_edge.validate import flag_number
 __all__ = ["ReadaptConfig", "Candidate", "Diverged", "Readapter", "stats_drift", "input_shift", "REFRESH_BATCH"]
 
 LOOP_RESERVE = 0.05  # of --max-memory, for what a round holds beside its plan: the export (torch.onnx.export, a
-                     # parity session) and the gates' onnxruntime arenas (without it EfficientNet-Lite0 peaked
-                     # at 2.04 GB under 2GB; benchmarks/results/loop_memory.md)
+                     # parity session) and the gates' onnxruntime arenas (one EfficientNet-Lite0 run without it
+                     # peaked at 2.04 GB under 2GB; with it: benchmarks/results/loop_memory.md)
 REFRESH_BATCH = 64  # frames per batch of a candidate's statistics refresh (a memory plan splits them further)
 
 
