@@ -345,6 +345,8 @@ def test_ctrl_c_while_the_last_round_finishes_stops_promptly(tmp_path, start, mo
 
     timer = threading.Timer(2.0, ctrl_c)
     _stuck_round(monkeypatch, 20, on_start=lambda: None if timer.is_alive() or sent else timer.start())
+    # Python's own Ctrl-C handler, whatever this process inherited (a background job starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(worker, "WORKER_FINISH_TIMEOUT", 12.0)  # the bound if the interrupt were lost
     monkeypatch.setattr(worker, "WORKER_STOP_TIMEOUT", 0.5)
     try:
@@ -352,6 +354,7 @@ def test_ctrl_c_while_the_last_round_finishes_stops_promptly(tmp_path, start, mo
             run_loop(_config(tmp_path / "state", start))
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, before)
     assert sent and time.monotonic() - sent[0] < 5  # stopped promptly, not after the 12 s finish bound
     stop = read_log(tmp_path / "state" / "metrics.jsonl").records[-1]
     assert stop["event"] == "stop" and stop["reason"] == "interrupted" and stop["frames"] == 200
