@@ -155,8 +155,7 @@ class Readapter:
         """A new adapter on `model`, which then serves (an untouched copy of it is what serves)."""
         self.meta = meta
         self.serving = copy.deepcopy(model).eval()
-        stats = StatsConfig(momentum=self.config.momentum, init="source")
-        self.adapter = make_adapter("gprebn", model, lr=self.config.lr, stats=stats)
+        self.adapter = make_adapter("gprebn", model, **self._hparams())
         if self.plan is not None:
             self.plan.apply(self.adapter)
 
@@ -174,13 +173,16 @@ class Readapter:
         if self.config.max_memory is None:
             return
         growth = 2 * max(0, self.config.buffer - len(frames))
-        stats = StatsConfig(momentum=self.config.momentum, init="source")
         self.plan = plan_memory(self.serving, tuple(frames.shape[1:]), "gprebn", self.config.batch_size,
                                 self.config.max_memory, refresh_batch=REFRESH_BATCH, holdout_images=growth,
                                 reserve_bytes=int(LOOP_RESERVE * self.config.max_memory),
                                 measured=None if self.plan is None else self.plan.footprint,
-                                lr=self.config.lr, stats=stats)
+                                **self._hparams())
         self.plan.apply(self.adapter)
+
+    def _hparams(self) -> dict[str, Any]:
+        """The adapter's hyperparameters: the memory plan measures a step made with the same."""
+        return {"lr": self.config.lr, "stats": StatsConfig(momentum=self.config.momentum, init="source")}
 
     def accept(self, candidate: Candidate) -> None:
         """The candidate now serves: drift is measured against it from here on."""
