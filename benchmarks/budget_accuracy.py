@@ -44,13 +44,13 @@ def plan_for(model, micro: str, holdout: int = 0) -> MemoryPlan:
     m = int(micro.rstrip("c"))
     fp = footprint(model, (3, 32, 32), "gprebn")
     fixed = plan_memory(model, (3, 32, 32), "gprebn", BATCH, 10 ** 12, baseline_bytes=BASELINE,
-                        holdout_images=holdout).fixed
+                        held_images=holdout).fixed
     if checkpoint:  # between m images checkpointed and one image without checkpointing
         budget = fixed + int(SLACK * (m * fp.step(True, checkpoint=True) + 0.5 * (fp.step(True) - fp.step(True, True))))
     else:
         budget = fixed + int(SLACK * (m + 0.5) * fp.step(True))
     plan = plan_memory(model, (3, 32, 32), "gprebn", BATCH, budget, baseline_bytes=BASELINE,
-                       holdout_images=holdout)
+                       held_images=holdout)
     assert plan.micro_batch == m and plan.checkpoint == checkpoint, (plan, micro)
     return plan
 

@@ -65,8 +65,8 @@ def criteria(model: torch.nn.Module, held: list[torch.Tensor]) -> dict[str, floa
 
 def run_domain(model: torch.nn.Module, data, domain: str, severity: int | None) -> dict:
     calib, test = data(domain, severity)
-    rest, held_batches = split_holdout(calib, holdout_size(len(calib), 0.1))
-    held = [torch.from_numpy(b.images) for b in held_batches]
+    rest, head = split_holdout(calib, holdout_size(len(calib), 0.1))
+    held = [torch.from_numpy(b.images) for b in head.batches(256)] if head is not None else []
     adapted, _, _ = adapt_and_freeze(model, rest, AdaptConfig())
     per_theta = []
     for theta in GRID:

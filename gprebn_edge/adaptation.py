@@ -221,25 +221,29 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
     plan = None
     if config.max_memory is not None:
         plan = plan_memory(loaded.model, shape, config.method, config.batch_size, config.max_memory,
-                           refresh_batch=config.refresh_batch, holdout_images=k, **config.adapter_kwargs())
+                           refresh_batch=config.refresh_batch, **config.adapter_kwargs())
     # passes without gradients (refresh, health check) run at no more images than a step: a run at batch 4
     # must not peak at a 64-image forward
     eval_batch = plan.no_grad_batch if plan is not None else config.batch_size
-    calib, held = split_holdout(source, k, batch_size=eval_batch)
+    calib, held = split_holdout(source, k)
     stages = {"probe": time.perf_counter() - clock}
     clock = start = time.perf_counter()
     static, online, adapter = adapt_and_freeze(loaded.model, calib, config, progress, plan, score_source=False,
                                                no_grad_batch=eval_batch)
     freeze = online["freeze"]
+    method = {**adapter.hparams(), "batch_size": config.batch_size, "freeze": freeze,
+              "refresh_batch": config.refresh_batch if freeze == "refresh" else None,
+              "refresh_forward_batch": adapter.no_grad_batch if freeze == "refresh" else None, "seed": config.seed}
+    del adapter  # its working copy of the model (and optimizer state) is not needed by the health check
     elapsed = time.perf_counter() - start
     stages["adapt"] = elapsed
 
     clock = time.perf_counter()
     release_memory()
-    health = check_health(loaded.model, static, held, len(source), config.holdout)
-    held_images = sum(len(b.images) for b in held)
-    passes = {"probe": 1, **online.pop("passes"), "health": 2 * held_images if held else 0}
-    if not held and config.method != "source":  # nothing held back to check: at least outputs must be finite
+    health = check_health(loaded.model, static, held, eval_batch, len(source), config.holdout)
+    held_images = int(health["images"])
+    passes = {"probe": 1, **online.pop("passes"), "health": 2 * held_images}
+    if held is None and config.method != "source":  # nothing held back to check: at least outputs must be finite
         first = next(iter(calibration_tensors(calib, eval_batch)))
         with torch.inference_mode():
             finite = bool(torch.isfinite(static(first)).all())
@@ -277,10 +281,7 @@ def adapt_model(loaded: LoadedModel, source: ImageSource, config: AdaptConfig,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": loaded.spec.to_dict(),
         "preprocess": loaded.preprocess.to_dict(),
-        "method": {**adapter.hparams(), "batch_size": config.batch_size, "freeze": freeze,
-                   "refresh_batch": config.refresh_batch if freeze == "refresh" else None,
-                   "refresh_forward_batch": adapter.no_grad_batch if freeze == "refresh" else None,
-                   "seed": config.seed},
+        "method": method,
         "calibration": {**calib.describe(), "fingerprint": source.fingerprint(),
                         "skipped_items": [list(s) for s in source.skipped[:20]]},
         "summary": summary,
@@ -318,28 +319,35 @@ def adapt_to_file(model: str, data: str, output: str | Path, config: AdaptConfig
     return result
 
 
-def check_health(unadapted: nn.Module, adapted: nn.Module, held: list, calibration_images: int,
-                 holdout: float) -> dict[str, Any]:
-    """The health record of an adaptation (health.py) on the held-back batches (with their labels where the
-    calibration data has them), or why there is none."""
-    if not held:
+def check_health(unadapted: nn.Module, adapted: nn.Module, held: ImageSource | None, batch_size: int,
+                 calibration_images: int, holdout: float) -> dict[str, Any]:
+    """The health record of an adaptation (health.py) on the held-back images, read `batch_size` at a time
+    (with their labels where the calibration data has them), or why there is none."""
+    if held is None:
         reason = "--holdout 0" if holdout == 0 else (
             f"only {calibration_images} calibration images, too few to hold any back (at least "
             f"{Thresholds().min_images} needed); statistics from so few images are unreliable: add images")
         return unchecked(reason)
-    labels = None if any(b.labels is None for b in held) else np.concatenate([b.labels for b in held])
-    return assess(held_logits(unadapted, held), held_logits(adapted, held), labels)
+    before, labels = held_logits(unadapted, held, batch_size)
+    after, _ = held_logits(adapted, held, batch_size)
+    return assess(before, after, labels)
 
 
-def held_logits(model: nn.Module, held: list) -> np.ndarray:
-    """An eval-mode model's logits on the held-back batches; its mode is restored afterwards."""
+def held_logits(model: nn.Module, held: ImageSource, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """An eval-mode model's logits on the held-back images and their labels (None where any is missing);
+    its mode is restored afterwards."""
     was_training = model.training
     model.eval()
+    logits, labels = [], []
     try:
         with torch.inference_mode():
-            return torch.cat([model(torch.from_numpy(b.images)).float() for b in held]).numpy()
+            for b in held.batches(batch_size):
+                logits.append(model(torch.from_numpy(b.images)).float().numpy())
+                labels.append(b.labels)
     finally:
         model.train(was_training)
+    known = labels and all(lab is not None for lab in labels)
+    return np.concatenate(logits), (np.concatenate(labels) if known else None)  # type: ignore[arg-type]
 
 
 def _non_finite_cause(model: nn.Module, images: np.ndarray, name: str) -> str:

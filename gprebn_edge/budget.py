@@ -4,8 +4,8 @@ still not enough, so that the process's peak memory stays under `--max-memory` (
 The estimate is a fixed part plus a part per image:
 
 - fixed: the process as it is when planning (interpreter, torch, the loaded model), the copies of the model
-  that adaptation makes (the adapter's, its reset snapshot, the frozen result), the held-back images and
-  one logical batch of decoded images;
+  that adaptation makes (the adapter's, its reset snapshot, the frozen result), images the caller holds
+  beside the plan (the loop's buffer still to fill) and one logical batch of decoded images;
 - per image, measured once on the model at a probe batch of 2 (`footprint`): for a gradient step, the
   tensors autograd saves for the backward (counted by a saved-tensors hook, parameters excluded) plus
   transient activations and gradients; for a forward without gradients, the largest input + output of
@@ -42,7 +42,7 @@ GRADIENT_METHODS = ("tent", "gprebn")
 PROBE_BATCH = 2
 SLACK = 1.5           # allocator slack and what the estimate leaves out, on the per-image part (measured:
                       # 1.3 left EfficientNet-Lite0 at 2GB 3.6 % over its budget)
-MODEL_COPIES = 4      # adapter copy, reset snapshot, frozen copy, static result
+MODEL_COPIES = 3      # alive at once in the refresh: the adapter's copy, its reset snapshot, the frozen copy
 BATCH_COPIES = 3      # a logical batch: float images, uint8 raw, and the list they were stacked from
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
@@ -239,7 +239,7 @@ class MemoryPlan:
 
 
 def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, batch_size: int, budget_bytes: int, *,
-                refresh_batch: int | None = None, holdout_images: int = 0, baseline_bytes: int | None = None,
+                refresh_batch: int | None = None, held_images: int = 0, baseline_bytes: int | None = None,
                 reserve_bytes: int = 0, measured: Footprint | None = None, **hparams: Any) -> MemoryPlan:
     """The largest micro-batch (up to `batch_size`) whose estimated peak fits `budget_bytes`; checkpointing
     of blocks when even batch 1 does not fit without it; BudgetError (one line) when nothing fits.
@@ -254,7 +254,7 @@ def plan_memory(model: nn.Module, input_shape: tuple[int, ...], method: str, bat
     release_memory()  # what the measurement (or the caller's last pass) freed, before the process's size is read
     gradient = method in GRADIENT_METHODS
     base = current_rss() if baseline_bytes is None else baseline_bytes
-    images = holdout_images + BATCH_COPIES * batch_size
+    images = held_images + BATCH_COPIES * batch_size
     fixed = int(base + reserve_bytes + MODEL_COPIES * fp.model + images * fp.image)
 
     def largest(per_image: int, cap: int) -> int:

@@ -2,8 +2,9 @@
 
 The held-back images are the first `k` of the source's order (a seeded random sample for a shuffled folder,
 the oldest frames of a stream read with --no-shuffle); the rest is a source of its own, re-batched so that
-every calibration batch but the last is full. Reading the first `k` is cheap, and each later pass over the
-rest reads those `k` again and drops them (no second copy of a large folder in memory). numpy only."""
+every calibration batch but the last is full. Neither part is held in memory: each pass over either reads its
+images again (the first `k` are cheap to read; a pass over the rest reads them too and drops them). numpy
+only."""
 
 from __future__ import annotations
 
@@ -13,20 +14,40 @@ import numpy as np
 
 from gprebn_edge.data.source_base import Batch, ImageSource
 
-__all__ = ["WithoutHead", "head_batches", "split_holdout"]
+__all__ = ["Head", "WithoutHead", "split_holdout"]
 
 
-def head_batches(source: ImageSource, k: int, batch_size: int = 256) -> list[Batch]:
-    """The first `k` readable items of `source`, in batches of at most `batch_size`."""
-    out: list[Batch] = []
-    taken = 0
-    for batch in source.batches(min(batch_size, max(k, 1))):
-        if taken >= k:
-            break
-        n = min(len(batch.images), k - taken)
-        out.append(_slice(batch, 0, n))
-        taken += n
-    return out
+class Head(ImageSource):
+    """The first `k` readable items of `parent`, read again on every pass (held-back images cost one batch)."""
+
+    kind = "head"
+
+    def __init__(self, parent: ImageSource, k: int) -> None:
+        super().__init__(parent.spec, parent.preprocess, min(max(k, 0), len(parent)), shuffle=False, seed=0,
+                         limit=None)
+        self.parent = parent
+        self.k = k
+        self.has_labels = parent.has_labels
+        self.class_names = parent.class_names
+        self.skipped = parent.skipped
+
+    def _batches(self, batch_size: int) -> Iterator[Batch]:
+        taken = 0
+        if self.k <= 0:
+            return
+        for batch in self.parent.batches(min(batch_size, self.k)):
+            n = min(len(batch.images), self.k - taken)
+            yield _slice(batch, 0, n)
+            taken += n
+            if taken >= self.k:
+                return  # before the parent reads another batch
+
+    def describe(self) -> dict:
+        return {**self.parent.describe(), "count": len(self), "held_back_of": len(self.parent)}
+
+    def _hash(self, update: Callable[[bytes], None]) -> None:
+        for batch in self.batches(64):
+            update(batch.raw.tobytes())
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -86,9 +107,8 @@ class WithoutHead(ImageSource):
         update(self.parent.fingerprint().encode())
 
 
-def split_holdout(source: ImageSource, k: int, batch_size: int = 256) -> tuple[ImageSource, list[Batch]]:
-    """(the source to adapt on, the held-back batches of at most `batch_size` images); with k = 0 the source
-    itself and no batches. The held-back images are the only ones held in memory for the whole run."""
+def split_holdout(source: ImageSource, k: int) -> tuple[ImageSource, Head | None]:
+    """(the source to adapt on, the held-back first `k` images); with k = 0 the source itself and None."""
     if k <= 0:
-        return source, []
-    return WithoutHead(source, k), head_batches(source, k, batch_size)
+        return source, None
+    return WithoutHead(source, k), Head(source, k)

@@ -174,7 +174,7 @@ class Readapter:
             return
         growth = 2 * max(0, self.config.buffer - len(frames))
         self.plan = plan_memory(self.serving, tuple(frames.shape[1:]), "gprebn", self.config.batch_size,
-                                self.config.max_memory, refresh_batch=REFRESH_BATCH, holdout_images=growth,
+                                self.config.max_memory, refresh_batch=REFRESH_BATCH, held_images=growth,
                                 reserve_bytes=int(LOOP_RESERVE * self.config.max_memory),
                                 measured=None if self.plan is None else self.plan.footprint,
                                 **self._hparams())

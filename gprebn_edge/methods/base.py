@@ -89,7 +89,10 @@ class Adapter:
         self.configure()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, optimizer, lr) if self.params else None
-        self._model_state = copy.deepcopy(self.model.state_dict())
+        # what adapting can change, for reset(): all of the state but the frozen parameters (a frozen weight
+        # never changes, and a second copy of every weight was a model's size of memory for nothing)
+        frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        self._model_state = {k: copy.deepcopy(v) for k, v in self.model.state_dict().items() if k not in frozen}
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
         self.steps = 0
         #: images per forward (and backward) within one step; None: the whole batch (a memory plan sets it)
@@ -167,7 +170,7 @@ class Adapter:
 
     def reset(self) -> None:
         """Back to the state right after construction (the source model), bit-exactly."""
-        self.model.load_state_dict(self._model_state)
+        self.model.load_state_dict(self._model_state, strict=False)
         if self.optimizer is not None and self._optimizer_state is not None:
             self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
             self.optimizer.state.clear()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gprebn_edge.data.holdout import WithoutHead, head_batches, split_holdout
+from gprebn_edge.data.holdout import Head, WithoutHead, split_holdout
 from gprebn_edge.data.preprocess import Preprocess
 from gprebn_edge.data.sources import open_source
 
@@ -24,7 +24,9 @@ def _ids(batches):
 def test_held_back_and_rest_partition_the_source_in_order(source, k, batch):
     everything = _ids(source.batches(9))
     rest, held = split_holdout(source, k)
-    assert _ids(held) == everything[:k]
+    assert _ids(held.batches(batch)) == everything[:k]
+    assert _ids(held.batches(batch)) == everything[:k]  # read again, the same images: nothing is kept
+    assert all(len(b.images) <= batch for b in held.batches(batch)) and len(held) == k and held.has_labels
     rest_batches = list(rest.batches(batch))
     assert _ids(rest_batches) == everything[k:]
     assert [len(b.images) for b in rest_batches[:-1]] == [batch] * (len(rest_batches) - 1)  # full batches
@@ -36,9 +38,9 @@ def test_held_back_and_rest_partition_the_source_in_order(source, k, batch):
 
 def test_no_holdout_is_the_source_itself(source):
     rest, held = split_holdout(source, 0)
-    assert rest is source and held == []
+    assert rest is source and held is None
 
 
 def test_head_of_a_short_source_is_all_of_it(source):
-    assert len(_ids(head_batches(source, 80))) == 50
+    assert len(_ids(Head(source, 80).batches(16))) == 50 and len(Head(source, 80)) == 50
     assert _ids(WithoutHead(source, 80).batches(8)) == []
