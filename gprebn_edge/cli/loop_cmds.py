@@ -97,7 +97,8 @@ def _run(config: LoopConfig, stop: StopToken) -> None:
     peak = "" if result.peak_rss is None else f"; peak RSS {result.peak_rss / 1e9:.2f} GB"
     out.print(f"{'resumed, ' if result.resumed else ''}{result.frames} frames ({result.stop_reason}{skipped}); "
               f"rounds {result.rounds}, passed {result.passed}, swaps {result.swaps}, rollbacks "
-              f"{result.rollbacks}; serving round {result.served_round}; {result.seconds:.1f} s{peak}", soft_wrap=True)
+              f"{result.rollbacks}, fallbacks {result.fallbacks}; serving round {result.served_round}; "
+              f"{result.seconds:.1f} s{peak}", soft_wrap=True)
     out.print(f"log: {result.log}  (gprebn-edge loop-report {result.log})", soft_wrap=True)
     if result.worker_abandoned:
         # the worker is still inside torch: a normal interpreter exit would abort in its native thread pool

@@ -115,6 +115,7 @@ class LoopResult:
     passed: int
     swaps: int
     rollbacks: int
+    fallbacks: int
     served_round: int
     resumed: bool
     seconds: float

@@ -59,7 +59,8 @@ from gprebn_edge.health import Summary, Thresholds
 from gprebn_edge.io import finite_json
 from gprebn_edge.runtime import metrics
 
-__all__ = ["GateConfig", "Check", "GateResult", "Probe", "evaluate_gates", "RecoveryPolicy", "GATE_NAMES"]
+__all__ = ["GateConfig", "Check", "GateResult", "Probe", "evaluate_gates", "serving_worse", "RecoveryPolicy",
+           "GATE_NAMES"]
 
 GATE_NAMES = ("finite", "mean_entropy", "class_entropy", "distinct_classes", "agreement", "probe_accuracy")
 
@@ -302,6 +303,25 @@ def evaluate_gates(candidate_logits: np.ndarray, serving_logits: np.ndarray, con
     checks += unsupervised
     checks.append(_skip("probe_accuracy", "no labeled probe set") if probe is None else _probe_check(probe, config))
     return GateResult(checks, refs, degenerate, healths)
+
+
+def serving_worse(result: GateResult, config: GateConfig | None = None) -> str | None:
+    """Why the serving model answers far fewer classes than the unadapted (source) model on the slice that
+    `result` judged: it fails both diversity checks (class-histogram entropy and distinct classes) with the
+    source as its only reference. None when it does not, or when the source is absent or degenerate there.
+
+    A model adapted well is at least about as diverse as the unadapted one on the frames it serves; one that
+    is not was adapted into a corner (a learning rate x 1000 that slipped through a small slice after a shift
+    and then served the next domains at chance), and the device loop falls back to its start model."""
+    config = config or GateConfig()
+    serving, source = result.health.get("serving"), result.health.get("source")
+    if serving is None or source is None or "source" in result.degenerate:
+        return None
+    checks = _diversity_checks(serving, {"source": source}, config)
+    if any(c.passed for c in checks):
+        return None
+    return "the serving model is less diverse than the unadapted one: " + "; ".join(
+        c.detail.replace("best reference", "unadapted") for c in checks)
 
 
 @dataclass

@@ -181,6 +181,8 @@ _REQUIRED = {
     "round": ("round", "frames", "passed"),
     "swap": ("round", "frames"),
     "rollback": ("to_round", "frames"),
+    "fallback": ("from_round", "to_round", "frames"),
+    "fallback_check": ("round", "frames", "passed"),
     "stop": ("frames",),
     "publish": ("round",),
     "log_continued": ("part",),

@@ -59,6 +59,7 @@ def _served_only_passed(records: Iterable[dict[str, Any]], complete: bool = True
     started there: only rounds whose kept records show a failure are flagged."""
     latest: dict[int, dict[str, Any]] = {}  # round id -> its latest round record so far
     servable: set[int] = set()              # rounds started, swapped in or rolled back to so far
+    fallen_back: set[int] = set()           # rounds a fallback handed back to serving (the start)
     violations = []
 
     def failed(r: int) -> bool:
@@ -78,17 +79,19 @@ def _served_only_passed(records: Iterable[dict[str, Any]], complete: bool = True
                                   f"its gates")
         elif ev == "swap":
             r = rec["round"]
-            if r not in latest and complete:
+            if r not in latest and r not in fallen_back and complete:
                 violations.append(f"swap to round {r} at frame {rec['frames']}: no round record before it")
             elif failed(r):
                 why = latest[r].get("error") or "; ".join(latest[r].get("reasons") or []) or "passed=false"
                 violations.append(f"swap to round {r} at frame {rec['frames']}, which failed its gates ({why})")
             servable.add(r)  # flagged once here, not again for every window that serves it
-        elif ev == "rollback":
+        elif ev in ("rollback", "fallback"):
             if unknown(rec["to_round"]):
-                violations.append(f"rollback at frame {rec['frames']} to round {rec['to_round']}, which was "
+                violations.append(f"{ev} at frame {rec['frames']} to round {rec['to_round']}, which was "
                                   f"never in service")
             servable.add(rec["to_round"])
+            if ev == "fallback":
+                fallen_back.add(rec["to_round"])
         elif ev == "window" and unknown(rec["served_round"]):
             violations.append(f"window ending at frame {rec['frames']} served round {rec['served_round']}, "
                               f"which was never started, swapped in or rolled back to")
@@ -211,6 +214,7 @@ def summarize(log: LoopLog) -> dict[str, Any]:
         "rejection_reasons": _rejection_reasons(rejected),
         "swaps": len(log.events("swap")),
         "rollbacks": len(log.events("rollback")),
+        "fallbacks": len(log.events("fallback")),
         **windows,
         "stats_drift": {"mean": float(np.mean(drift)), "max": float(np.max(drift))} if drift else None,
         "rejected_rounds": [{"round": r["round"], "frames": r["frames"], "error": r.get("error"),
@@ -245,6 +249,7 @@ def format_summary(summary: Mapping[str, Any], max_listed: int = 10) -> str:
         ("worker errors", f"{s['errors']}"),
         ("swaps", f"{s['swaps']}"),
         ("rollbacks", f"{s['rollbacks']}"),
+        ("fallbacks to the start model", f"{s.get('fallbacks', 0)}"),
         ("online accuracy", f"{fmt_pct(s['accuracy'], 1)} of {s['labeled']} labeled" if s["labeled"] else "no labels"),
         ("served only candidates that passed", ok),
     ]

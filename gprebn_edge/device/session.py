@@ -76,6 +76,7 @@ class LoopStatus:
     passed: int
     swaps: int
     rollbacks: int
+    fallbacks: int                 # times the start model served again (worker.py: a broken model serving)
     adapting: bool                 # a round is running now
     last_round: dict[str, Any] | None  # its log record: round, outcome (passed/rejected/error), reasons, gates
     errors: tuple[str, ...]        # worker failures (serving went on)
@@ -116,8 +117,9 @@ class LoopSession:
         self._report_lock = threading.Lock()
 
     # -- notices ----------------------------------------------------------------------------------------
-    def report(self, message: str) -> None:
-        """One line on stderr (through `on_notice`) and in the log, once per distinct message; from any thread."""
+    def report(self, message: str, event: str = "error") -> None:
+        """One line on stderr (through `on_notice`) and in the log (as `event`: "error", or "notice" for what
+        the loop decided by itself), once per distinct message; from any thread."""
         with self._report_lock:
             if message in self._reported:
                 return
@@ -125,7 +127,7 @@ class LoopSession:
         if self.on_notice is not None:
             self.on_notice(message)
         if self.log is not None:
-            self.log.write("error", message=message)
+            self.log.write(event, message=message)
 
     def disk_error(self, e: OSError) -> None:
         self.report(f"cannot write under --state {self.dir.path} ({e.strerror or e}): serving goes on; free space "
@@ -339,7 +341,7 @@ class LoopSession:
         with self.shared.lock:
             s = self.shared
             return LoopStatus(serving_round=self.served_round, frames=self.frames, rounds=s.rounds, passed=s.passed,
-                              swaps=self.swaps, rollbacks=s.rollbacks, adapting=s.busy,
+                              swaps=self.swaps, rollbacks=s.rollbacks, fallbacks=s.fallbacks, adapting=s.busy,
                               last_round=None if s.last_round is None else dict(s.last_round),
                               errors=tuple(s.errors))
 
@@ -399,7 +401,8 @@ class LoopSession:
         with self.shared.lock:
             s = self.shared
             return LoopResult(frames=self.frames, rounds=s.rounds, passed=s.passed, swaps=self.swaps,
-                              rollbacks=s.rollbacks, served_round=self.served_round, resumed=self.resumed,
+                              rollbacks=s.rollbacks, fallbacks=s.fallbacks, served_round=self.served_round,
+                              resumed=self.resumed,
                               seconds=time.perf_counter() - self.started_at, stop_reason=self.reason,
                               log=self.dir.log_file, skipped=self.skipped, errors=list(s.errors),
                               worker_abandoned=self.worker_abandoned, peak_rss=peak_resident_memory())

@@ -10,7 +10,8 @@ Order of writes for a new round: its checkpoint, ONNX (and engine) are written a
 state.json is replaced atomically to point at them, and only then are the previous round's files removed.
 A kill before the state.json rename leaves the previous state (the new files are strays, removed on the
 next start); after it, the new round is complete. A round's files are written only after it passed its
-gates, so state.json never points at a candidate that failed."""
+gates, so state.json never points at a candidate that failed. Round 0 (the start: the model the loop was
+given) is always kept, so that the loop can fall back to it (worker.py)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ class StateDir:
     def round_path(self, round_id: int, suffix: str) -> Path:
         return self.path / f"round-{round_id:06d}{suffix}"
 
+    def start_state(self) -> LoopState | None:
+        """Round 0, the model the loop started from, as a state that serves it; None when its checkpoint or
+        its ONNX file is gone (a folder cleaned by an older version, or a loop started without --model)."""
+        checkpoint, onnx, engine = (self.round_path(0, s) for s in (".safetensors", ".onnx", ".engine"))
+        if not (checkpoint.is_file() and onnx.is_file()):
+            return None
+        return LoopState(round=0, checkpoint=checkpoint.name, onnx=onnx.name,
+                         engine=engine.name if engine.is_file() else None)
+
     def read(self) -> LoopState | None:
         """The saved state, None when there is none; ArtifactError when it is unreadable or its files are gone."""
         if not self.state_file.exists():
@@ -128,11 +138,15 @@ class StateDir:
         write_text_atomic(self.state_file, strict_json(state.to_dict(), indent=1) + "\n")
 
     def clean(self, state: LoopState | None) -> list[str]:
-        """Remove round files that `state` does not reference and leftover temporary files; return their names."""
+        """Remove round files that neither `state` nor the start (round 0) references and leftover temporary
+        files; return their names."""
         if not self.path.is_dir():
             return []
-        keep = set() if state is None else {state.checkpoint, state.onnx, state.engine,
-                                            *(manifest_beside(f).name for f in (state.onnx, state.engine) if f)}
+        keep = set()
+        for kept in (state, self.start_state()):
+            if kept is not None:
+                keep |= {kept.checkpoint, kept.onnx, kept.engine,
+                         *(manifest_beside(f).name for f in (kept.onnx, kept.engine) if f)}
         removed = []
         for f in self.path.iterdir():
             stray_tmp = f.name.startswith(".") and f.name.endswith(".tmp")

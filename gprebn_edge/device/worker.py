@@ -1,6 +1,11 @@
 """The device loop's background worker: one adaptation round per job (continue GpreBN on the snapshot,
 freeze, fold, export, gate), then persist and hand a passing candidate to the serving thread, or log the
-failure and, after `recovery` failures in a row, restart adaptation from the serving checkpoint."""
+failure and, after `recovery` failures in a row, restart adaptation from the serving checkpoint.
+
+A failed round also checks what serves: when the serving model (a round since the start) answers far fewer
+classes than the unadapted model on the round's held-back frames (gates.serving_worse), the start model
+(round 0) is gated there like a candidate and, if it passes, serves again ("fallback"): a broken candidate
+that slipped through a small slice does not serve every domain after it."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import numpy as np
 
 from gprebn_edge.budget import BudgetError
 from gprebn_edge.device.config import RUNNER_BATCH
-from gprebn_edge.device.gates import GateResult, RecoveryPolicy, evaluate_gates
+from gprebn_edge.device.gates import GateResult, RecoveryPolicy, evaluate_gates, serving_worse
 from gprebn_edge.device.metrics_log import MetricsLog
 from gprebn_edge.device.state import LoopState, StateDir
 from gprebn_edge.device.stop import Stopped, StopToken
@@ -61,7 +66,7 @@ class Shared:
         self.state = state
         self.pending: Pending | None = None   # a passed candidate waiting to be swapped in
         self.busy = False
-        self.rounds = self.passed = self.rollbacks = 0
+        self.rounds = self.passed = self.rollbacks = self.fallbacks = 0
         self.last_round: dict[str, Any] | None = None  # the last round's log record: what it decided and why
         self.errors: list[str] = []      # worker failures (start or round): reported, and the command fails at the end
         self.stop = stop or StopToken()  # the loop's stop request: the worker drops the round in flight
@@ -104,6 +109,9 @@ class _Outcome:
     error: Exception | None = None
     reference: tuple[np.ndarray, np.ndarray] | None = None  # held-back frames and the candidate's logits there
     runner: Runner | None = None  # the gated candidate's runner, kept active to hand over (not thread-affine)
+    gates: GateResult | None = None
+    logits: dict[str, np.ndarray | None] = field(default_factory=dict)  # serving/source on the held-back frames
+    input_shift: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -115,14 +123,14 @@ class Worker:
 
     def __init__(self, config: LoopConfig, state_dir: StateDir, shared: Shared, log: MetricsLog,
                  probe: tuple[np.ndarray, np.ndarray] | None, open_serving: Callable[[LoopState], Runner],
-                 report: Callable[[str], None], publish: Callable[[LoopState], None] | None = None) -> None:
+                 report: Callable[..., None], publish: Callable[[LoopState], None] | None = None) -> None:
         self.config = config
         self.dir = state_dir
         self.shared = shared
         self.log = log
         self.probe = probe
         self.open = open_serving
-        self.report = report         # one line on stderr and in the log
+        self.report = report         # report(message, event="error"): one line on stderr and in the log
         self.publish = publish       # a passed candidate, once persisted, to the model repository (--publish)
 
     def fail(self, message: str, error: BaseException | None = None) -> None:
@@ -190,7 +198,8 @@ class Worker:
                 policy.record(True)
             else:
                 outcome.files.discard()
-                self._reject(job, readapter, policy, serving)
+                if not self._fall_back(job, readapter, policy, serving, outcome):
+                    self._reject(job, readapter, policy, serving)
         finally:
             if outcome.runner is not None:  # not handed over to serving
                 outcome.runner.deactivate()
@@ -221,6 +230,7 @@ class Worker:
             self._export(candidate, readapter, holdout, serving, job.round_id, outcome.files)
             stop.check()
             result, cand_logits = self._gate(outcome.files, holdout, readapter, serving, outcome)
+            outcome.gates = result
             record.update(passed=result.passed, reasons=result.reasons, gates=result.to_dict(),
                           mean_entropy=float(metrics.entropy(cand_logits).mean()),
                           outcome="passed" if result.passed else "rejected")
@@ -273,8 +283,10 @@ class Worker:
                 outcome.runner = candidate
         self.shared.stop.check()
         source_logits = readapter.source_logits(holdout)
+        shift = readapter.input_shift(holdout)
+        outcome.logits, outcome.input_shift = {"serving": cur_logits, "source": source_logits}, shift
         result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
-                                serving_input_shift=readapter.input_shift(holdout))
+                                serving_input_shift=shift)
         return result, cand_logits
 
     def _accept(self, job: Job, readapter: Readapter, outcome: _Outcome) -> None:
@@ -299,6 +311,57 @@ class Worker:
         readapter.accept(outcome.candidate)
         if self.publish is not None:  # gated and persisted: it serves from the next frame on
             self.publish(new)
+
+    def _fall_back(self, job: Job, readapter: Readapter, policy: RecoveryPolicy, serving: LoopState,
+                   outcome: _Outcome) -> bool:
+        """After a rejected candidate: serve the start model again when the serving model is less diverse than
+        the unadapted one on the held-back frames (gates.serving_worse) and the start model, gated there like
+        a candidate, passes. Returns whether it fell back."""
+        result, held = outcome.gates, None if outcome.reference is None else outcome.reference[0]
+        if serving.round == 0 or result is None or held is None or self.probe is not None:
+            return False  # with a labeled probe, the probe decides what serves, not diversity
+        why = serving_worse(result, self.config.gates)
+        start = self.dir.start_state() if why is not None else None
+        if why is None or start is None:
+            return False
+        self.shared.stop.check()
+        runner = (open_runner(self.dir.path / start.engine, "tensorrt") if start.engine else
+                  open_runner(self.dir.path / start.onnx, "onnxruntime", threads=self.config.serve_threads,
+                              shared_cpu=True))
+        runner.activate()
+        handed = False
+        try:
+            start_logits = _infer(runner, held, RUNNER_BATCH)
+            gated = evaluate_gates(start_logits, outcome.logits["serving"], self.config.gates,  # type: ignore[arg-type]
+                                   source_logits=outcome.logits.get("source"), serving_input_shift=outcome.input_shift)
+            self.log.write("fallback_check", round=job.round_id, frames=job.served_frames, from_round=serving.round,
+                           reason=why, passed=gated.passed, reasons=gated.reasons)
+            if not gated.passed:
+                return False
+            with self.shared.lock:
+                new = replace(self.shared.state, round=0, checkpoint=start.checkpoint, onnx=start.onnx,
+                              engine=start.engine, failures=0)
+                self.shared.state = new
+            self.shared.persist(self.dir)
+            self.dir.clean(new)
+            readapter.reset_to(self.dir.path / start.checkpoint)
+            policy.reset()
+            self.log.write("fallback", from_round=serving.round, to_round=0, frames=job.served_frames, reason=why)
+            self.report(f"round {serving.round} served worse than the unadapted model ({why}); serving the start "
+                        f"model (round 0) again", "notice")
+            with self.shared.lock:
+                superseded, self.shared.pending = self.shared.pending, Pending(
+                    replace(new), (held, start_logits), None if runner.thread_affine else runner)
+                self.shared.fallbacks += 1
+            handed = not runner.thread_affine
+            if superseded is not None and superseded.runner is not None:
+                superseded.runner.deactivate()
+            if self.publish is not None:
+                self.publish(new)
+            return True
+        finally:
+            if not handed:
+                runner.deactivate()
 
     def _reject(self, job: Job, readapter: Readapter, policy: RecoveryPolicy, serving: LoopState) -> None:
         policy.record(False)

@@ -44,8 +44,10 @@ def test_loop_adapts_swaps_and_persists(tmp_path, start):
     assert state is not None and state.frames == 700 and state.round >= 1
     files = {p.name for p in (tmp_path / "state").iterdir()}
     assert {state.checkpoint, state.onnx, "state.json", "metrics.jsonl"} <= files
-    stray = [f for f in files if f.startswith("round-") and not f.startswith(f"round-{state.round:06d}")]
-    assert stray == []  # only the serving round's files are kept
+    stray = [f for f in files if f.startswith("round-") and not f.startswith((f"round-{state.round:06d}",
+                                                                            "round-000000"))]
+    assert stray == []  # only the serving round's files are kept, and the start's (what a fallback serves)
+    assert {"round-000000.onnx", "round-000000.safetensors"} <= files
     assert not any(f.endswith(".tmp") for f in files)
 
 
