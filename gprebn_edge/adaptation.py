@@ -346,8 +346,8 @@ def held_logits(model: nn.Module, held: ImageSource, batch_size: int) -> tuple[n
                 labels.append(b.labels)
     finally:
         model.train(was_training)
-    known = labels and all(lab is not None for lab in labels)
-    return np.concatenate(logits), (np.concatenate(labels) if known else None)  # type: ignore[arg-type]
+    known = [lab for lab in labels if lab is not None]
+    return np.concatenate(logits), (np.concatenate(known) if len(known) == len(labels) else None)
 
 
 def _non_finite_cause(model: nn.Module, images: np.ndarray, name: str) -> str:

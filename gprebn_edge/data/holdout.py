@@ -42,9 +42,6 @@ class Head(ImageSource):
             if taken >= self.k:
                 return  # before the parent reads another batch
 
-    def describe(self) -> dict:
-        return {**self.parent.describe(), "count": len(self), "held_back_of": len(self.parent)}
-
     def _hash(self, update: Callable[[bytes], None]) -> None:
         for batch in self.batches(64):
             update(batch.raw.tobytes())

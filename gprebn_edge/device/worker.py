@@ -110,7 +110,8 @@ class _Outcome:
     reference: tuple[np.ndarray, np.ndarray] | None = None  # held-back frames and the candidate's logits there
     runner: Runner | None = None  # the gated candidate's runner, kept active to hand over (not thread-affine)
     gates: GateResult | None = None
-    logits: dict[str, np.ndarray | None] = field(default_factory=dict)  # serving/source on the held-back frames
+    serving_logits: np.ndarray | None = None  # on the held-back frames, as the gates saw them
+    source_logits: np.ndarray | None = None
     input_shift: float | None = None
 
     @property
@@ -284,7 +285,7 @@ class Worker:
         self.shared.stop.check()
         source_logits = readapter.source_logits(holdout)
         shift = readapter.input_shift(holdout)
-        outcome.logits, outcome.input_shift = {"serving": cur_logits, "source": source_logits}, shift
+        outcome.serving_logits, outcome.source_logits, outcome.input_shift = cur_logits, source_logits, shift
         result = evaluate_gates(cand_logits, cur_logits, self.config.gates, probe=probe, source_logits=source_logits,
                                 serving_input_shift=shift)
         return result, cand_logits
@@ -318,7 +319,8 @@ class Worker:
         the unadapted one on the held-back frames (gates.serving_worse) and the start model, gated there like
         a candidate, passes. Returns whether it fell back."""
         result, held = outcome.gates, None if outcome.reference is None else outcome.reference[0]
-        if serving.round == 0 or result is None or held is None or self.probe is not None:
+        if serving.round == 0 or result is None or held is None or outcome.serving_logits is None or \
+                self.probe is not None:
             return False  # with a labeled probe, the probe decides what serves, not diversity
         why = serving_worse(result, self.config.gates)
         start = self.dir.start_state() if why is not None else None
@@ -332,8 +334,8 @@ class Worker:
         handed = False
         try:
             start_logits = _infer(runner, held, RUNNER_BATCH)
-            gated = evaluate_gates(start_logits, outcome.logits["serving"], self.config.gates,  # type: ignore[arg-type]
-                                   source_logits=outcome.logits.get("source"), serving_input_shift=outcome.input_shift)
+            gated = evaluate_gates(start_logits, outcome.serving_logits, self.config.gates,
+                                   source_logits=outcome.source_logits, serving_input_shift=outcome.input_shift)
             self.log.write("fallback_check", round=job.round_id, frames=job.served_frames, from_round=serving.round,
                            reason=why, passed=gated.passed, reasons=gated.reasons)
             if not gated.passed:
