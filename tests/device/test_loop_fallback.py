@@ -104,3 +104,18 @@ def test_serving_worse_needs_both_diversity_checks_failing_against_a_healthy_sou
     result = evaluate_gates(cand, _logits(seven), source_logits=_logits(diverse))
     assert serving_worse(result, GateConfig()) is None
     assert serving_worse(result, GateConfig(min_class_entropy=0.95)) is not None  # with a stricter floor it is
+
+
+def test_no_fallback_without_the_start_files(tmp_path, start):
+    """A state folder cleaned by a version that did not keep round 0: the broken round keeps serving, the
+    loop neither fails nor pretends it fell back."""
+    first = _run(_config(tmp_path, start, max_frames=100))
+    assert first.frames == 100
+    _broken_round(tmp_path / "state", start)
+    for f in (tmp_path / "state").glob("round-000000.*"):
+        f.unlink()
+    result = _run(_config(tmp_path, start, max_frames=700))
+    assert result.resumed and result.fallbacks == 0 and not result.errors and result.served_round == 50
+    records = read_log(result.log).records
+    assert any(r["event"] == "round" and not r["passed"] for r in records)
+    assert not any(r["event"] in ("fallback", "fallback_check") for r in records)
